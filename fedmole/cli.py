@@ -1,0 +1,118 @@
+"""The `fedmole` command line.
+
+    fedmole run CONFIG [--set key=value ...] [--out RUN_DIR] [--overwrite]
+    fedmole data build wordnet [--force]
+    fedmole data partition CONFIG [--set key=value ...]
+
+A user error (bad config, missing file, unknown model...) prints one message and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedmole.errors import UserError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Federated fine-tuning of LLMs with mixtures of LoRA experts.")
+data_app = typer.Typer(no_args_is_help=True, help="Build datasets and inspect partitions.")
+app.add_typer(data_app, name="data")
+
+out = Console()
+err = Console(stderr=True)
+
+SET_HELP = "Override a config value, e.g. --set train.lr=1e-4 (repeatable)."
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="YAML config file."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    out_dir: Path | None = typer.Option(None, "--out", help="Run directory (default: output.dir/<name>)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    progress: str | None = typer.Option(None, "--progress", help="auto, rich, plain or none."),
+) -> None:
+    """Run a federated fine-tuning experiment."""
+    from fedmole.config import load_config
+
+    cfg = load_config(config, set_)
+    if progress is not None:
+        cfg.output.progress = progress
+    from fedmole.run import prepare_run_dir, run_experiment
+
+    run_dir = prepare_run_dir(cfg, out_dir, config, overwrite)
+    out.print(f"fedmole: {cfg.algorithm.name} on {cfg.model.name}, {cfg.federation.num_clients} clients, "
+              f"{cfg.federation.rounds} rounds -> {run_dir}")
+    summary = run_experiment(cfg, run_dir)
+    print_results(summary, run_dir)
+
+
+def print_results(summary: dict, run_dir: Path) -> None:
+    metric = summary["metric"]
+    table = Table(title=f"{summary['algorithm']} · {metric} (test; round selected on validation)")
+    for col in ("model", "selected round", "val", "test @ selected", "last round", "test @ last"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for model in ("personalized", "global"):
+        res = summary.get(model)
+        if not res:
+            continue
+        label = model + (" (headline)" if model == summary["headline"] else "")
+        val = "" if res["val"] is None else f"{res['val']:.2f}"
+        table.add_row(label, str(res["selected_round"]), val, f"{res['mean']:.2f}", str(res["last_round"]),
+                      f"{res['last_mean']:.2f}")
+    out.print(table)
+    head = summary.get(summary["headline"])
+    if head and head["per_client"]:
+        per = Table(title=f"per client ({summary['headline']}, round {head['selected_round']})")
+        per.add_column("client")
+        per.add_column(f"test {metric}", justify="right")
+        for cid, value in sorted(head["per_client"].items(), key=lambda kv: int(kv[0])):
+            per.add_row(cid, f"{value:.2f}")
+        out.print(per)
+    out.print(f"run directory: {run_dir}  (summary.json, metrics.jsonl, partition.json, checkpoints/)")
+    out.print(f"state_digest: {summary['state_digest']}  ·  {summary['wall_seconds']:.1f} s")
+
+
+@data_app.command("build")
+def data_build(
+    name: str = typer.Argument(..., help="Dataset to build: wordnet."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if cached."),
+) -> None:
+    """Build and cache a derived dataset."""
+    if name != "wordnet":
+        raise UserError(f'unknown dataset "{name}"; buildable datasets: wordnet')
+    from fedmole.data.wordnet import build_wordnet_cache
+
+    path = build_wordnet_cache(force=force)
+    out.print(f"wordnet: {path}")
+
+
+@data_app.command("partition")
+def data_partition(
+    config: Path = typer.Argument(..., help="YAML config file."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Print the partition a config produces (per-client split sizes and group histogram), without training."""
+    from fedmole.config import load_config
+    from fedmole.data.partition import manifest, partition_table
+    from fedmole.run import load_federated_data
+
+    cfg = load_config(config, set_)
+    out.print(partition_table(manifest(load_federated_data(cfg), cfg.partition.by)))
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The client runtime: what a client procedure uses on the machine it runs on.
+
+One frozen base model with the method's adapters injected is shared by every client simulated on the
+machine; a client procedure loads its payload into the adapters, trains, evaluates and reads them back.
+The runtime also holds the tokenised data of the clients that live here and the round's RNG discipline:
+each (round, client, phase) reseeds torch from the federation seed, so results do not depend on the order
+clients run in or on which engine runs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmole.adapters import AdapterSet
+from fedmole.algorithms.base import ClientState
+from fedmole.client.data import BatchStream, EncodedClient, encode_client
+from fedmole.client.evaluate import evaluate_examples
+from fedmole.client.train import local_train
+from fedmole.config import Config
+from fedmole.data.partition import ClientData
+
+PHASES = {"train": 0, "evaluate": 1, "embed": 2}
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed determined by the integers `parts` (federation seed, round, client, phase...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class ClientRuntime:
+    def __init__(self, cfg: Config, model: nn.Module, tokenizer, adapters: AdapterSet, device: torch.device):
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapters = adapters
+        self.device = device
+        self.clients: dict[int, EncodedClient] = {}
+        self.on_step: Callable[[int, float], None] | None = None  # progress display hook
+
+    def add_clients(self, clients: list[ClientData]) -> None:
+        for c in clients:
+            self.clients[c.client_id] = encode_client(
+                c, self.tokenizer, self.cfg.data, self.cfg.train.max_length, self.cfg.eval.max_examples
+            )
+
+    def data(self, cid: int) -> EncodedClient:
+        return self.clients[cid]
+
+    def seed(self, rnd: int, cid: int, phase: str) -> None:
+        torch.manual_seed(derive_seed(self.cfg.federation.seed, rnd, cid, PHASES[phase]))
+
+    # ---------------------------------------------------------------------------------------- training
+    def train(
+        self,
+        cid: int,
+        state: ClientState,
+        params: list[nn.Parameter],
+        lr: float,
+        steps: int,
+        extra_loss: Callable[[], torch.Tensor | None] | None = None,
+        before_step: Callable[[], None] | None = None,
+    ) -> dict[str, float]:
+        """`steps` local steps on the client's stream, which resumes from `state.meta['cursor']`."""
+        data = self.data(cid)
+        stream = BatchStream(
+            len(data.train), self.cfg.train.batch_size, self.cfg.federation.seed, cid, state.meta.get("cursor")
+        )
+        stats = local_train(
+            self.model, params, data.train, stream, steps, lr, self.cfg.train, self.tokenizer.pad_token_id,
+            self.device, extra_loss=extra_loss, before_step=before_step, on_step=self.on_step,
+        )
+        state.meta["cursor"] = stream.cursor
+        return stats
+
+    # -------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, cid: int, model_label: str, splits: tuple[str, ...] = ("val", "test")) -> list[dict]:
+        """Evaluate the adapters currently loaded on the client's splits, labelled `model_label`."""
+        data = self.data(cid)
+        out = []
+        for split in splits:
+            metrics = evaluate_examples(
+                self.model, self.tokenizer, getattr(data, split), self.cfg.data, self.cfg.train.max_length,
+                self.cfg.eval, self.device,
+            )
+            out.append({"model": model_label, "split": split, "metrics": metrics})
+        return out

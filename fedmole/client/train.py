@@ -1,0 +1,83 @@
+"""The local training loop, visible in one function (no Trainer).
+
+A fresh optimiser every round (the federated LoRA convention), a constant learning rate within the round,
+optional gradient clipping, and two hooks for algorithms: `extra_loss()` adds a method-specific term after
+each forward pass (e.g. AMoLE's load-balancing loss) and `before_step()` edits gradients before the
+optimiser step (e.g. FedProx's proximal term).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fedmole.client.data import BatchStream
+from fedmole.config import TrainConfig
+from fedmole.data.tokenize import collate
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def round_lr(cfg: TrainConfig, rnd: int) -> float:
+    """lr * decay^(round-1): constant within a round, decayed per round (rounds count from 1)."""
+    return cfg.lr * cfg.lr_decay ** max(rnd - 1, 0)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    # left padding: positions count real tokens only, as if each sequence started at position 0
+    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return batch
+
+
+def local_train(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    encoded: list[dict],
+    stream: BatchStream,
+    steps: int,
+    lr: float,
+    cfg: TrainConfig,
+    pad_id: int,
+    device: torch.device,
+    extra_loss: Callable[[], torch.Tensor | None] | None = None,
+    before_step: Callable[[], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, float]:
+    """Run `steps` optimiser steps on batches drawn from `stream`; returns mean loss and token counts."""
+    for p in params:
+        p.requires_grad_(True)
+    opt = make_optimizer(params, cfg, lr)
+    model.train()
+    total_loss, total_tokens = 0.0, 0
+    for step in range(steps):
+        batch = to_device(collate([encoded[i] for i in stream.next()], pad_id), device)
+        loss = model(**batch).loss  # mean CE over response tokens (prompt labels are -100)
+        task_loss = loss.item()
+        if extra_loss is not None:
+            extra = extra_loss()
+            if extra is not None:
+                loss = loss + extra
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if before_step is not None:
+            before_step()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        total_loss += task_loss
+        total_tokens += int((batch["labels"] != -100).sum())
+        if on_step is not None:
+            on_step(step + 1, task_loss)
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return {"loss": total_loss / steps, "steps": steps, "tokens": total_tokens}

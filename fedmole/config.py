@@ -1,0 +1,434 @@
+"""The run configuration: one validated schema, the only place defaults live.
+
+A run is described by one YAML file plus dotted overrides (`--set train.lr=1e-4`). `load_config` merges
+them and validates the result before anything heavy is imported or loaded. Every mistake becomes one
+`UserError` that names the key, the value given, what is allowed and, for typos, the closest valid key.
+
+Algorithm sections are validated against the schema registered for `algorithm.name` (see
+`register_algorithm`); each method declares its own keys there.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedmole.errors import UserError, did_you_mean
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    name: str = Field(
+        "tiny-llama",
+        description="built-in name (smollm2-135m, tiny-llama, tiny-olmoe), a Hugging Face id, or a local directory",
+    )
+    tokenizer: str | None = Field(None, description="tokenizer id or path; default: the model's own")
+    revision: str | None = Field(None, description="Hugging Face revision (branch, tag or commit)")
+    gguf_file: str | None = Field(None, description="GGUF file inside `name` to load (dequantised)")
+    trust_remote_code: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- data
+class ColumnMap(Section):
+    """Which column of a JSONL/CSV/HF dataset holds each field of the example schema."""
+
+    instruction: str = "instruction"
+    context: str | None = "context"
+    response: str = "response"
+    choices: str | None = None
+    label: str | None = None
+    task: str | None = "task"
+    domain: str | None = "domain"
+
+
+class DataConfig(Section):
+    source: Literal["wordnet", "jsonl", "json", "csv", "hf", "dolly", "snli", "natural_instructions", "alpaca"] = (
+        "wordnet"
+    )
+    path: str | None = Field(None, description="file, directory or HF dataset id (source-specific)")
+    split: str = Field("train", description="split to read from an HF dataset")
+    columns: ColumnMap = Field(default_factory=ColumnMap)
+    tasks: list[str] | None = Field(None, description="keep only these tasks")
+    domains: list[str] | None = Field(None, description="keep only these domains")
+    max_examples: int | None = Field(None, ge=1, description="sample this many examples (seeded) after filtering")
+    prompt: Literal["alpaca", "chat", "plain"] = "alpaca"
+    system_prompt: str | None = None
+    ni_num_tasks: int = Field(100, ge=1, description="natural_instructions: keep the N largest train tasks")
+
+
+# ----------------------------------------------------------------------------------------- partition
+class SplitRatios(Section):
+    train: float = Field(0.8, ge=0)
+    aux: float = Field(0.0, ge=0)
+    val: float = Field(0.1, ge=0)
+    test: float = Field(0.1, ge=0)
+
+    @model_validator(mode="after")
+    def _positive(self):
+        if self.train <= 0:
+            raise ValueError("partition.splits.train must be > 0 (every client needs training data)")
+        return self
+
+
+class SplitCaps(Section):
+    aux: int | None = Field(200, ge=1)
+    val: int | None = Field(200, ge=1)
+    test: int | None = Field(200, ge=1)
+
+
+class PartitionConfig(Section):
+    scheme: Literal["iid", "dirichlet", "meta", "quantity_skew"] = "iid"
+    by: str = Field("domain", description="column for dirichlet/meta: domain, task, label, or any example field")
+    alpha: float = Field(1.0, gt=0, description="Dirichlet concentration (dirichlet, quantity_skew)")
+    min_size: int = Field(10, ge=1, description="minimum examples per client (dirichlet, quantity_skew)")
+    groups_per_client: int = Field(1, ge=1, description="meta: number of groups (values of `by`) per client")
+    seed: int | None = Field(None, description="partition seed; default federation.seed")
+    splits: SplitRatios = Field(default_factory=SplitRatios)
+    caps: SplitCaps = Field(default_factory=SplitCaps)
+
+
+# ----------------------------------------------------------------------------------------- algorithm
+class AlgorithmConfig(Section):
+    """Base for algorithm sections; `name` selects the registered schema."""
+
+    name: str
+
+    # what the round loop needs to know about the method (subclasses override these class attributes)
+    needs_aux: ClassVar[bool] = False
+
+
+class LoRAKeys(Section):
+    rank: int = Field(8, ge=1, description="LoRA rank r")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; scaling alpha/r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description="module-name suffixes (or regexes starting with '^') to adapt",
+    )
+
+
+class FedITConfig(AlgorithmConfig, LoRAKeys):
+    name: Literal["fedit"] = "fedit"
+    weighting: Literal["data_size", "uniform"] = Field("data_size", description="client weights in FedAvg")
+    personalize_by_finetune: bool = Field(
+        False, description="FedIT-FT: also evaluate each client's model right after its local training"
+    )
+
+
+class LocalConfig(AlgorithmConfig, LoRAKeys):
+    name: Literal["local"] = "local"
+
+
+ALGORITHMS: dict[str, type[AlgorithmConfig]] = {}
+
+
+def register_algorithm(cls: type[AlgorithmConfig]) -> type[AlgorithmConfig]:
+    """Register an algorithm section schema under its `name` default."""
+    ALGORITHMS[cls.model_fields["name"].default] = cls
+    return cls
+
+
+for _cls in (FedITConfig, LocalConfig):
+    register_algorithm(_cls)
+
+
+# ---------------------------------------------------------------------------------------- federation
+class FederationConfig(Section):
+    num_clients: int = Field(3, ge=1)
+    clients_per_round: int | None = Field(None, ge=1, description="clients sampled per round; default all")
+    rounds: int = Field(2, ge=1)
+    seed: int = 42
+
+
+# --------------------------------------------------------------------------------------------- tiers
+TIER_MIXES = {
+    # shares of the levels from the highest to the lowest (flame.md section 4)
+    "uniform": None,
+    "low-heavy": [0.1, 0.1, 0.3, 0.5],
+    "high-heavy": [0.5, 0.3, 0.1, 0.1],
+}
+
+
+class TiersConfig(Section):
+    """Client compute tiers, shared by FLAME (k_i active experts) and the rank-tier baselines
+    (r_i = rank * k_i / K). Tiers are assigned by a seeded permutation, independent of the data split."""
+
+    levels: list[int] | None = Field(
+        None, description="tier values k, highest first; default: the model's K and its halvings down to 1 "
+        "(8, 4, 2, 1 for OLMoE)"
+    )
+    mix: Literal["uniform", "low-heavy", "high-heavy"] = Field(
+        "uniform", description="share of clients per level; low/high-heavy need 4 levels"
+    )
+    shares: list[float] | None = Field(None, description="explicit share per level (overrides mix)")
+    per_client: list[int] | None = Field(None, description="explicit k per client (overrides mix and shares)")
+    seed: int | None = Field(None, description="tier assignment seed; default federation.seed")
+
+    @model_validator(mode="after")
+    def _check(self):
+        for name in ("levels", "per_client"):
+            values = getattr(self, name)
+            if values is not None and (not values or any(v < 1 for v in values)):
+                raise ValueError(f"tiers.{name}={values}: every tier value must be an integer >= 1")
+        if self.levels and sorted(self.levels, reverse=True) != self.levels:
+            raise ValueError(f"tiers.levels={self.levels} must be listed highest first")
+        if self.shares is not None:
+            if any(s < 0 for s in self.shares) or sum(self.shares) <= 0:
+                raise ValueError(f"tiers.shares={self.shares} must be non-negative with a positive sum")
+            if self.levels is not None and len(self.shares) != len(self.levels):
+                raise ValueError(f"tiers.shares has {len(self.shares)} entries but tiers.levels has {len(self.levels)}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- train
+class TrainConfig(Section):
+    local_steps: int = Field(10, ge=1, description="optimiser steps per client per round")
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    lr_decay: float = Field(0.99, gt=0, le=1, description="per-round multiplicative decay: lr * decay^(round-1)")
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd only")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon")
+    max_length: int = Field(512, ge=8, description="token limit per example (prompt + response)")
+    grad_clip: float | None = Field(None, gt=0, description="max global grad norm; null = no clipping")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="dtype of the frozen base weights; adapters always train in fp32"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("allowed: auto, cpu, cuda, cuda:N")
+
+
+# ---------------------------------------------------------------------------------------------- eval
+class GenerationConfig(Section):
+    max_new_tokens: int = Field(32, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    num_beams: int = Field(1, ge=1)
+
+
+class EvalConfig(Section):
+    every: int = Field(1, ge=1, description="evaluate every N rounds (and always after the last)")
+    metric: Literal["auto", "accuracy", "rouge_l", "loss"] = Field(
+        "auto",
+        description="auto: accuracy for classification examples, ROUGE-L F for generation examples (mean score)",
+    )
+    max_examples: int | None = Field(50, ge=1, description="per client and split")
+    batch_size: int = Field(8, ge=1)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    select_on: Literal["val_score", "val_loss"] = Field(
+        "val_score", description="validation quantity that picks the reported round"
+    )
+    init: bool = Field(False, description="also evaluate the untrained model as round 0")
+
+
+# -------------------------------------------------------------------------------------------- output
+class OutputConfig(Section):
+    dir: str = Field("runs", description="parent directory of run directories")
+    name: str | None = Field(None, description="run directory name; default: config name + timestamp")
+    progress: Literal["auto", "rich", "plain", "none"] = "auto"
+
+
+class CheckpointConfig(Section):
+    every: int = Field(1, ge=1, description="checkpoint every N rounds (and always after the last)")
+    keep_last: int | None = Field(2, ge=1, description="checkpoints to keep; null keeps all")
+
+
+# -------------------------------------------------------------------------------------------- config
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=FedITConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    tiers: TiersConfig = Field(default_factory=TiersConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @field_validator("algorithm", mode="before")
+    @classmethod
+    def _algorithm(cls, v: Any) -> AlgorithmConfig:
+        if isinstance(v, AlgorithmConfig):
+            return v
+        if not isinstance(v, dict):
+            raise ValueError("expected a mapping with at least `name`")
+        name = v.get("name", "fedit")
+        if name not in ALGORITHMS:
+            raise ValueError(
+                f'unknown algorithm "{name}"{did_you_mean(name, ALGORITHMS)}; known: {", ".join(sorted(ALGORITHMS))}'
+            )
+        return ALGORITHMS[name].model_validate(v)
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        fed, part, alg = self.federation, self.partition, self.algorithm
+        if fed.clients_per_round is not None and fed.clients_per_round > fed.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round ({fed.clients_per_round}) exceeds federation.num_clients "
+                f"({fed.num_clients}); use at most {fed.num_clients} or null for all"
+            )
+        if alg.needs_aux and part.splits.aux <= 0:
+            raise ValueError(
+                f"algorithm {alg.name} computes statistics on an aux split, but partition.splits.aux is "
+                f"{part.splits.aux}; set e.g. partition.splits.aux=0.05"
+            )
+        for key in ("val", "test"):
+            if getattr(part.splits, key) <= 0:
+                raise ValueError(
+                    f"partition.splits.{key} is {getattr(part.splits, key)}; evaluation needs a {key} split, "
+                    f"set it above 0 (e.g. 0.1)"
+                )
+        tiers = self.tiers
+        if tiers.per_client is not None and len(tiers.per_client) != fed.num_clients:
+            raise ValueError(
+                f"tiers.per_client has {len(tiers.per_client)} entries but federation.num_clients is "
+                f"{fed.num_clients}; give one tier value per client"
+            )
+        if self.train.precision == "fp16" and self.train.device == "cpu":
+            raise ValueError("train.precision=fp16 is not supported on train.device=cpu; use fp32 or bf16")
+        return self
+
+    @property
+    def clients_per_round(self) -> int:
+        return self.federation.clients_per_round or self.federation.num_clients
+
+    @property
+    def partition_seed(self) -> int:
+        return self.federation.seed if self.partition.seed is None else self.partition.seed
+
+    def to_dict(self) -> dict:
+        """The resolved config as plain data (what `config.yaml` in a run directory holds)."""
+        return self.model_dump(mode="json")
+
+
+# ------------------------------------------------------------------------------------------- loading
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (['train', 'lr'], 0.0001). Values are parsed as YAML (numbers, bools, lists)."""
+    if "=" not in item:
+        raise UserError(f'override "{item}" is not of the form key.path=value (e.g. --set train.lr=1e-4)')
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f'override "{item}" has an empty key; write e.g. --set train.lr=1e-4')
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f'override "{item}": "{part}" is a value, not a section')
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _section_fields(loc: tuple, data: dict) -> list[str]:
+    """Field names valid at `loc` (the path of an unknown key), for did-you-mean suggestions."""
+    model: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        if model is None:
+            return []
+        if model is Config and part == "algorithm":
+            name = (data.get("algorithm") or {}).get("name", "fedit")
+            model = ALGORITHMS.get(name)
+            continue
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    if model is None:
+        return []
+    return list(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, data: dict) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        # pydantic adds the union member / validator name into locations; keep only real keys
+        key = ".".join(loc)
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            fields = _section_fields(loc, data)
+            hint = did_you_mean(loc[-1], fields)
+            section = ".".join(loc[:-1]) or "top level"
+            allowed = f"; allowed keys in {section}: {', '.join(fields)}" if fields else ""
+            lines.append(f"unknown key `{key}`{hint}{allowed}")
+            continue
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if kind == "value_error" and not key:
+            lines.append(msg)
+            continue
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        if kind == "literal_error":
+            expected = e.get("ctx", {}).get("expected", "")
+            lines.append(f"`{key}`{shown}: allowed values are {expected}{did_you_mean(value, _literal_choices(expected))}")
+        else:
+            lines.append(f"`{key}`{shown}: {msg}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def _literal_choices(expected: str) -> list[str]:
+    return [c.strip().strip("'\"") for c in expected.replace(" or ", ",").split(",") if c.strip()]
+
+
+def validate_config(data: dict) -> Config:
+    if not isinstance(data, dict):
+        raise UserError("invalid config: the top level must be a mapping of sections (model, data, ...)")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, data)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (or defaults when `path` is None), apply overrides and validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {path}: the top level must be a mapping of sections (model, data, ...)")
+    data = apply_overrides(data, overrides or [])
+    return validate_config(data)
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,112 @@
+"""Metrics records, model selection on validation, and the run summary.
+
+`metrics.jsonl` holds one JSON object per measurement:
+`{"round", "client" (int or null for a mean over clients), "model" (personalized | global | local),
+"split" (train | val | test | round), "metric", "value"}`. `model: local` marks measurements taken during
+local training (the training loss); `split: round` marks facts about a round (failures, assignments...).
+
+Selection: for each evaluated model kind, the reported round is the one with the best mean validation
+score (or lowest validation loss, per `eval.select_on`); test is reported for that round and for the last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+SCORE_METRICS = ("score", "accuracy", "rouge_l")
+
+
+class MetricsLog:
+    """Appends records to `metrics.jsonl` and keeps them in memory for the summary."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: list[dict] = []
+        if path.exists():
+            self.records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def log(self, rnd: int, client: int | None, model: str | None, split: str, metric: str, value: float) -> None:
+        self.add([{"round": rnd, "client": client, "model": model, "split": split, "metric": metric, "value": value}])
+
+    def add(self, records: list[dict]) -> None:
+        if not records:
+            return
+        with self.path.open("a") as fh:
+            for r in records:
+                fh.write(json.dumps(r) + "\n")
+            fh.flush()
+        self.records.extend(records)
+
+    def log_evals(self, rnd: int, per_client: dict[int, list[dict]]) -> None:
+        """Per-client eval results plus, per (model, split, metric), their unweighted mean over clients."""
+        recs, groups = [], defaultdict(list)
+        for cid, evals in sorted(per_client.items()):
+            for e in evals:
+                for metric, value in e["metrics"].items():
+                    if metric == "n":
+                        continue
+                    recs.append({"round": rnd, "client": cid, "model": e["model"], "split": e["split"],
+                                 "metric": metric, "value": value})
+                    groups[(e["model"], e["split"], metric)].append(value)
+        for (model, split, metric), values in sorted(groups.items()):
+            recs.append({"round": rnd, "client": None, "model": model, "split": split, "metric": metric,
+                         "value": sum(values) / len(values)})
+        self.add(recs)
+
+    def truncate(self, n_records: int) -> None:
+        """Keep the first `n_records` records (used when resuming from a checkpoint)."""
+        self.records = self.records[:n_records]
+        text = "".join(json.dumps(r) + "\n" for r in self.records)
+        self.path.write_text(text)
+
+
+def _mean_by_round(records, model, split, metric) -> dict[int, float]:
+    return {r["round"]: r["value"] for r in records
+            if r["client"] is None and r["model"] == model and r["split"] == split and r["metric"] == metric}
+
+
+def _per_client(records, model, split, metric, rnd) -> dict[str, float]:
+    return {str(r["client"]): r["value"] for r in records
+            if r["client"] is not None and r["round"] == rnd and r["model"] == model and r["split"] == split
+            and r["metric"] == metric}
+
+
+def primary_metric(records: list[dict]) -> str:
+    """The score reported: `score` when any evaluation produced it, else `loss`."""
+    return "score" if any(r["metric"] == "score" and r["split"] == "test" for r in records) else "loss"
+
+
+def select_model(records: list[dict], model: str, select_on: str) -> dict | None:
+    """Selection and test results for one model kind, or None when it was never evaluated."""
+    metric = primary_metric(records)
+    test = _mean_by_round(records, model, "test", metric)
+    if not test:
+        return None
+    by_score = select_on == "val_score" and metric == "score"
+    val = _mean_by_round(records, model, "val", "score" if by_score else "loss")
+    candidates = [r for r in test if r in val] or sorted(test)
+    if by_score:
+        selected = max(candidates, key=lambda r: (val[r], -r))
+    else:
+        selected = min(candidates, key=lambda r: (val.get(r, math.inf), -r))
+    last = max(test)
+    return {
+        "metric": metric,
+        "selected_round": selected,
+        "val": val.get(selected),
+        "mean": test[selected],
+        "per_client": _per_client(records, model, "test", metric, selected),
+        "last_round": last,
+        "last_mean": test[last],
+        "last_per_client": _per_client(records, model, "test", metric, last),
+    }
+
+
+def summarize(records: list[dict], select_on: str) -> dict:
+    out = {"metric": primary_metric(records)}
+    for model in ("personalized", "global"):
+        out[model] = select_model(records, model, select_on)
+    return out

@@ -1,0 +1,115 @@
+"""Config schema: defaults, overrides, and errors that name the key, the value and what is allowed."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fedmole.config import ALGORITHMS, Config, apply_overrides, load_config, validate_config
+from fedmole.errors import UserError
+
+
+def test_defaults_validate_and_round_trip():
+    cfg = validate_config({})
+    again = validate_config(cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict()
+    assert cfg.algorithm.name == "fedit"
+
+
+def test_dotted_overrides_parse_yaml_values():
+    data = apply_overrides({}, ["train.lr=1e-4", "algorithm.target_modules=[q_proj,k_proj]", "eval.init=true"])
+    cfg = validate_config(data)
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.algorithm.target_modules == ["q_proj", "k_proj"]
+    assert cfg.eval.init is True
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(UserError) as e:
+        validate_config({"train": {"lrr": 0.1}})
+    msg = str(e.value)
+    assert "train.lrr" in msg and 'did you mean "lr"' in msg and "local_steps" in msg
+
+
+def test_unknown_section_is_an_error():
+    with pytest.raises(UserError, match='unknown key `trian`.*did you mean "train"'):
+        validate_config({"trian": {}})
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(UserError) as e:
+        validate_config({"train": {"batch_size": "four"}})
+    assert "train.batch_size" in str(e.value) and "'four'" in str(e.value)
+
+
+def test_literal_lists_allowed_values_with_suggestion():
+    with pytest.raises(UserError) as e:
+        validate_config({"train": {"optimizer": "adamm"}})
+    msg = str(e.value)
+    assert "train.optimizer" in msg and "'adam'" in msg and 'did you mean "adam"' in msg
+
+
+def test_unknown_algorithm_lists_known_ones():
+    with pytest.raises(UserError) as e:
+        validate_config({"algorithm": {"name": "fedavgg"}})
+    msg = str(e.value)
+    assert "fedavgg" in msg
+    for name in ALGORITHMS:
+        assert name in msg
+
+
+def test_algorithm_keys_are_validated_per_method():
+    with pytest.raises(UserError, match="algorithm.personalize_by_finetune"):
+        validate_config({"algorithm": {"name": "local", "personalize_by_finetune": True}})
+    with pytest.raises(UserError, match="algorithm.rank"):
+        validate_config({"algorithm": {"name": "fedit", "rank": 0}})
+
+
+def test_impossible_combinations():
+    with pytest.raises(UserError, match=r"clients_per_round \(5\) exceeds federation.num_clients \(3\)"):
+        validate_config({"federation": {"num_clients": 3, "clients_per_round": 5}})
+    with pytest.raises(UserError, match="partition.splits.test"):
+        validate_config({"partition": {"splits": {"test": 0}}})
+    with pytest.raises(UserError, match="fp16"):
+        validate_config({"train": {"precision": "fp16", "device": "cpu"}})
+    with pytest.raises(UserError, match="train.device"):
+        validate_config({"train": {"device": "gpu"}})
+
+
+def test_bad_override_syntax():
+    with pytest.raises(UserError, match="key.path=value"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(UserError, match="is a value, not a section"):
+        load_config(None, ["train.lr=1", "train.lr.x=2"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_cli_config_error_exits_2_before_loading_anything(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  lrr: 0.1\n")
+    proc = subprocess.run([sys.executable, "-m", "fedmole.cli", "run", str(cfg), "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "train.lrr" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()  # failed before the run directory was created
+
+
+def test_every_registered_algorithm_has_an_implementation():
+    from fedmole.algorithms import MODULES, get_algorithm
+
+    assert set(MODULES) == set(ALGORITHMS)
+    for name in ALGORITHMS:
+        mod = get_algorithm(name)
+        assert hasattr(mod, "Server") and hasattr(mod, "Client") and hasattr(mod, "build_adapters")
+
+
+def test_config_is_the_only_default_source():
+    assert Config().train.local_steps == validate_config({}).train.local_steps
