@@ -106,6 +106,10 @@ class AlgorithmConfig(Section):
     # what the round loop needs to know about the method (subclasses override these class attributes)
     needs_aux: ClassVar[bool] = False
 
+    def check(self, cfg: "Config") -> None:
+        """Checks of this section against the rest of the config (e.g. the federation size), run when the
+        config is loaded; raise ValueError naming the keys, the values and how to fix them."""
+
 
 class LoRAKeys(Section):
     rank: int = Field(8, ge=1, description="LoRA rank r")
@@ -129,6 +133,82 @@ class LocalConfig(AlgorithmConfig, LoRAKeys):
     name: Literal["local"] = "local"
 
 
+class FedAMoLEConfig(AlgorithmConfig, LoRAKeys):
+    """FedAMoLE (arXiv 2411.19128): per-client heterogeneous mixtures of LoRA experts assigned by RSEA.
+    Defaults are the paper's (N=30, k_c=2, M=8, top-2, lambda_lb=1e-3); see docs/fedamole.md."""
+
+    name: Literal["fedamole"] = "fedamole"
+    needs_aux: ClassVar[bool] = True  # RSEA embeddings come from the aux split
+
+    num_experts: int = Field(30, ge=1, description="N: domain experts per adapted module (global pool)")
+    expert_choices: int = Field(2, ge=1, description="k_c: clients each domain expert picks per round")
+    min_experts: int = Field(2, ge=1, description="fewest domain experts a client holds per module (>= top_k)")
+    max_experts: int = Field(8, ge=1, description="M: most domain experts a client holds per module")
+    top_k: int = Field(2, ge=1, description="domain experts each token is routed to")
+    lb_weight: float = Field(1e-3, ge=0, description="lambda_lb: weight of the load-balancing loss (summed over modules)")
+    shared_expert: bool = Field(True, description="false = FedAMoLE-S: no always-on shared expert")
+    static_arch: bool = Field(False, description="FedAMoLE-R: keep the random round-0 assignment for every round")
+    random_dispatch: bool = Field(False, description="draw a new random assignment every round instead of RSEA")
+    homogeneous: bool = Field(
+        False, description="FedAMoLE-H: every client holds exactly N*k_c/C experts per module (C must divide N*k_c)"
+    )
+    weighting: Literal["uniform", "data_size"] = Field(
+        "uniform", description="averaging weights for experts, router and embeddings (the paper: uniform)"
+    )
+    evaluate_dispatched: bool = Field(
+        True, description="also evaluate the dispatched model (aggregated experts, the client's architecture) "
+        "before local training, labelled `global`"
+    )
+    dp: bool = Field(False, description="privatise the uploaded RSEA embeddings (Gamma-magnitude noise + clipping)")
+    dp_eta: float = Field(100.0, gt=0, description="eta: the noise rate; E|noise_i| = rank/(2 eta), smaller is noisier")
+    dp_clip_norm: float | None = Field(
+        None, gt=0, description="clip bound tau for the noisy embeddings; null = the largest per-batch mean "
+        "embedding norm seen on the aux split (per vector)"
+    )
+
+    @model_validator(mode="after")
+    def _check_section(self):
+        if not self.top_k <= self.min_experts <= self.max_experts:
+            raise ValueError(
+                f"algorithm.top_k ({self.top_k}) <= algorithm.min_experts ({self.min_experts}) <= "
+                f"algorithm.max_experts ({self.max_experts}) must hold: every client routes each token to top_k "
+                f"of its own experts; e.g. set min_experts={max(self.top_k, min(self.min_experts, self.max_experts))}"
+            )
+        if self.top_k > self.num_experts:
+            raise ValueError(f"algorithm.top_k ({self.top_k}) exceeds algorithm.num_experts ({self.num_experts})")
+        if self.static_arch and self.random_dispatch:
+            raise ValueError("algorithm.static_arch and algorithm.random_dispatch are exclusive; set one of them false")
+        if self.dp and (self.static_arch or self.random_dispatch):
+            raise ValueError(
+                "algorithm.dp privatises the RSEA embeddings, which static_arch/random_dispatch never compute; "
+                "set algorithm.dp=false or use RSEA"
+            )
+        return self
+
+    def check(self, cfg: "Config") -> None:
+        from fedmole.algorithms.rsea import feasibility_problem
+
+        fed = cfg.federation
+        # RSEA solves each round over that round's clients; a static architecture is drawn once for everyone
+        clients = fed.num_clients if self.static_arch else cfg.clients_per_round
+        what = "federation.num_clients" if self.static_arch else "clients per round"
+        problem = feasibility_problem(self.num_experts, self.expert_choices, clients, self.min_experts,
+                                      self.max_experts, self.homogeneous)
+        if problem is not None:
+            raise ValueError(
+                f"fedamole cannot assign experts with num_experts={self.num_experts}, "
+                f"expert_choices={self.expert_choices}, min_experts={self.min_experts}, "
+                f"max_experts={self.max_experts} and {clients} {what}: {problem}"
+            )
+        if cfg.eval.init and cfg.clients_per_round < fed.num_clients and not self.static_arch:
+            raise ValueError(
+                "eval.init=true needs an initial architecture for every client, but with partial participation "
+                f"(federation.clients_per_round={cfg.clients_per_round} < num_clients={fed.num_clients}) fedamole "
+                "draws architectures per round; set eval.init=false (the round-0 model is the base model: B=0) "
+                "or algorithm.static_arch=true"
+            )
+
+
 ALGORITHMS: dict[str, type[AlgorithmConfig]] = {}
 
 
@@ -138,7 +218,7 @@ def register_algorithm(cls: type[AlgorithmConfig]) -> type[AlgorithmConfig]:
     return cls
 
 
-for _cls in (FedITConfig, LocalConfig):
+for _cls in (FedITConfig, LocalConfig, FedAMoLEConfig):
     register_algorithm(_cls)
 
 
@@ -305,6 +385,7 @@ class Config(Section):
             )
         if self.train.precision == "fp16" and self.train.device == "cpu":
             raise ValueError("train.precision=fp16 is not supported on train.device=cpu; use fp32 or bf16")
+        alg.check(self)
         return self
 
     @property
