@@ -92,7 +92,8 @@ class AMoLELinear(nn.Module):
             down = (h @ self.A.reshape(n * r, -1).t()).view(-1, n, r)  # (T, n, r): A_e drop(x)
         else:
             h, down = X, K
-        delta = torch.einsum("tnr,nor->to", down * G.unsqueeze(-1), self.B)  # (T, d_out) routed experts
+        B_cat = self.B.transpose(1, 2).reshape(n * r, -1)  # (n*r, d_out): the held B_e side by side
+        delta = (down * G.unsqueeze(-1)).reshape(-1, n * r) @ B_cat  # (T, d_out): sum_e g_e B_e A_e x
         if self.shared_expert:
             delta = delta + (h @ self.A_s.t()) @ self.B_s.t()
         return y + (self.scaling * delta).view(*x.shape[:-1], -1).to(y.dtype)

@@ -281,3 +281,8 @@ class _Flow:
         for _ in range(self.N * self.k):
             self._augment()
         return self.X
+
+
+def assignment_lists(X: np.ndarray, clients: list[int]) -> dict[int, list[int]]:
+    """X (N x C, columns in the order of `clients`) -> {client id: ascending expert ids}."""
+    return {cid: np.flatnonzero(X[:, j]).tolist() for j, cid in enumerate(clients)}
