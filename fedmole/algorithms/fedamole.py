@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from fedmole.adapters import inject
-from fedmole.adapters.mole import ROUTER, AMoLELinear
+from fedmole.adapters.mole import ROUTER, SHARED, AMoLELinear
 from fedmole.adapters.state import key, parse_key
 from fedmole.algorithms import rsea
 from fedmole.algorithms.aggregate import client_weights, weighted_mean
@@ -115,10 +115,11 @@ class Server(Strategy):
         return arch
 
     # ------------------------------------------------------------------------------------- rounds
-    def _payload_tensors(self, cid: int, arch: Architecture) -> dict[str, torch.Tensor]:
+    def _share(self, experts: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+        """The global tensors of one client's architecture: its experts per module + shared + router."""
         out = {}
         for m in self.modules:
-            for expert in [*map(str, arch[m][cid]), "shared", ROUTER]:
+            for expert in [*map(str, experts[m]), SHARED, ROUTER]:
                 for name in ("A", "B", "W_t"):
                     k = key(m, expert, name)
                     if k in self.global_state:
@@ -132,13 +133,13 @@ class Server(Strategy):
         config["embed"] = not (a.static_arch or a.random_dispatch) and rnd < self.cfg.federation.rounds
         for c in clients:
             self.arch[c] = {m: arch[m][c] for m in self.modules}
-        return {c: Payload(self._payload_tensors(c, arch), config) for c in clients}
+        return {c: Payload(self._share(self.arch[c]), config) for c in clients}
 
     def aggregate_train(self, rnd, replies):
         weights = client_weights({c: r.num_examples for c, r in replies.items()}, self.cfg.algorithm.weighting)
         params, embeddings = [], []
         for c, reply in replies.items():
-            sent = self._payload_tensors(c, {m: {c: self.arch[c][m]} for m in self.modules})
+            sent = self._share(self.arch[c])
             p = {k: v for k, v in reply.tensors.items() if parse_key(k).name not in EMBEDDINGS}
             if set(p) != set(sent):
                 raise ValueError(f"client {c} replied with tensors {sorted(set(p) ^ set(sent))[:4]} that differ "
@@ -167,7 +168,7 @@ class Server(Strategy):
         if rnd != 0:
             return {}
         arch = self.plan(1, clients)
-        return {c: Payload(self._payload_tensors(c, arch), {"round": 0}) for c in clients}
+        return {c: Payload(self._share({m: arch[m][c] for m in self.modules}), {"round": 0}) for c in clients}
 
     # ---------------------------------------------------------------------------------- artefacts
     def _full_participation(self) -> bool:
