@@ -185,12 +185,12 @@ def unsupported_moe_blocks(model: nn.Module) -> list[str]:
 
 @dataclass
 class Groups:
-    """The (token, expert) pairs of a batch sorted by expert, and their slots in an (M, C, .) buffer."""
+    """The (token, expert) pairs of a batch grouped by expert: pair p = (token t, its i-th choice) sits in
+    row `slot[p]` of a flat (M*C, .) buffer, expert j owning rows j*C .. j*C + C - 1."""
 
-    order: torch.Tensor  # (S,) pair index (token-major, S = N*k) of the i-th pair in expert order
-    expert: torch.Tensor  # (S,) expert of each sorted pair
-    slot: torch.Tensor  # (S,) position of each sorted pair inside its expert's rows
-    token: torch.Tensor  # (S,) token of each sorted pair
+    token: torch.Tensor  # (S,) token of each pair, in expert order (S = N*k)
+    row: torch.Tensor  # (S,) buffer row of each pair, in expert order
+    slot: torch.Tensor  # (S,) buffer row of each pair, in token-major order (the order of idx.reshape(-1))
     capacity: int  # C, the most pairs any expert received
 
     @classmethod
@@ -199,23 +199,23 @@ class Groups:
         order = torch.argsort(flat, stable=True)
         expert = flat[order]
         counts = torch.bincount(flat, minlength=num_experts)  # (M,)
+        capacity = int(counts.max())
         starts = counts.cumsum(0) - counts
-        slot = torch.arange(flat.numel(), device=flat.device) - starts[expert]
-        return cls(order, expert, slot, order // idx.shape[1], int(counts.max()))
+        row = expert * capacity + torch.arange(flat.numel(), device=flat.device) - starts[expert]
+        slot = torch.empty_like(row)
+        slot[order] = row
+        return cls(order // idx.shape[1], row, slot, capacity)
 
     def scatter(self, x: torch.Tensor, num_experts: int) -> torch.Tensor:
         """(N, d) token states -> (M, C, d) expert rows, zero-padded."""
-        buf = x.new_zeros(num_experts, self.capacity, x.shape[-1])
-        buf[self.expert, self.slot] = x[self.token]
-        return buf
+        buf = x.new_zeros(num_experts * self.capacity, x.shape[-1]).index_copy(0, self.row, x[self.token])
+        return buf.view(num_experts, self.capacity, -1)
 
     def gather(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """(M, C, d) expert outputs and (N, k) gate weights -> (N, d) weighted sum over each token's experts."""
         n, k = weights.shape
-        pairs = rows[self.expert, self.slot] * weights.reshape(-1)[self.order, None].to(rows.dtype)  # (S, d)
-        out = torch.empty_like(pairs)
-        out[self.order] = pairs  # back to token-major order
-        return out.view(n, k, -1).sum(1)  # deterministic, unlike index_add_ on GPU
+        pairs = rows.reshape(-1, rows.shape[-1])[self.slot] * weights.reshape(-1, 1).to(rows.dtype)  # (S, d)
+        return pairs.view(n, k, -1).sum(1)  # deterministic, unlike index_add_ on GPU
 
 
 class SparseMoELoRA(RoutedExperts):
