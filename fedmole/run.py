@@ -31,7 +31,7 @@ from fedmole.algorithms.base import ClientState, Reply
 from fedmole.config import Config, dump_config
 from fedmole.errors import UserError
 from fedmole.paths import atomic_write_text
-from fedmole.reporting.metrics import MetricsLog, summarize
+from fedmole.reporting.metrics import MetricsLog, select_model, summarize
 from fedmole.reporting.progress import RunProgress
 
 log = logging.getLogger("fedmole")
@@ -262,5 +262,10 @@ def write_summary(fed: Federation, wall: float, engine_name: str) -> dict:
         "state_digest": state_digest(fed.final_state()),
         **strategy.summary_extra(),
     }
+    # models evaluated under other labels (e.g. FLAME's tier-wise `global_k2`), selected the same way
+    other = sorted({r["model"] for r in fed.metrics.records if r["split"] == "test"}
+                   - {None, "local", "personalized", "global"})
+    if other:
+        summary["other_models"] = {m: select_model(fed.metrics.records, m, cfg.eval.select_on) for m in other}
     atomic_write_text(fed.run_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
