@@ -8,27 +8,21 @@ expert) and the rescaler, on a fixed random batch. Tiers are measured round-robi
 again) so that drift hits every tier alike; the median over repeats is reported. The headline is the ratio
 of the step time at k = 1 to the step time at k = K (target: at most 0.6). For context the script also times
 the forward pass of transformers' own MoE block implementations at k = K (no LoRA) next to ours.
-Writes benchmarks/results/flame-<device>.json.
+Writes the result under "flame" in benchmarks/results/flame.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import time
-from pathlib import Path
 
 import torch
 
+from benchmarks.common import interleaved, median, record
 from fedmole.algorithms.flame import RoutedLayers, build_adapters, flops_per_token
 from fedmole.config import ModelConfig, load_config
 from fedmole.models import load_model
 from fedmole.models.tiny import tiny_olmoe
 from fedmole.tiers import default_levels
-
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def _model(args):
@@ -46,12 +40,11 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _timed(fn, device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
+def _synced(fn, device):
+    def run():
+        fn()
+        _sync(device)
+    return run
 
 
 def main(argv=None) -> dict:
@@ -92,55 +85,55 @@ def main(argv=None) -> dict:
         loss.backward()
         opt.step()
 
-    model.train()
-    times: dict[int, list[float]] = {k: [] for k in tiers}
-    for k in tiers:  # warm-up per tier
-        layers.set_k(k)
-        step()
-    for _ in range(args.repeats):
-        for k in tiers:
+    def at(k):
+        def run():
             layers.set_k(k)
-            times[k].append(_timed(step, args.device))
+            step()
+        return _synced(run, args.device)
+
+    model.train()
+    fns = {k: at(k) for k in tiers}
+    for fn in fns.values():  # warm-up
+        fn()
+    step_s = {k: median(t) for k, t in interleaved(fns, args.repeats).items()}
     model.eval()
-    step_s = {k: statistics.median(v) for k, v in times.items()}
     flops = {k: flops_per_token(model, layers, k)["train"] for k in tiers}
 
     # forward of one MoE block at k = K: ours (with LoRA) next to transformers' implementations (no LoRA)
-    path, layer = next(iter(layers.layers.items()))
+    layer = next(iter(layers.layers.values()))
     hidden = torch.randn(args.batch, args.seq, layer.router.weight.shape[1], device=args.device,
                          dtype=layer.experts.down_proj.dtype)
     layers.set_k(K)
-    block = {}
     with torch.no_grad():
-        fns = {"fedmole": lambda: layer(hidden)}
-        for impl in ("eager", "grouped_mm"):
-            def run(impl=impl):
+        def transformers_impl(impl):
+            def run():
                 model.config._experts_implementation = impl
-                return layer.experts(hidden.view(-1, hidden.shape[-1]), *reversed(layer.router(hidden)[1:]))
-            fns[f"transformers_{impl}"] = run
-        for name, fn in fns.items():
+                _, weights, index = layer.router(hidden)
+                return layer.experts(hidden.view(-1, hidden.shape[-1]), index, weights)
+            return run
+        contenders = {"fedmole": lambda: layer(hidden), "transformers_eager": transformers_impl("eager"),
+                      "transformers_grouped_mm": transformers_impl("grouped_mm")}
+        contenders = {n: _synced(f, args.device) for n, f in contenders.items()}
+        for fn in contenders.values():
             fn()
-            block[name] = statistics.median(_timed(fn, args.device) for _ in range(args.repeats))
+        block = {n: median(t) for n, t in interleaved(contenders, args.repeats).items()}
 
     result = {
-        "benchmark": "flame_tier_step_time",
         "model": args.model if args.model != "tiny" else {
             "name": "tiny-olmoe (scaled)", "experts": args.experts, "top_k": args.top_k, "hidden": args.hidden,
             "intermediate": args.intermediate, "layers": args.layers, "vocab": args.vocab},
-        "device": args.device, "precision": args.precision, "torch_threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "batch": args.batch, "seq": args.seq, "repeats": args.repeats, "K": K,
+        "device": args.device, "precision": args.precision,
+        "batch": f"{args.batch} x {args.seq} tokens", "repeats": args.repeats, "K": K,
+        "lora": "r=8 alpha=16 on gate/up/down of every expert, learned rescaler, AdamW",
         "step_seconds": {str(k): step_s[k] for k in tiers},
         "step_ratio_to_K": {str(k): step_s[k] / step_s[K] for k in tiers},
         "analytic_train_flops_ratio_to_K": {str(k): flops[k] / flops[K] for k in tiers},
         "ratio_k1_over_kK": step_s[1] / step_s[K],
-        "target_ratio_max": 0.6,
+        "target": "ratio_k1_over_kK <= 0.6",
         "moe_block_forward_seconds_at_K": block,
         "moe_block_forward_ratio_to_transformers_eager": {n: t / block["transformers_eager"] for n, t in block.items()},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"flame-{args.device.split(':')[0]}.json"
-    out.write_text(json.dumps(result, indent=1))
+    out = record("flame", result, file="flame.json")
 
     print(f"FLAME training step per tier ({result['model'] if args.model != 'tiny' else 'tiny-olmoe scaled'}, "
           f"{args.batch}x{args.seq} tokens, {args.device}):")
