@@ -113,12 +113,15 @@ class RoutedExperts(nn.Module):
         g, idx = torch.topk(p, self.k, dim=-1)
         if self.renormalize:
             g = g / g.sum(dim=-1, keepdim=True)
-        self._observe(p, g, idx)
+        self._observe(p, idx)
         return g, idx
 
-    def _observe(self, p: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> None:
+    def _observe(self, p: torch.Tensor, idx: torch.Tensor) -> None:
+        training = self.training and torch.is_grad_enabled()
+        if not (training or self.ctx.measure_mass):
+            return
         mask = self.ctx.token_mask(p.shape[0], p.device)  # (N,)
-        if self.training and torch.is_grad_enabled():
+        if training:
             with torch.no_grad():  # a_i^{l,j} += non-pad tokens routed to j
                 self.counts.index_add_(0, idx.reshape(-1), mask.repeat_interleave(self.k).to(self.counts.dtype))
             if self.router_trainable:

@@ -290,8 +290,11 @@ class Server(Strategy):
     # training -------------------------------------------------------------------------------------
     def configure_train(self, rnd, clients, evaluate):
         base = self.train_config(rnd, evaluate)
-        return {c: Payload(self.global_state, {**base, "k": self.tiers[c], "tier_log_s": self.tier_log_s(self.tiers[c])})
-                for c in clients}
+        plans = {}
+        for c in clients:
+            k = self.tiers[c]
+            plans[c] = Payload(self.global_state, {**base, "k": k, "tier_log_s": self.tier_log_s(k)})
+        return plans
 
     def aggregate_train(self, rnd, replies):
         a = self.cfg.algorithm
