@@ -71,6 +71,8 @@ def build_adapters(model: nn.Module, cfg) -> AdapterSet:
                 f"{list(EXPERT_PROJECTIONS)} can be adapted (got {bad}); for attention use lora_on_attention=true"
             )
         projections = tuple(m.removesuffix("_proj") for m in a.target_modules)
+        # the routed layers compute their own load-balancing loss; the library's needs its router hooks
+        model.config.output_router_logits = False
         for path, block in blocks.items():
             layer = SparseMoELoRA(block, a.rank, a.alpha, a.dropout, ctx, projections, a.train_router)
             model.set_submodule(path, layer)
