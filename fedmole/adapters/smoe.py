@@ -256,11 +256,16 @@ class SparseMoELoRA(RoutedExperts):
             self.W_r = nn.Parameter(router.weight.detach().float().clone(), requires_grad=False)
 
     # ---------------------------------------------------------------------------------------- forward
-    def _lora(self, proj: str, rows: torch.Tensor) -> torch.Tensor:
-        """(M, C, d_in) -> (M, C, d_out): (alpha/r) B_j A_j v for every expert j at once."""
+    def _project(self, proj: str, rows: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """(M, C, d_in) -> (M, C, d_out): W_j v + (alpha/r) B_j A_j v for every expert j at once."""
+        out = torch.bmm(rows, W.transpose(1, 2))  # frozen W: (M, d_out, d_in)
+        if proj not in self.A:
+            return out
         A, B = self.A[proj], self.B[proj]  # (M, r, d_in), (M, d_out, r)
-        h = torch.bmm(self.dropout(rows).to(A.dtype), A.transpose(1, 2))  # (M, C, r)
-        return (torch.bmm(h, B.transpose(1, 2)) * self.scaling).to(rows.dtype)
+        h = torch.bmm(self.dropout(rows).to(A.dtype), A.transpose(1, 2)) * self.scaling  # (M, C, r)
+        if out.dtype == A.dtype:
+            return torch.baddbmm(out, h, B.transpose(1, 2))  # add the low-rank term inside the matmul
+        return out + torch.bmm(h, B.transpose(1, 2)).to(out.dtype)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
@@ -271,17 +276,10 @@ class SparseMoELoRA(RoutedExperts):
         g, idx = self.route(F.linear(x.to(W_g.dtype), W_g))  # (N, k), (N, k)
         groups = Groups.of(idx, self.M)
         rows = groups.scatter(x, self.M)  # (M, C, d)
-        gate_up = torch.bmm(rows, self.experts.gate_up_proj.transpose(1, 2))  # (M, C, 2I)
-        gate, up = gate_up.chunk(2, dim=-1)
-        if "gate" in self.A:
-            gate = gate + self._lora("gate", rows)
-        if "up" in self.A:
-            up = up + self._lora("up", rows)
-        inner = self.experts.act_fn(gate) * up  # (M, C, I)
-        out = torch.bmm(inner, self.experts.down_proj.transpose(1, 2))  # (M, C, d)
-        if "down" in self.A:
-            out = out + self._lora("down", inner)
-        y = groups.gather(out, g) * self.s.to(out.dtype)  # (N, d), s on the whole routed output
+        W_gate, W_up = self.experts.gate_up_proj.chunk(2, dim=1)  # (M, I, d) views of the fused weight
+        inner = self.experts.act_fn(self._project("gate", rows, W_gate)) * self._project("up", rows, W_up)
+        out = self._project("down", inner, self.experts.down_proj)  # (M, C, d)
+        y = groups.gather(out, g * self.s)  # (N, d) = s * sum_j g_j y_j: s scales the whole routed output
         if self.shared_expert is not None:  # always-on shared expert: not routed, so not rescaled
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y.view(shape)
