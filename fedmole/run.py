@@ -72,6 +72,7 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.DEBUG)
+    log.propagate = False  # run warnings go to run.log; the console shows progress and the summary
     return handler
 
 
