@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from fedmole.errors import UserError, did_you_mean
 
@@ -204,7 +204,10 @@ class FLAMEConfig(AlgorithmConfig, LoRAKeys):
 
     @model_validator(mode="after")
     def _check_flame(self):
-        given = self.model_fields_set
+        # keys set away from their defaults (a resolved config.yaml lists every key, so "was it written"
+        # cannot tell a user's choice from a default)
+        fields = type(self).model_fields
+        given = {k for k, f in fields.items() if f.default is not None and getattr(self, k) != f.default}
         if self.experts == "pretrained":
             for key in ("num_experts", "top_k"):
                 if key in given:
@@ -238,6 +241,12 @@ class FLAMEConfig(AlgorithmConfig, LoRAKeys):
         return self
 
     def cross_check(self, cfg: "Config") -> None:
+        if cfg.dp.enabled:
+            raise ValueError(
+                "dp.enabled=true with algorithm.name=flame: FLAME clients upload their per-expert activation "
+                "counts in the clear, which differential privacy on model updates does not cover; "
+                "set dp.enabled=false (or use a method without activation statistics)"
+            )
         if self.experts != "lora":
             return  # K is the model's own top-k, known when the model loads
         for key in ("levels", "per_client"):
@@ -262,6 +271,55 @@ class FederationConfig(Section):
     clients_per_round: int | None = Field(None, ge=1, description="clients sampled per round; default all")
     rounds: int = Field(2, ge=1, description="communication rounds")
     seed: int = Field(42, description="seed of everything: initialisation, sampling, local training")
+    round_deadline: float | None = Field(
+        None, gt=0, description="seconds a client may take to reply in a round; later replies are dropped "
+        "(null: wait for every client)"
+    )
+    min_replies: int = Field(
+        1, ge=1, description="fewest accepted replies to aggregate a round; with fewer the round is skipped and "
+        "the global state is left unchanged"
+    )
+
+
+# -------------------------------------------------------------------------------------- reliability
+class FaultsConfig(Section):
+    """Seeded fault injection, for experiments and tests: each sampled client independently fails with
+    these probabilities (drop first, then crash, then straggle)."""
+
+    drop_probability: float = Field(0.0, ge=0, le=1, description="a client fails before replying")
+    crash_probability: float = Field(0.0, ge=0, le=1, description="a client crashes at a random local step")
+    straggler_probability: float = Field(
+        0.0, ge=0, le=1, description="a client replies after the round deadline (its reply is dropped)"
+    )
+    seed: int | None = Field(None, description="fault seed; default federation.seed")
+
+    @property
+    def active(self) -> bool:
+        return self.drop_probability + self.crash_probability + self.straggler_probability > 0
+
+
+class RepliesConfig(Section):
+    """What the server accepts from clients, and how shared tensors are combined."""
+
+    max_mb: float = Field(4096.0, gt=0, description="a reply larger than this (MiB of tensors) is rejected")
+    robust: Literal["mean", "median", "trimmed_mean"] = Field(
+        "mean", description="combination of tensors every replying client sends: the method's (weighted) mean, "
+        "or the unweighted coordinate-wise median / trimmed mean"
+    )
+    trim_ratio: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: share cut at each end per coordinate")
+
+
+class DPConfig(Section):
+    """Client-level differential privacy on model updates (DP-FedAvg style, noise added on the client)."""
+
+    enabled: bool = Field(False, description="clip every uploaded update and add Gaussian noise")
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound C on a client's update (per group, see granularity)")
+    noise_multiplier: float = Field(1.0, ge=0, description="sigma: noise std is sigma * C per coordinate")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the reported (epsilon, delta)")
+    granularity: Literal["update", "expert"] = Field(
+        "update", description="clip the whole update to C, or each (module, expert) update to C (sparse experts); "
+        "with `expert` the accountant uses sigma / sqrt(most groups any client uploads)"
+    )
 
 
 # --------------------------------------------------------------------------------------------- tiers
@@ -372,11 +430,14 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
-    algorithm: AlgorithmConfig = Field(default_factory=FedITConfig)
+    algorithm: SerializeAsAny[AlgorithmConfig] = Field(default_factory=FedITConfig)  # dump the method's own keys
     federation: FederationConfig = Field(default_factory=FederationConfig)
     tiers: TiersConfig = Field(default_factory=TiersConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    replies: RepliesConfig = Field(default_factory=RepliesConfig)
+    dp: DPConfig = Field(default_factory=DPConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
@@ -413,6 +474,11 @@ class Config(Section):
                     f"partition.splits.{key} is {getattr(part.splits, key)}; evaluation needs a {key} split, "
                     f"set it above 0 (e.g. 0.1)"
                 )
+        if fed.min_replies > self.clients_per_round:
+            raise ValueError(
+                f"federation.min_replies ({fed.min_replies}) exceeds the clients per round ({self.clients_per_round}); "
+                f"no round could ever be aggregated. Use at most {self.clients_per_round}"
+            )
         tiers = self.tiers
         if tiers.per_client is not None and len(tiers.per_client) != fed.num_clients:
             raise ValueError(

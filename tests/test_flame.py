@@ -7,7 +7,7 @@ import torch
 from transformers import OlmoeConfig, OlmoeForCausalLM
 
 from fedmole.adapters import parse_key
-from fedmole.algorithms.aggregate import weighted_mean
+from fedmole.algorithms.aggregate import robust_mean, weighted_mean
 from fedmole.algorithms.base import Reply
 from fedmole.algorithms.flame import (
     RoutedLayers,
@@ -90,6 +90,18 @@ def test_skipped_uploads_count_as_the_unchanged_global_copy_when_t_is_zero():
     assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in old)
 
 
+def test_robust_rule_combines_an_expert_over_the_clients_that_trained_it():
+    old = _state(0)
+    replies = {c: _reply(c + 1, [3, 1 if c < 2 else 0, 2], 8, 10 * (c + 1)) for c in range(3)}
+    new, _ = aggregate_experts(old, replies, t=2.0, normaliser="tokens",
+                               combine=lambda contributions: robust_mean(contributions, "median"))
+    k = "m/0/gate_A"
+    median = torch.stack([replies[c].tensors[k] for c in range(3)]).median(0).values
+    assert torch.allclose(new[k], median)
+    k = "m/1/gate_B"  # only clients 0 and 1 activated expert 1: the median of two is their mean
+    assert torch.allclose(new[k], (replies[0].tensors[k] + replies[1].tensors[k]) / 2, atol=1e-7)
+
+
 def test_tiny_frequencies_with_large_t_do_not_underflow():
     # f = 1e-80: f^5 = 1e-400 underflows float64, log space does not
     assert normalised_weights([log_gamma(1, 1e80, 10, 5.0), log_gamma(2, 1e80, 10, 5.0)]) == pytest.approx(
@@ -161,6 +173,18 @@ def test_rescaler_is_averaged_within_tiers_never_across():
     assert [e["label"] for e in evals[3].config["evaluations"]] == ["global"]
 
 
+def test_replies_may_skip_experts_and_carry_rescalers_but_nothing_else():
+    from fedmole.algorithms.validate import check_reply
+
+    server, _ = _server()
+    payload = server.configure_train(1, [0], evaluate=False)[0]
+    spec = server.reply_spec(0, payload)
+    some = {k: v for k, v in list(payload.tensors.items())[:10]}
+    rescaler = {k: torch.zeros(1) for k in server.layers.rescaler_keys()}
+    assert check_reply(Reply({**some, **rescaler}, 5), spec, 100.0) is None
+    assert "unexpected" in check_reply(Reply({**some, "model.layers.0.mlp/99/gate_A": torch.zeros(1)}, 5), spec, 100.0)
+
+
 def test_fixed_rescaler_is_K_over_k():
     server, _ = _server("algorithm.rescaler=fixed", "tiers.per_client=[4,2,1,1]")
     assert all(math.exp(v) == pytest.approx(4.0) for v in server.tier_log_s(1).values())
@@ -192,6 +216,8 @@ def test_config_rejects_keys_that_do_not_apply():
         _cfg("algorithm.experts=pretrained", "algorithm.target_modules=[q_proj]")
     with pytest.raises(UserError, match="temperature"):
         _cfg("algorithm.temperature=-1")
+    with pytest.raises(UserError, match="activation counts in the clear"):
+        _cfg("dp.enabled=true")
 
 
 def test_pretrained_on_dense_model_is_a_user_error():

@@ -3,6 +3,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from fedmole.client.runtime import ClientRuntime
 from fedmole.config import load_config
 from fedmole.models import load_tokenizer
 from fedmole.models.tiny import tiny_olmoe
-from fedmole.run import build_runtime, load_federated_data, run_experiment
+from fedmole.run import build_runtime, load_federated_data, resume_experiment, run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke_flame.yaml"
@@ -138,6 +139,19 @@ def test_three_round_tiny_olmoe_run_with_tiers_4_2_1(tmp_path):
     assert labels == {"global", "global_k2", "global_k1"}
     assert set(summary["other_models"]) == {"global_k1", "global_k2"}
     assert summary["global"]["selected_round"] == 3
+
+
+def test_resume_restores_rescalers_and_tier_statistics_exactly(tmp_path):
+    cfg = load_config(SMOKE, [*FAST, "tiers.per_client=[1,2,1]", "checkpoint.keep_last=null"])
+    ref = run_experiment(cfg, tmp_path / "ref", "none") if (tmp_path / "ref").mkdir() is None else None
+    shutil.copytree(tmp_path / "ref", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "round_0003")
+    (tmp_path / "cut" / "summary.json").unlink()
+    resumed = resume_experiment(tmp_path / "cut", progress_mode="none")
+    assert resumed["state_digest"] == ref["state_digest"]
+    assert resumed["flame"]["tier_rescaler_s"] == ref["flame"]["tier_rescaler_s"]
+    for name in ("activations.jsonl", "metrics.jsonl"):
+        assert (tmp_path / "cut" / name).read_text() == (tmp_path / "ref" / name).read_text()
 
 
 def test_three_round_dense_run_trains_router_and_rescaler(tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -192,11 +193,13 @@ def aggregate_experts(
     replies: dict[int, Reply],
     t: float,
     normaliser: str,
+    combine: Callable[[list[tuple[dict[str, torch.Tensor], float]]], dict[str, torch.Tensor]] = weighted_mean,
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """FLAME's activation-aware aggregation of every expert tensor, plus data-size FedAvg of every other
     global tensor. A client that did not upload an expert contributes the global copy it received (it
-    never routed a token there, so that copy is what it holds). Returns the new state and counts of experts
-    updated / kept."""
+    never routed a token there, so that copy is what it holds). `combine` merges (tensors, weight) pairs:
+    the weighted mean (float64, normalised per key), or a robust rule that ignores the weights, applied to
+    the clients with gamma > 0. Returns the new state and counts of experts updated / kept."""
     clients = sorted(replies)
     totals = {c: float(replies[c].extra["tokens" if normaliser == "tokens" else "steps"]) for c in clients}
     by_expert: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -216,15 +219,10 @@ def aggregate_experts(
             new.update({k: global_state[k] for k in keys})
             continue
         updated += 1
-        for k in keys:
-            acc = torch.zeros(global_state[k].shape, dtype=torch.float64)
-            for c, w in zip(clients, weights):
-                if w > 0:
-                    acc += w * replies[c].tensors.get(k, global_state[k]).to(torch.float64)
-            new[k] = acc.to(global_state[k].dtype)
+        new.update(combine([({k: replies[c].tensors.get(k, global_state[k]) for k in keys}, w)
+                            for c, w in zip(clients, weights) if w > 0]))
     if others:
-        new.update(weighted_mean([({k: r.tensors[k] for k in others}, float(r.num_examples))
-                                  for r in replies.values()]))
+        new.update(combine([({k: r.tensors[k] for k in others}, float(r.num_examples)) for r in replies.values()]))
     return new, {"experts_updated": updated, "experts_kept": kept}
 
 
@@ -323,8 +321,14 @@ class Server(Strategy):
                                   "steps": r.extra["steps"], "counts": r.extra["counts"]})
         global_only = {c: Reply({k: v for k, v in r.tensors.items() if not is_rescaler(k)}, r.num_examples,
                                 extra=r.extra) for c, r in replies.items()}
-        self.global_state, info = aggregate_experts(self.global_state, global_only, a.temperature, a.freq_normaliser)
+        self.global_state, info = aggregate_experts(self.global_state, global_only, a.temperature, a.freq_normaliser,
+                                                    self.average)
         return info
+
+    def reply_spec(self, cid, payload):
+        """The tensors it was sent (any subset: idle experts are skipped) plus its rescaler statistics."""
+        return {**super().reply_spec(cid, payload),
+                **{key: ((1,), torch.float32) for key in self.layers.rescaler_keys()}}
 
     def round_records(self, rnd):
         return self._round_facts

@@ -40,6 +40,7 @@ class ClientRuntime:
         self.device = device
         self.clients: dict[int, EncodedClient] = {}
         self.on_step: Callable[[int, float], None] | None = None  # progress display hook
+        self.crash_at: int | None = None  # injected fault: raise after this local step
 
     def add_clients(self, clients: list[ClientData]) -> None:
         for c in clients:
@@ -72,10 +73,18 @@ class ClientRuntime:
         )
         stats = local_train(
             self.model, params, data.train, stream, steps, lr, self.cfg.train, self.tokenizer.pad_token_id,
-            self.device, extra_loss=extra_loss, before_step=before_step, on_step=self.on_step,
+            self.device, extra_loss=extra_loss, before_step=before_step, on_step=self._step_hook,
         )
         state.meta["cursor"] = stream.cursor
         return stats
+
+    def _step_hook(self, step: int, loss: float) -> None:
+        if self.crash_at is not None and step >= self.crash_at:
+            from fedmole.faults import ClientCrashed
+
+            raise ClientCrashed(f"client crashed at local step {step} (injected)")
+        if self.on_step is not None:
+            self.on_step(step, loss)
 
     # -------------------------------------------------------------------------------------- evaluation
     def evaluate(self, cid: int, model_label: str, splits: tuple[str, ...] = ("val", "test")) -> list[dict]:
