@@ -1,1 +1,0 @@
-"""Performance and accuracy benchmarks."""
