@@ -224,3 +224,14 @@ def test_pretrained_on_dense_model_is_a_user_error():
     cfg = _cfg("algorithm.experts=pretrained")
     with pytest.raises(UserError, match="experts=lora"):
         build_adapters(tiny_llama(VOCAB), cfg)
+
+
+def test_param_groups_scale_the_round_learning_rate():
+    """The rescaler's faster learning rate: optimiser param groups with `lr_scale` (client/train.py)."""
+    from fedmole.client.train import flat_params, make_optimizer
+    from fedmole.config import TrainConfig
+
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    opt = make_optimizer([{"params": [a]}, {"params": [b], "lr_scale": 10.0}], TrainConfig(optimizer="adamw"), 2e-4)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-4, 2e-3])
+    assert flat_params([{"params": [a]}, {"params": [b]}]) == [a, b] and flat_params([a, b]) == [a, b]
