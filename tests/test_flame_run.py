@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from fedmole.adapters import parse_key
 from fedmole.algorithms import flame
-from fedmole.algorithms.base import ClientState, Payload
+from fedmole.algorithms.base import ClientState
 from fedmole.client.runtime import ClientRuntime
 from fedmole.config import load_config
 from fedmole.models import load_tokenizer

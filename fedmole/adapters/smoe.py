@@ -35,7 +35,6 @@ pre-hook on the model fills before every call.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -401,7 +400,3 @@ def share_rescaler(layers: list[RoutedExperts]) -> nn.Parameter:
         layer.log_s = shared
     return shared
 
-
-def log_s_for(value: float) -> torch.Tensor:
-    """The stored tensor for a rescaler value s > 0."""
-    return torch.tensor([math.log(value)])
