@@ -108,6 +108,9 @@ class AlgorithmConfig(Section):
     # what the round loop needs to know about the method (subclasses override these class attributes)
     needs_aux: ClassVar[bool] = False
 
+    def cross_check(self, cfg: "Config") -> None:
+        """Checks of this section against other sections (e.g. `tiers`); raise ValueError to reject."""
+
 
 class LoRAKeys(Section):
     rank: int = Field(8, ge=1, description="LoRA rank r")
@@ -146,6 +149,120 @@ def register_algorithm(cls: type[AlgorithmConfig]) -> type[AlgorithmConfig]:
 
 for _cls in (FedITConfig, LocalConfig):
     register_algorithm(_cls)
+
+
+class FLAMEConfig(AlgorithmConfig, LoRAKeys):
+    """FLAME (arXiv 2506.16600): clients activate k_i experts of a sparse MoE (their tier, from the shared
+    `tiers` section), a learnable rescaler restores the MoE output scale, and the server averages each
+    expert's LoRA with activation-aware weights (a_i/S_i)^t |D_i|. See docs/flame.md."""
+
+    name: Literal["flame"] = "flame"
+    experts: Literal["auto", "pretrained", "lora"] = Field(
+        "auto", description="pretrained: LoRA on the experts of a sparse-MoE base (OLMoE, Mixtral, Qwen-MoE); "
+        "lora: a pool of LoRA experts with a trained router on each target module of a dense base; "
+        "auto: pretrained when the model has supported MoE blocks, else lora"
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"],
+        description="pretrained: which expert projections get a LoRA (subset of gate_proj, up_proj, down_proj); "
+        "lora: the linear layers that get a pool of LoRA experts",
+    )
+    lora_on_attention: bool = Field(
+        False, description="also a plain LoRA on q/k/v/o_proj (non-expert, FedAvg by data size)"
+    )
+    num_experts: int = Field(8, ge=1, description="lora: experts per pool (M)")
+    top_k: int = Field(4, ge=1, description="lora: experts per token at full compute (K)")
+    temperature: float = Field(2.0, ge=0, description="t in gamma = (a_i/S_i)^t |D_i|; 0 = data-size FedAvg")
+    freq_normaliser: Literal["tokens", "steps"] = Field(
+        "tokens", description="S_i: non-padding tokens of the round's training passes, or local steps"
+    )
+    rescaler: Literal["learned", "fixed", "none"] = Field(
+        "learned", description="learned s (FLAME); fixed s = K/k_i (ablation); none: s = 1"
+    )
+    rescaler_granularity: Literal["layer", "client"] = Field(
+        "layer", description="learned: one s per MoE layer (per adapted module for lora) or one per client"
+    )
+    rescaler_init: Literal["mass_ratio", "one"] = Field(
+        "mass_ratio", description="learned, new client without a tier average: mean over the first batch's "
+        "tokens of sum_topK p / sum_topk_i p per layer, or 1"
+    )
+    rescaler_lr_scale: float = Field(10.0, gt=0, description="learned: rescaler lr = train lr x this")
+    rescaler_full_k: Literal["frozen", "learned"] = Field(
+        "frozen", description="learned: clients with k_i = K keep s = 1 (frozen) or learn it too"
+    )
+    train_router: bool = Field(
+        False, description="pretrained: train the router (FedAvg by data size, plus load-balancing loss)"
+    )
+    router_aux_loss_coef: float = Field(0.01, ge=0, description="load-balancing loss weight for trained routers")
+    skip_unactivated_upload: bool = Field(
+        True, description="clients do not upload experts they never activated (their weight is 0 when t > 0)"
+    )
+    tier_eval: Literal["own", "all", "none"] = Field(
+        "own", description="tier-wise evaluation of the global model at k < K with the tier-average s: on each "
+        "client at its own tier (own), at every tier (all), or not at all"
+    )
+
+    @model_validator(mode="after")
+    def _check_flame(self):
+        # keys set away from their defaults (a resolved config.yaml lists every key, so "was it written"
+        # cannot tell a user's choice from a default)
+        fields = type(self).model_fields
+        given = {k for k, f in fields.items() if f.default is not None and getattr(self, k) != f.default}
+        if self.experts == "pretrained":
+            for key in ("num_experts", "top_k"):
+                if key in given:
+                    raise ValueError(
+                        f"algorithm.{key} sizes the LoRA-expert pools of experts=lora, but algorithm.experts is "
+                        f"pretrained (the model's own experts and top-k are used); remove algorithm.{key}"
+                    )
+            bad = [m for m in self.target_modules if m not in EXPERT_PROJECTIONS]
+            if bad:
+                raise ValueError(
+                    f"algorithm.target_modules={self.target_modules}: with experts=pretrained only the expert "
+                    f"projections {list(EXPERT_PROJECTIONS)} can be adapted (got {bad}); attention LoRA is "
+                    f"algorithm.lora_on_attention=true"
+                )
+        if self.experts == "lora" and self.train_router:
+            raise ValueError("algorithm.train_router=true applies to experts=pretrained; the router of the "
+                             "LoRA-expert pools (experts=lora) is always trained; remove train_router")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"algorithm.top_k={self.top_k} exceeds algorithm.num_experts={self.num_experts}; "
+                             f"use top_k <= num_experts")
+        if self.rescaler != "learned":
+            for key in ("rescaler_granularity", "rescaler_init", "rescaler_lr_scale", "rescaler_full_k"):
+                if key in given:
+                    raise ValueError(f"algorithm.{key} only applies to algorithm.rescaler=learned (got rescaler="
+                                     f"{self.rescaler}); remove {key}")
+        if self.lora_on_attention:
+            both = [m for m in self.target_modules if m in ATTENTION_PROJECTIONS]
+            if both:
+                raise ValueError(f"algorithm.target_modules has {both}, which algorithm.lora_on_attention=true "
+                                 f"also adapts; use one or the other")
+        return self
+
+    def cross_check(self, cfg: "Config") -> None:
+        if cfg.dp.enabled:
+            raise ValueError(
+                "dp.enabled=true with algorithm.name=flame: FLAME clients upload their per-expert activation "
+                "counts in the clear, which differential privacy on model updates does not cover; "
+                "set dp.enabled=false (or use a method without activation statistics)"
+            )
+        if self.experts != "lora":
+            return  # K is the model's own top-k, known when the model loads
+        for key in ("levels", "per_client"):
+            values = getattr(cfg.tiers, key) or []
+            bad = sorted({k for k in values if k > self.top_k})
+            if bad:
+                raise ValueError(
+                    f"tiers.{key}={values} has tier values {bad} above K = algorithm.top_k = {self.top_k}; "
+                    f"allowed: 1..{self.top_k} (raise algorithm.top_k or lower the tiers)"
+                )
+
+
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+register_algorithm(FLAMEConfig)
 
 
 # ---------------------------------------------------------------------------------------- federation
@@ -370,6 +487,7 @@ class Config(Section):
             )
         if self.train.precision == "fp16" and self.train.device == "cpu":
             raise ValueError("train.precision=fp16 is not supported on train.device=cpu; use fp32 or bf16")
+        alg.cross_check(self)
         return self
 
     @property

@@ -33,7 +33,7 @@ from fedmole.config import Config, dump_config
 from fedmole.errors import UserError
 from fedmole.faults import plan_fault
 from fedmole.paths import atomic_write_text
-from fedmole.reporting.metrics import MetricsLog, summarize
+from fedmole.reporting.metrics import MetricsLog, select_model, summarize
 from fedmole.reporting.progress import RunProgress
 
 log = logging.getLogger("fedmole")
@@ -398,5 +398,10 @@ def write_summary(fed: Federation, wall: float, engine_name: str) -> dict:
         summary["dp"] = {"epsilon": fed.epsilon(cfg.federation.rounds), "delta": cfg.dp.delta,
                          "noise_multiplier": cfg.dp.noise_multiplier, "clip_norm": cfg.dp.clip_norm,
                          "granularity": cfg.dp.granularity}
+    # models evaluated under other labels (e.g. FLAME's tier-wise `global_k2`), selected the same way
+    other = sorted({r["model"] for r in fed.metrics.records if r["split"] == "test"}
+                   - {None, "local", "personalized", "global"})
+    if other:
+        summary["other_models"] = {m: select_model(fed.metrics.records, m, cfg.eval.select_on) for m in other}
     atomic_write_text(fed.run_dir / "summary.json", json.dumps(summary, indent=1))
     return summary

@@ -9,6 +9,7 @@ from types import ModuleType
 MODULES = {
     "fedit": "fedmole.algorithms.fedit",
     "local": "fedmole.algorithms.local",
+    "flame": "fedmole.algorithms.flame",
 }
 
 

@@ -59,13 +59,14 @@ class ClientRuntime:
         self,
         cid: int,
         state: ClientState,
-        params: list[nn.Parameter],
+        params: list[nn.Parameter] | list[dict],
         lr: float,
         steps: int,
         extra_loss: Callable[[], torch.Tensor | None] | None = None,
         before_step: Callable[[], None] | None = None,
     ) -> dict[str, float]:
-        """`steps` local steps on the client's stream, which resumes from `state.meta['cursor']`."""
+        """`steps` local steps on the client's stream, which resumes from `state.meta['cursor']`.
+        `params` is a list of parameters or of param groups with an optional `lr_scale` each."""
         data = self.data(cid)
         stream = BatchStream(
             len(data.train), self.cfg.train.batch_size, self.cfg.federation.seed, cid, state.meta.get("cursor")
