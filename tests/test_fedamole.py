@@ -1,6 +1,7 @@
 """FedAMoLE end to end: dispatch, aggregation by expert id, RSEA wiring, ablations, DP embeddings, artefacts."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from fedmole.algorithms.base import Reply
 from fedmole.config import load_config
 from fedmole.data.tokenize import collate
 from fedmole.models.tiny import tiny_llama
-from fedmole.run import build_runtime, load_federated_data, run_experiment
+from fedmole.run import build_runtime, load_federated_data, resume_experiment, run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke_fedamole.yaml"
@@ -68,6 +69,20 @@ def test_each_expert_is_averaged_over_exactly_its_holders(tiny_tok, replied):
             continue
         assert torch.allclose(v, before[k] + float(np.mean([c + 1 for c in holders])), atol=1e-6), k
     assert (unchanged > 0) == (replied == [0])
+
+
+def test_replies_may_carry_embeddings_but_not_unassigned_experts(tiny_tok):
+    from fedmole.algorithms.validate import check_reply
+
+    _, server = _server(tiny_tok)
+    plans = server.configure_train(1, CLIENTS, evaluate=False)
+    spec = server.reply_spec(0, plans[0])
+    good = _reply(server, 0, plans[0], 0.0, _embeddings(server, 0, 1.0))
+    assert check_reply(good, spec, 4096.0) is None
+    m = server.modules[0]
+    stranger = next(e for e in range(8) if e not in server.arch[0][m])
+    bad = _reply(server, 0, plans[0], 0.0, {f"{m}/{stranger}/u": torch.zeros(4)})
+    assert "not assigned" in check_reply(bad, spec, 4096.0)
 
 
 def test_data_size_weighting_weights_by_training_examples(tiny_tok):
@@ -158,7 +173,8 @@ def test_server_state_round_trips_through_a_checkpoint(tiny_tok):
     (["algorithm.homogeneous=true", "federation.num_clients=3"], "multiple of the clients per round"),
     (["algorithm.min_experts=1"], "top_k"),
     (["algorithm.static_arch=true", "algorithm.random_dispatch=true"], "exclusive"),
-    (["algorithm.dp=true", "algorithm.static_arch=true"], "never compute"),
+    (["algorithm.dp_embeddings=true", "algorithm.static_arch=true"], "never compute"),
+    (["dp.enabled=true"], "RSEA embeddings"),
     (["federation.clients_per_round=3", "eval.init=true"], "eval.init"),
 ])
 def test_infeasible_configs_exit_2_with_the_numbers(tmp_path, overrides, match):
@@ -181,7 +197,7 @@ def test_partial_participation_solves_over_the_rounds_clients():
 # ------------------------------------------------------------------------------------- with data
 @pytest.fixture(scope="module")
 def runtime():
-    cfg = load_config(SMOKE, ["algorithm.dp=true", "algorithm.dp_eta=0.05", "train.batch_size=3"])
+    cfg = load_config(SMOKE, ["algorithm.dp_embeddings=true", "algorithm.dp_eta=0.05", "train.batch_size=3"])
     return cfg, build_runtime(cfg, load_federated_data(cfg))
 
 
@@ -214,9 +230,9 @@ def test_embeddings_are_token_means_and_dp_clips_to_the_largest_batch_mean_norm(
     clean_t = (tokens @ mod.W_t.t()).mean(0)  # the spec's definition: mean over tokens of W_t x
     clean_u = torch.einsum("nrd,td->tnr", mod.A, tokens).mean(0)  # and of A_e x
 
-    cfg.algorithm.dp = False
+    cfg.algorithm.dp_embeddings = False
     emb, n_tokens = client.embeddings(1)
-    cfg.algorithm.dp = True
+    cfg.algorithm.dp_embeddings = True
     assert n_tokens == tokens.shape[0]
     assert torch.allclose(emb[f"{path}/router/t"], clean_t, atol=1e-5)
     for i, e in enumerate(mod.held.tolist()):
@@ -240,10 +256,19 @@ def test_privatize_noise_scale_and_clip():
 
 
 def test_three_round_run_clients_with_different_data_end_with_different_experts(tmp_path):
-    cfg = load_config(SMOKE, ["eval.init=true"])
+    cfg = load_config(SMOKE, ["eval.init=true", "checkpoint.keep_last=null"])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     summary = run_experiment(cfg, run_dir, "none")
+    # resuming from round 2 recomputes the same assignment and ends in the same state
+    shutil.copytree(run_dir, tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "round_0003")
+    (tmp_path / "cut" / "summary.json").unlink()
+    resumed = resume_experiment(tmp_path / "cut", progress_mode="none")
+    assert resumed["state_digest"] == summary["state_digest"]
+    assert resumed["architecture"] == summary["architecture"]
+    for name in ("assignments.jsonl", "metrics.jsonl"):
+        assert (tmp_path / "cut" / name).read_text() == (run_dir / name).read_text()
     assert summary["headline"] == "personalized" and summary["personalized"] and summary["global"]
 
     rounds = [json.loads(x) for x in (run_dir / "assignments.jsonl").read_text().splitlines()]

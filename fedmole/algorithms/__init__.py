@@ -10,6 +10,7 @@ MODULES = {
     "fedit": "fedmole.algorithms.fedit",
     "local": "fedmole.algorithms.local",
     "fedamole": "fedmole.algorithms.fedamole",
+    "flame": "fedmole.algorithms.flame",
 }
 
 

@@ -28,8 +28,6 @@ by the mean of the known ones. An expert whose holders all failed keeps its prev
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
@@ -37,7 +35,7 @@ from fedmole.adapters import inject
 from fedmole.adapters.mole import ROUTER, SHARED, AMoLELinear
 from fedmole.adapters.state import key, parse_key
 from fedmole.algorithms import rsea
-from fedmole.algorithms.aggregate import client_weights, weighted_mean
+from fedmole.algorithms.aggregate import client_weights
 from fedmole.algorithms.base import GLOBAL, PERSONALIZED, ClientProcedure, ClientState, Payload, Reply, Strategy
 
 EMBEDDINGS = ("t", "u")  # tensor names of the uploaded RSEA embeddings
@@ -68,7 +66,6 @@ class Server(Strategy):
         self.static: Architecture | None = None  # static_arch: drawn once over every client
         self.arch: dict[int, dict[str, list[int]]] = {}  # client -> module -> experts, as last dispatched
         self._plan: tuple[int, tuple[int, ...], Architecture] | None = None
-        self._rsea_seconds = 0.0
 
     # ----------------------------------------------------------------------------------------- RSEA
     def _bounds(self, clients: int) -> tuple[int, int]:
@@ -101,7 +98,6 @@ class Server(Strategy):
         if self._plan is not None and self._plan[:2] == (rnd, tuple(clients)):
             return self._plan[2]
         a = self.cfg.algorithm
-        t0 = time.perf_counter()
         if a.static_arch:
             if self.static is None:
                 self.static = self._random(0, list(range(self.cfg.federation.num_clients)))
@@ -110,7 +106,6 @@ class Server(Strategy):
             arch = self._random(rnd - 1, clients)
         else:
             arch = self._solve(self._affinities(clients), clients)
-        self._rsea_seconds = time.perf_counter() - t0
         self._plan = (rnd, tuple(clients), arch)
         return arch
 
@@ -130,32 +125,38 @@ class Server(Strategy):
         arch = self.plan(rnd, clients)
         config = self.train_config(rnd, evaluate)
         a = self.cfg.algorithm
-        config["embed"] = not (a.static_arch or a.random_dispatch) and rnd < self.cfg.federation.rounds
+        config["embed"] = a.uses_embeddings and rnd < self.cfg.federation.rounds
         for c in clients:
             self.arch[c] = {m: arch[m][c] for m in self.modules}
         return {c: Payload(self._share(self.arch[c]), config) for c in clients}
+
+    def reply_spec(self, cid, payload):
+        """What a client may upload: the tensors it was sent and, when asked for, its RSEA embeddings
+        (`{module}/router/t` and `{module}/{e}/u` for each expert e it holds, each of shape (r,))."""
+        spec = super().reply_spec(cid, payload)
+        if payload.config.get("embed"):
+            r = (self.cfg.algorithm.rank,)
+            for m in self.modules:
+                spec[key(m, ROUTER, "t")] = (r, torch.float32)
+                spec.update({key(m, str(e), "u"): (r, torch.float32) for e in self.arch[cid][m]})
+        return spec
 
     def aggregate_train(self, rnd, replies):
         weights = client_weights({c: r.num_examples for c, r in replies.items()}, self.cfg.algorithm.weighting)
         params, embeddings = [], []
         for c, reply in replies.items():
-            sent = self._share(self.arch[c])
-            p = {k: v for k, v in reply.tensors.items() if parse_key(k).name not in EMBEDDINGS}
-            if set(p) != set(sent):
-                raise ValueError(f"client {c} replied with tensors {sorted(set(p) ^ set(sent))[:4]} that differ "
-                                 f"from what it was sent")
-            params.append((p, weights[c]))
+            params.append(({k: v for k, v in reply.tensors.items() if parse_key(k).name not in EMBEDDINGS}, weights[c]))
             emb = {k: v for k, v in reply.tensors.items() if parse_key(k).name in EMBEDDINGS}
             if emb:
                 embeddings.append((c, emb, weights[c]))
-        self.global_state.update(weighted_mean(params))  # experts over their holders, the rest over all
+        self.global_state.update(self.average(params))  # experts over their holders, the rest over all
         if embeddings:
             self._update_embeddings(embeddings)
-        return {"rsea_seconds": round(self._rsea_seconds, 4)}
+        return {}
 
     def _update_embeddings(self, embeddings) -> None:
         index = {m: i for i, m in enumerate(self.modules)}
-        u_bar = weighted_mean([({k: v for k, v in emb.items() if k.endswith("/u")}, w) for _, emb, w in embeddings])
+        u_bar = self.average([({k: v for k, v in emb.items() if k.endswith("/u")}, w) for _, emb, w in embeddings])
         for k, v in u_bar.items():  # u_bar_e over the clients that held e
             m, e, _ = parse_key(k)
             self.U_bar[index[m], int(e)] = v.to(torch.float64)
@@ -271,7 +272,7 @@ class Client(ClientProcedure):
         out = {}
         for path, mod in modules.items():
             t, U = (v.cpu() for v in mod.embed(means.mean[path].to(rt.device)))  # (r,), (n, r)
-            if a.dp:
+            if a.dp_embeddings:
                 t, U = self._privatize(mod, path, means, t, U)
             out[key(path, ROUTER, "t")] = t
             for i, e in enumerate(mod.held.tolist()):
@@ -280,8 +281,8 @@ class Client(ClientProcedure):
 
     def _privatize(self, mod, path, means, t, U):
         a = self.cfg.algorithm
-        if a.dp_clip_norm is not None:
-            tau_t, tau_u = torch.tensor(a.dp_clip_norm), torch.full((U.shape[0],), a.dp_clip_norm)
+        if a.dp_embedding_clip is not None:
+            tau_t, tau_u = torch.tensor(a.dp_embedding_clip), torch.full((U.shape[0],), a.dp_embedding_clip)
         else:  # the largest per-batch mean embedding norm, per vector
             xb = means.batch_means[path].to(mod.A.device)  # (batches, d_in)
             tau_t = (xb @ mod.W_t.detach().t()).norm(dim=-1).max().cpu()

@@ -9,7 +9,7 @@ is also evaluated right after its local training, before aggregation: its person
 from __future__ import annotations
 
 from fedmole.adapters import LoRALinear, inject
-from fedmole.algorithms.aggregate import client_weights, weighted_mean
+from fedmole.algorithms.aggregate import client_weights
 from fedmole.algorithms.base import GLOBAL, PERSONALIZED, ClientProcedure, ClientState, Payload, Reply, Strategy
 
 
@@ -30,7 +30,7 @@ class Server(Strategy):
 
     def aggregate_train(self, rnd, replies):
         weights = client_weights({c: r.num_examples for c, r in replies.items()}, self.cfg.algorithm.weighting)
-        self.global_state = weighted_mean([(r.tensors, weights[c]) for c, r in replies.items()])
+        self.global_state = self.average([(r.tensors, weights[c]) for c, r in replies.items()])
         return {}
 
 
