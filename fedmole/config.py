@@ -170,7 +170,7 @@ class ServerOptConfig(Section):
 
 
 class ServerOptKeys(Section):
-    server_opt: ServerOptConfig = Field(default_factory=ServerOptConfig)
+    server_opt: ServerOptConfig = Field(default_factory=ServerOptConfig, description="server optimiser")
 
 
 class WeightingKeys(Section):
@@ -188,6 +188,8 @@ class ProxKeys(Section):
 
 
 class FedITConfig(AlgorithmConfig, LoRAKeys, WeightingKeys, FinetuneEvalKeys, ProxKeys, ServerOptKeys):
+    """FedIT: FedAvg of the LoRA factors, with optional server optimiser, FedProx and -FT evaluation."""
+
     name: Literal["fedit"] = "fedit"
 
 
@@ -222,10 +224,14 @@ class RankTierLoRAConfig(AlgorithmConfig, LoRAKeys):
 
 
 class FFALoRAConfig(AlgorithmConfig, LoRAKeys, WeightingKeys, FinetuneEvalKeys, ProxKeys, ServerOptKeys):
+    """FFA-LoRA: A frozen at the seeded shared initialisation; only B is trained and averaged."""
+
     name: Literal["ffa_lora"] = "ffa_lora"
 
 
 class HetLoRAConfig(RankTierLoRAConfig, FinetuneEvalKeys, ProxKeys, ServerOptKeys):
+    """HetLoRA: tier ranks, truncation on dispatch, zero-padding + norm-weighted aggregation, optional self-pruning."""
+
     name: Literal["hetlora"] = "hetlora"
     norm_weights: Literal["per_matrix", "per_client"] = Field(
         "per_matrix", description="aggregation weight ‖update‖_F per adapted matrix, or summed over a client's matrices"
@@ -245,10 +251,14 @@ class HetLoRAConfig(RankTierLoRAConfig, FinetuneEvalKeys, ProxKeys, ServerOptKey
 
 
 class FlexLoRAConfig(RankTierLoRAConfig, WeightingKeys, FinetuneEvalKeys, ProxKeys, ServerOptKeys):
+    """FlexLoRA: tier ranks, average of the scaled products B_i A_i, redistribution by truncated SVD."""
+
     name: Literal["flexlora"] = "flexlora"
 
 
 class FLoRAConfig(RankTierLoRAConfig, WeightingKeys, FinetuneEvalKeys, ProxKeys):
+    """FLoRA: tier ranks, stacking aggregation merged into the base, fresh LoRA every round."""
+
     name: Literal["flora"] = "flora"
 
 
@@ -256,6 +266,8 @@ FDLORA_OUTER_OPT = {"name": "fedavgm", "lr": 1.0, "momentum": 0.5, "nesterov": T
 
 
 class FDLoRAConfig(AlgorithmConfig, LoRAKeys, WeightingKeys, ProxKeys, ServerOptKeys):
+    """FDLoRA: shared + private LoRA, outer Nesterov SGD, fusion weights searched on the aux split."""
+
     name: Literal["fdlora"] = "fdlora"
     needs_aux: ClassVar[bool] = True
 

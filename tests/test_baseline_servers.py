@@ -158,5 +158,6 @@ def test_rank_tiers_follow_the_moe_top_k_and_reject_fractional_ranks(tiny_tok):
     cfg = validate_config({"algorithm": {"name": "hetlora", "rank": 2}, "federation": {"num_clients": 4}})
     with pytest.raises(UserError, match=r"algorithm.rank=2 .* multiple of 8"):
         client_ranks(cfg, tiny_llama(len(tiny_tok)))
-    with pytest.raises(UserError, match=r"algorithm.rank=4 .*tier values \[4, 2, 1\]"):
-        validate_config({"algorithm": {"name": "flora", "rank": 4}, "tiers": {"levels": [4, 2, 1]}})
+    with pytest.raises(UserError, match=r"algorithm.rank=2 .*tier values \[4, 2, 1\].*multiple of 4"):
+        validate_config({"algorithm": {"name": "flora", "rank": 2}, "tiers": {"levels": [4, 2, 1]}})
+    assert validate_config({"algorithm": {"name": "flora", "rank": 4}, "tiers": {"levels": [4, 2, 1]}})
