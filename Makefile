@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 
 # WordNet 3.0 from Debian's `wordnet-base` is the offline default dataset.
 wordnet:
-	@if [ -f $(WORDNET_DIR)/data.noun ]; then :; \
+	@if [ -f $(WORDNET_DIR)/data.noun ] || [ -f "$$FEDMOLE_WORDNET_DIR/data.noun" ]; then :; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  echo "installing Debian package wordnet-base (WordNet 3.0 data files) ..."; \
 	  apt-get install -y -q wordnet-base >/dev/null 2>&1 || \

@@ -23,8 +23,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Build datasets and inspect partitions.")
 app.add_typer(data_app, name="data")
 
-out = Console()
-err = Console(stderr=True)
+# pipes and log files get a fixed, wide layout instead of rich's 80-column default
+out = Console(width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 SET_HELP = "Override a config value, e.g. --set train.lr=1e-4 (repeatable)."
 
@@ -110,7 +111,7 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
 
 

@@ -36,43 +36,45 @@ class ModelConfig(Section):
     tokenizer: str | None = Field(None, description="tokenizer id or path; default: the model's own")
     revision: str | None = Field(None, description="Hugging Face revision (branch, tag or commit)")
     gguf_file: str | None = Field(None, description="GGUF file inside `name` to load (dequantised)")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="allow model code from the hub (only for models you trust)")
 
 
 # ---------------------------------------------------------------------------------------------- data
 class ColumnMap(Section):
     """Which column of a JSONL/CSV/HF dataset holds each field of the example schema."""
 
-    instruction: str = "instruction"
-    context: str | None = "context"
-    response: str = "response"
-    choices: str | None = None
-    label: str | None = None
-    task: str | None = "task"
-    domain: str | None = "domain"
+    instruction: str = Field("instruction", description="column holding the instruction")
+    context: str | None = Field("context", description="column holding extra input (optional)")
+    response: str = Field("response", description="column holding the target response")
+    choices: str | None = Field(None, description="column holding classification choices (list or JSON list)")
+    label: str | None = Field(None, description="column holding the gold choice (index or text)")
+    task: str | None = Field("task", description="column naming the task (for filters and partitions)")
+    domain: str | None = Field("domain", description="column naming the domain (for filters and partitions)")
 
 
 class DataConfig(Section):
-    source: Literal["wordnet", "jsonl", "json", "csv", "hf", "dolly", "snli", "natural_instructions", "alpaca"] = (
-        "wordnet"
+    source: Literal["wordnet", "jsonl", "json", "csv", "hf", "dolly", "snli", "natural_instructions", "alpaca"] = Field(
+        "wordnet", description="where examples come from (see README: Your own data)"
     )
-    path: str | None = Field(None, description="file, directory or HF dataset id (source-specific)")
+    path: str | None = Field(None, description="file, directory or HF dataset id (source-specific); for wordnet the WordNet 'dict' directory (default /usr/share/wordnet)")
     split: str = Field("train", description="split to read from an HF dataset")
     columns: ColumnMap = Field(default_factory=ColumnMap)
     tasks: list[str] | None = Field(None, description="keep only these tasks")
     domains: list[str] | None = Field(None, description="keep only these domains")
     max_examples: int | None = Field(None, ge=1, description="sample this many examples (seeded) after filtering")
-    prompt: Literal["alpaca", "chat", "plain"] = "alpaca"
-    system_prompt: str | None = None
+    prompt: Literal["alpaca", "chat", "plain"] = Field(
+        "alpaca", description="prompt template; chat uses the tokenizer's chat template"
+    )
+    system_prompt: str | None = Field(None, description="system message for the chat template")
     ni_num_tasks: int = Field(100, ge=1, description="natural_instructions: keep the N largest train tasks")
 
 
 # ----------------------------------------------------------------------------------------- partition
 class SplitRatios(Section):
-    train: float = Field(0.8, ge=0)
-    aux: float = Field(0.0, ge=0)
-    val: float = Field(0.1, ge=0)
-    test: float = Field(0.1, ge=0)
+    train: float = Field(0.8, ge=0, description="share of each client's data for training")
+    aux: float = Field(0.0, ge=0, description="share for the aux split (RSEA embeddings, FDLoRA fusion)")
+    val: float = Field(0.1, ge=0, description="share for validation (selects the reported round)")
+    test: float = Field(0.1, ge=0, description="share for test")
 
     @model_validator(mode="after")
     def _positive(self):
@@ -82,14 +84,14 @@ class SplitRatios(Section):
 
 
 class SplitCaps(Section):
-    aux: int | None = Field(200, ge=1)
-    val: int | None = Field(200, ge=1)
-    test: int | None = Field(200, ge=1)
+    aux: int | None = Field(200, ge=1, description="at most this many aux examples per client (null: no cap)")
+    val: int | None = Field(200, ge=1, description="at most this many val examples per client")
+    test: int | None = Field(200, ge=1, description="at most this many test examples per client")
 
 
 class PartitionConfig(Section):
-    scheme: Literal["iid", "dirichlet", "meta", "quantity_skew"] = "iid"
-    by: str = Field("domain", description="column for dirichlet/meta: domain, task, label, or any example field")
+    scheme: Literal["iid", "dirichlet", "meta", "quantity_skew"] = Field("iid", description="how examples are split over clients")
+    by: str = Field("domain", description="column for dirichlet/meta: task, domain, label (gold choice index) or a key of the example's extra")
     alpha: float = Field(1.0, gt=0, description="Dirichlet concentration (dirichlet, quantity_skew)")
     min_size: int = Field(10, ge=1, description="minimum examples per client (dirichlet, quantity_skew)")
     groups_per_client: int = Field(1, ge=1, description="meta: number of groups (values of `by`) per client")
@@ -121,7 +123,6 @@ class LoRAKeys(Section):
     )
 
 
-SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
 ADAPTIVE_SERVER_OPTIMIZERS = ("fedadagrad", "fedadam", "fedyogi")
 
 
@@ -146,9 +147,11 @@ class ServerOptConfig(Section):
     @classmethod
     def _default_lr(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("lr") is None:
-            name = data.get("name", "fedavg")
+            name = data.get("name", cls.model_fields["name"].default)
             momentum = data.get("momentum", cls.model_fields["momentum"].default)
-            if name == "fedavg":
+            if name == cls.model_fields["name"].default and cls.model_fields["lr"].default is not None:
+                data = {**data, "lr": cls.model_fields["lr"].default}  # a method's own outer-optimiser default
+            elif name == "fedavg":
                 data = {**data, "lr": 1.0}
             elif name == "fedavgm" and isinstance(momentum, (int, float)) and 0 <= momentum < 1:
                 data = {**data, "lr": 1.0 - momentum}
@@ -188,12 +191,14 @@ class ProxKeys(Section):
 
 
 class FedITConfig(AlgorithmConfig, LoRAKeys, WeightingKeys, FinetuneEvalKeys, ProxKeys, ServerOptKeys):
-    """FedIT: FedAvg of the LoRA factors, with optional server optimiser, FedProx and -FT evaluation."""
+    """FedIT: FedAvg of LoRA A and B (FedIT-FT with `personalize_by_finetune`), server optimisers, FedProx."""
 
     name: Literal["fedit"] = "fedit"
 
 
 class LocalConfig(AlgorithmConfig, LoRAKeys):
+    """Local-only training: each client trains its own LoRA; nothing is communicated."""
+
     name: Literal["local"] = "local"
 
 
@@ -262,7 +267,15 @@ class FLoRAConfig(RankTierLoRAConfig, WeightingKeys, FinetuneEvalKeys, ProxKeys)
     name: Literal["flora"] = "flora"
 
 
-FDLORA_OUTER_OPT = {"name": "fedavgm", "lr": 1.0, "momentum": 0.5, "nesterov": True}
+class FDLoRAOuterOptConfig(ServerOptConfig):
+    """FDLoRA's outer optimiser: SGD with lr 1, momentum 0.5, Nesterov, on the pseudo-gradient."""
+
+    name: Literal["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] = Field(
+        "fedavgm", description="outer optimiser; fedavgm with nesterov is the reference's Nesterov SGD"
+    )
+    lr: float | None = Field(1.0, gt=0, description="outer learning rate η (null: 1 for fedavgm, the generic default otherwise)")
+    momentum: float = Field(0.5, ge=0, lt=1, description="fedavgm: momentum β on the pseudo-gradient")
+    nesterov: bool = Field(True, description="fedavgm: Nesterov momentum")
 
 
 class FDLoRAConfig(AlgorithmConfig, LoRAKeys, WeightingKeys, ProxKeys, ServerOptKeys):
@@ -274,24 +287,13 @@ class FDLoRAConfig(AlgorithmConfig, LoRAKeys, WeightingKeys, ProxKeys, ServerOpt
     weighting: Literal["data_size", "uniform"] = Field(
         "uniform", description="client weights in the pseudo-gradient mean (the reference: unweighted)"
     )
-    server_opt: ServerOptConfig = Field(
-        default_factory=lambda: ServerOptConfig(**FDLORA_OUTER_OPT),
-        description="outer optimiser on the pseudo-gradient; default SGD lr 1, momentum 0.5, Nesterov",
-    )
+    server_opt: FDLoRAOuterOptConfig = Field(default_factory=FDLoRAOuterOptConfig, description="outer optimiser")
     warmup_round: bool = Field(True, description="round 1 is purely local training followed by plain averaging")
     sync_freq: int = Field(5, ge=1, description="snapshot the trained shared adapter as the private one every N rounds")
     fusion_budget: int = Field(5, ge=1, description="objective evaluations of the fusion-weight search")
     fusion_batches: int = Field(5, ge=1, description="aux batches in the fusion objective")
     fusion_l1: float = Field(0.05, ge=0, description="fusion objective: + fusion_l1 * mean|w|")
     fusion_bound: float = Field(1.5, gt=0, description="fusion weights are searched in [-bound, bound]")
-
-    @field_validator("server_opt", mode="before")
-    @classmethod
-    def _outer_defaults(cls, v: Any) -> Any:
-        """Keys given for FDLoRA's fedavgm outer optimiser override FDLoRA's defaults, not the generic ones."""
-        if isinstance(v, dict) and v.get("name", "fedavgm") == "fedavgm":
-            return {**FDLORA_OUTER_OPT, **v}
-        return v
 
 
 for _cls in (FFALoRAConfig, HetLoRAConfig, FlexLoRAConfig, FLoRAConfig, FDLoRAConfig):
@@ -300,10 +302,10 @@ for _cls in (FFALoRAConfig, HetLoRAConfig, FlexLoRAConfig, FLoRAConfig, FDLoRACo
 
 # ---------------------------------------------------------------------------------------- federation
 class FederationConfig(Section):
-    num_clients: int = Field(3, ge=1)
+    num_clients: int = Field(3, ge=1, description="number of clients (partitions)")
     clients_per_round: int | None = Field(None, ge=1, description="clients sampled per round; default all")
-    rounds: int = Field(2, ge=1)
-    seed: int = 42
+    rounds: int = Field(2, ge=1, description="communication rounds")
+    seed: int = Field(42, description="seed of everything: initialisation, sampling, local training")
 
 
 # --------------------------------------------------------------------------------------------- tiers
@@ -349,11 +351,11 @@ class TiersConfig(Section):
 # --------------------------------------------------------------------------------------------- train
 class TrainConfig(Section):
     local_steps: int = Field(10, ge=1, description="optimiser steps per client per round")
-    batch_size: int = Field(4, ge=1)
-    lr: float = Field(5e-5, gt=0)
+    batch_size: int = Field(4, ge=1, description="local batch size")
+    lr: float = Field(5e-5, gt=0, description="client learning rate in round 1")
     lr_decay: float = Field(0.99, gt=0, le=1, description="per-round multiplicative decay: lr * decay^(round-1)")
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="local optimiser, fresh every round")
+    weight_decay: float = Field(0.0, ge=0, description="optimiser weight decay")
     momentum: float = Field(0.0, ge=0, lt=1, description="sgd only")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon")
     max_length: int = Field(512, ge=8, description="token limit per example (prompt + response)")
@@ -373,11 +375,11 @@ class TrainConfig(Section):
 
 # ---------------------------------------------------------------------------------------------- eval
 class GenerationConfig(Section):
-    max_new_tokens: int = Field(32, ge=1)
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    num_beams: int = Field(1, ge=1)
+    max_new_tokens: int = Field(32, ge=1, description="generation length for ROUGE-L")
+    do_sample: bool = Field(False, description="sample instead of greedy decoding")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (do_sample only)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (do_sample only)")
+    num_beams: int = Field(1, ge=1, description="beam search width")
 
 
 class EvalConfig(Section):
@@ -387,7 +389,7 @@ class EvalConfig(Section):
         description="auto: accuracy for classification examples, ROUGE-L F for generation examples (mean score)",
     )
     max_examples: int | None = Field(50, ge=1, description="per client and split")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="evaluation batch size")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     select_on: Literal["val_score", "val_loss"] = Field(
         "val_score", description="validation quantity that picks the reported round"
@@ -399,7 +401,9 @@ class EvalConfig(Section):
 class OutputConfig(Section):
     dir: str = Field("runs", description="parent directory of run directories")
     name: str | None = Field(None, description="run directory name; default: config name + timestamp")
-    progress: Literal["auto", "rich", "plain", "none"] = "auto"
+    progress: Literal["auto", "rich", "plain", "none"] = Field(
+        "auto", description="progress display: rich bar on a terminal (auto), log lines (plain), or none"
+    )
 
 
 class CheckpointConfig(Section):
@@ -589,3 +593,57 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def dump_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------- reference
+def _default_text(field) -> str:
+    if field.default_factory is not None:
+        value = field.default_factory()
+        if isinstance(value, BaseModel):
+            return "(section)"
+    else:
+        value = field.default
+    return "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _type_text(field) -> str:
+    text = str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    return text.replace("Literal", "one of ").replace("NoneType", "null")
+
+
+def _section_rows(model: type[BaseModel], prefix: str) -> list[str]:
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel) and ann is not AlgorithmConfig:
+            rows.extend(_section_rows(ann, f"{prefix}{name}."))
+            continue
+        cells = [f"`{prefix}{name}`", f"`{_type_text(field)}`", f"`{_default_text(field)}`", field.description or ""]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return rows
+
+
+def reference_markdown() -> str:
+    """The configuration reference (docs/config.md), generated from the schema so it cannot drift."""
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from `fedmole/config.py` by `python -m fedmole.config > docs/config.md`; a test keeps it current.",
+        "Every key can be set in the YAML file or overridden with `--set section.key=value`.",
+        "",
+    ]
+    header = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, field in Config.model_fields.items():
+        if name == "algorithm":
+            continue
+        out += [f"## `{name}`", "", *header, *_section_rows(field.annotation, f"{name}."), ""]
+    out += ["## `algorithm`", "", "`algorithm.name` selects the method; each method has its own keys.", ""]
+    for name, cls in sorted(ALGORITHMS.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()
+        out += [f"### `{name}`", "", *(doc[:1] if doc else []), "", *header,
+                *[row for row in _section_rows(cls, "algorithm.") if not row.startswith("| `algorithm.name`")], ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -8,6 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="fedmole-hf-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tiny test models gain nothing from a second thread, and OpenMP spin-waits badly on a busy machine
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -113,3 +113,13 @@ def test_every_registered_algorithm_has_an_implementation():
 
 def test_config_is_the_only_default_source():
     assert Config().train.local_steps == validate_config({}).train.local_steps
+
+
+def test_docs_config_reference_is_current():
+    """docs/config.md is generated from the schema; regenerate with `python -m fedmole.config > docs/config.md`."""
+    from pathlib import Path
+
+    from fedmole.config import reference_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text().strip() == reference_markdown().strip()

@@ -78,19 +78,19 @@ def evaluate_examples(
         generation = []
 
     correct = []
-    per_batch = max(1, cfg.batch_size // max(len(classification[0].choices), 1)) if classification else 1
-    for chunk in _batches(classification, per_batch):
-        feats, owners = [], []
-        for i, ex in enumerate(chunk):
-            cands = encode_candidates(ex, tokenizer, template, max_length, system)
-            feats.extend(cands)
-            owners.extend([i] * len(cands))
+    # examples whose prompt fills max_length have no candidates; they are dropped, as in training
+    scorable = [(ex, c) for ex in classification if (c := encode_candidates(ex, tokenizer, template, max_length, system))]
+    per_batch = max(1, cfg.batch_size // max(len(scorable[0][1]), 1)) if scorable else 1
+    for chunk in _batches(scorable, per_batch):
+        feats = [f for _, cands in chunk for f in cands]
         s, n = sequence_ce(model, feats, pad_id, device)
-        mean_ce = s / n.clamp(min=1)
-        for i, ex in enumerate(chunk):
-            scores = mean_ce[[j for j, o in enumerate(owners) if o == i]]
-            correct.append(float(int(scores.argmin()) == ex.label))
-    if classification:
+        mean_ce = (s / n.clamp(min=1)).tolist()
+        start = 0
+        for ex, cands in chunk:
+            scores = mean_ce[start : start + len(cands)]
+            start += len(cands)
+            correct.append(float(scores.index(min(scores)) == ex.label))
+    if correct:
         out["accuracy"] = 100.0 * sum(correct) / len(correct)
         per_example.extend(correct)
 

@@ -92,9 +92,18 @@ def _hf_error(name: str, err: Exception) -> UserError:
     )
 
 
+def _quiet_transformers() -> None:
+    """No per-tensor loading bars: fedmole shows its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(cfg: ModelConfig):
     """The tokenizer for `cfg`, with a pad token and left padding set."""
     from transformers import AutoTokenizer
+
+    _quiet_transformers()
 
     name = cfg.tokenizer or cfg.name
     if name in ("tiny-llama", "tiny-olmoe"):
@@ -121,6 +130,7 @@ def load_tokenizer(cfg: ModelConfig):
 
 def load_model(cfg: ModelConfig, precision: str = "fp32", device: str = "auto", vocab_size: int | None = None):
     """The frozen base model (eval mode, no grad on any parameter) on `device` in `precision`."""
+    _quiet_transformers()
     dtype = DTYPES[precision]
     dev = resolve_device(device)
     if cfg.name in ("tiny-llama", "tiny-olmoe"):
