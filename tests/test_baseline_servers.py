@@ -1,12 +1,16 @@
 """Server halves of the baselines on a tiny model, driven with hand-made replies (no training needed)."""
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from fedmole.algorithms import get_algorithm
 from fedmole.algorithms.base import Reply
 from fedmole.algorithms.hetlora import aggregate
-from fedmole.algorithms.lora_ops import lora_pairs, merged_key, resize_rank, scaled_product
+from fedmole.adapters.state import parse_key
+from fedmole.algorithms.lora_ops import from_pairs, lora_pairs, merged_key, resize_rank, scaled_product
 from fedmole.config import validate_config
 from fedmole.errors import UserError
 from fedmole.models.tiny import tiny_llama, tiny_olmoe
@@ -126,20 +130,49 @@ def test_hetlora_per_client_norm_weights_are_shared_by_all_matrices(tiny_tok):
     assert torch.allclose(per_matrix[other][0], (m0 * A0 + m1 * A1) / (m0 + m1), atol=1e-6)
 
 
-def test_server_state_round_trips_through_a_checkpoint(tiny_tok):
-    cfg, server, adapters = _setup(tiny_tok, "hetlora", tiers={"per_client": [8, 4, 2, 1]},
-                                   server_opt={"name": "fedadam"})
-    plans = server.configure_train(1, [0, 1, 2, 3], False)
-    server.aggregate_train(1, {c: Reply(_randomised(p.tensors, c), 5) for c, p in plans.items()})
-    server.ranks[3] = 1
+def _fake_reply(server, payload, seed):
+    """A client's reply: the payload's LoRA factors perturbed, or (FLoRA) a trained fresh LoRA at its rank."""
+    if all(parse_key(k).expert == "merged" for k in payload.tensors):  # FLoRA: trains a fresh LoRA at its rank
+        r, gen = payload.config["rank"], torch.Generator().manual_seed(seed)
+        pairs = {parse_key(k).module: (torch.randn(r, v.shape[1], generator=gen), torch.randn(v.shape[0], r, generator=gen))
+                 for k, v in payload.tensors.items()}
+        return Reply(from_pairs(pairs), 5 + seed)
+    return Reply(_randomised(payload.tensors, seed), 5 + seed)
+
+
+@pytest.mark.parametrize("name,alg", [
+    ("fedit", {"server_opt": {"name": "fedadam"}}),
+    ("ffa_lora", {"server_opt": {"name": "fedavgm"}}),
+    ("hetlora", {"tiers": {"per_client": [8, 4, 2, 1]}, "server_opt": {"name": "fedyogi"}}),
+    ("flexlora", {"tiers": {"per_client": [8, 4, 2, 1]}, "server_opt": {"name": "fedadagrad"}}),
+    ("flora", {"tiers": {"per_client": [8, 4, 2, 1]}}),
+    ("fdlora", {}),
+])
+def test_server_state_round_trips_through_a_checkpoint(tiny_tok, tmp_path, name, alg):
+    cfg, server, adapters = _setup(tiny_tok, name, **alg)
+    for rnd in (1, 2):  # round 2 leaves FDLoRA's warm-up and fills the optimiser moments
+        plans = server.configure_train(rnd, [0, 1, 2, 3], False)
+        server.aggregate_train(rnd, {c: _fake_reply(server, p, 10 * rnd + c) for c, p in plans.items()})
     tensors, meta = server.state_dict()
-    assert any(k.startswith("server_opt::") for k in tensors)
-    other = get_algorithm("hetlora").Server(cfg, adapters)
-    other.load_state_dict(tensors, meta)
-    replies = {c: Reply(_randomised(p.tensors, 20 + c), 5) for c, p in server.configure_train(2, [0, 3], False).items()}
-    server.aggregate_train(2, replies)
-    other.aggregate_train(2, replies)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "server.safetensors")
+    other = get_algorithm(name).Server(cfg, adapters)
+    other.load_state_dict(load_file(tmp_path / "server.safetensors"), json.loads(json.dumps(meta)))
+    plans, again = server.configure_train(3, [0, 3], False), other.configure_train(3, [0, 3], False)
+    for c in (0, 3):
+        assert plans[c].tensors.keys() == again[c].tensors.keys()
+        assert all(torch.equal(plans[c].tensors[k], again[c].tensors[k]) for k in plans[c].tensors)
+    replies = {c: _fake_reply(server, p, 30 + c) for c, p in plans.items()}
+    server.aggregate_train(3, replies)
+    other.aggregate_train(3, replies)
     assert all(torch.equal(server.global_state[k], other.global_state[k]) for k in server.global_state)
+
+
+def test_flora_stacking_identical_updates_merges_one_update(tiny_tok):
+    cfg, server, _ = _setup(tiny_tok, "flora", tiers={"levels": [8]})
+    reply = _fake_reply(server, server.configure_train(1, [0], False)[0], 0)
+    server.aggregate_train(1, {c: Reply(dict(reply.tensors), 10 * (c + 1)) for c in range(4)})
+    for m, (A, B) in lora_pairs(reply.tensors).items():
+        assert torch.allclose(server.global_state[merged_key(m)].double(), scaled_product(A, B, 16.0), atol=1e-5)
 
 
 def test_ffa_lora_exchanges_only_b_and_exports_the_seeded_a(tiny_tok):
