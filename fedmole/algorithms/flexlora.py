@@ -18,11 +18,10 @@ from fedmole.adapters import inject
 from fedmole.adapters.merged import MergedLoRALinear
 from fedmole.algorithms.aggregate import weighted_mean
 from fedmole.algorithms.base import ClientProcedure, ClientState, Payload, Reply
-from fedmole.algorithms.lora_common import LoRAServer, train_lora
+from fedmole.algorithms.lora_common import RankTierServer, train_lora
 from fedmole.algorithms.lora_ops import (
     from_pairs, lora_only, lora_pairs, merged_key, resize_rank, scaled_product, svd_factors, zero_merged_state,
 )
-from fedmole.algorithms.rank_tiers import client_ranks
 
 
 def build_adapters(model, cfg):
@@ -37,11 +36,10 @@ def average_products(replies: dict[int, dict], weights: dict[int, float], alpha:
     return weighted_mean(products)
 
 
-class Server(LoRAServer):
+class Server(RankTierServer):
     def __init__(self, cfg, adapters):
         super().__init__(cfg, adapters)
         self.init_pairs = lora_pairs(adapters.init_state(cfg.federation.seed))  # round-1 start, at r_max
-        self.ranks = client_ranks(cfg, adapters.model)
         self.aggregated = False  # has ΔW been produced by a round yet?
 
     def initial_state(self, adapters):
@@ -71,12 +69,6 @@ class Server(LoRAServer):
         self.global_state = self.server_step(self.global_state, mean)
         self.aggregated = True
         return {}
-
-    def round_records(self, rnd):
-        return [{"client": c, "metric": "rank", "value": r} for c, r in enumerate(self.ranks)]
-
-    def summary_extra(self):
-        return {"ranks": {str(c): r for c, r in enumerate(self.ranks)}}
 
     def export_state(self, cid=None, client_state=None):
         if cid is None:

@@ -23,9 +23,8 @@ import torch
 
 from fedmole.algorithms.base import ClientProcedure, ClientState, Payload, Reply
 from fedmole.algorithms.flexlora import build_adapters
-from fedmole.algorithms.lora_common import LoRAServer, train_lora
+from fedmole.algorithms.lora_common import RankTierServer, train_lora
 from fedmole.algorithms.lora_ops import lora_only, lora_pairs, merged_key, stack, zero_merged_state
-from fedmole.algorithms.rank_tiers import client_ranks
 from fedmole.client.runtime import derive_seed
 
 __all__ = ["Server", "Client", "build_adapters", "stacked_update"]
@@ -44,11 +43,7 @@ def stacked_update(replies: dict[int, dict], weights: dict[int, float], alpha: f
     return out, int(A_stack.shape[0])
 
 
-class Server(LoRAServer):
-    def __init__(self, cfg, adapters):
-        super().__init__(cfg, adapters)
-        self.ranks = client_ranks(cfg, adapters.model)
-
+class Server(RankTierServer):
     def initial_state(self, adapters):
         return zero_merged_state(adapters)
 
@@ -61,12 +56,6 @@ class Server(LoRAServer):
                                             self.cfg.algorithm.alpha)
         self.global_state = {k: (self.global_state[k].to(torch.float64) + d).to(torch.float32) for k, d in update.items()}
         return {"stack_rank": stack_rank}
-
-    def round_records(self, rnd):
-        return [{"client": c, "metric": "rank", "value": r} for c, r in enumerate(self.ranks)]
-
-    def summary_extra(self):
-        return {"ranks": {str(c): r for c, r in enumerate(self.ranks)}}
 
 
 class Client(ClientProcedure):

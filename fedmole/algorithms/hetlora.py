@@ -28,9 +28,8 @@ import torch
 from fedmole.algorithms.aggregate import weighted_mean
 from fedmole.algorithms.base import ClientProcedure, ClientState, Payload, Reply
 from fedmole.algorithms.fedit import build_adapters
-from fedmole.algorithms.lora_common import LoRAServer, train_lora
+from fedmole.algorithms.lora_common import RankTierServer, train_lora
 from fedmole.algorithms.lora_ops import from_pairs, lora_pairs, product_norm, resize_rank
-from fedmole.algorithms.rank_tiers import client_ranks
 
 __all__ = ["Server", "Client", "build_adapters", "aggregate"]
 
@@ -61,10 +60,8 @@ def tail_norm(modules, keep: int) -> torch.Tensor:
     return sum(mod.A[keep:].norm() * mod.B[:, keep:].norm() for mod in modules)
 
 
-class Server(LoRAServer):
-    def __init__(self, cfg, adapters):
-        super().__init__(cfg, adapters)
-        self.ranks = client_ranks(cfg, adapters.model)  # r_i per client; shrinks when a client self-prunes
+class Server(RankTierServer):
+    """`self.ranks` (per client) shrinks when a client self-prunes; it is part of the checkpointed meta."""
 
     def configure_train(self, rnd, clients, evaluate):
         config = self.train_config(rnd, evaluate)
@@ -81,12 +78,6 @@ class Server(LoRAServer):
         mean = aggregate({c: r.tensors for c, r in replies.items()}, a.rank, a.alpha, a.norm_weights)
         self.global_state = self.server_step(self.global_state, mean)
         return {"mean_rank": sum(self.ranks[c] for c in replies) / len(replies)}
-
-    def round_records(self, rnd):
-        return [{"client": c, "metric": "rank", "value": r} for c, r in enumerate(self.ranks)]
-
-    def summary_extra(self):
-        return {"ranks": {str(c): r for c, r in enumerate(self.ranks)}}
 
     def export_state(self, cid=None, client_state=None):
         if cid is None:

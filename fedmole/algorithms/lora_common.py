@@ -2,7 +2,7 @@
 
 Server (`LoRAServer`): evaluation labels (global, plus personalised when `personalize_by_finetune`), FedAvg
 client weights, and the server optimiser step x_{t+1} = opt(x_t, Σ p_i x_i) whose moments travel with the
-checkpointed server state. Client (`train_lora`): local training with the FedProx hook when `prox_mu` > 0 and
+checkpointed server state; `RankTierServer` adds the clients' tier ranks. Client (`train_lora`): local training with the FedProx hook when `prox_mu` > 0 and
 the personalised evaluation right after local training when the round asks for it.
 """
 
@@ -16,6 +16,7 @@ from torch import nn
 from fedmole.algorithms.aggregate import client_weights
 from fedmole.algorithms.base import GLOBAL, PERSONALIZED, ClientProcedure, ClientState, Reply, Strategy
 from fedmole.algorithms.fedprox import proximal_hook
+from fedmole.algorithms.rank_tiers import client_ranks
 from fedmole.algorithms.server_opt import ServerOptimizer
 from fedmole.config import FinetuneEvalKeys, ServerOptKeys
 
@@ -53,6 +54,21 @@ class LoRAServer(Strategy):
             self.server_opt.load_state_dict(
                 {k[len(OPT_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPT_PREFIX)}
             )
+
+
+class RankTierServer(LoRAServer):
+    """A LoRA server whose clients train at their tier ranks r_i = rank * k_i / K (`rank_tiers`); every round
+    records each client's rank (`metric: rank`), and the summary lists them."""
+
+    def __init__(self, cfg, adapters):
+        super().__init__(cfg, adapters)
+        self.ranks = client_ranks(cfg, adapters.model)
+
+    def round_records(self, rnd):
+        return [{"client": c, "metric": "rank", "value": r} for c, r in enumerate(self.ranks)]
+
+    def summary_extra(self):
+        return {"ranks": {str(c): r for c, r in enumerate(self.ranks)}}
 
 
 def train_lora(
