@@ -1,6 +1,7 @@
 """The `fedmole` command line.
 
     fedmole run CONFIG [--set key=value ...] [--out RUN_DIR] [--overwrite]
+    fedmole resume RUN_DIR [--config CONFIG] [--set key=value ...]
     fedmole data build wordnet [--force]
     fedmole data partition CONFIG [--set key=value ...]
 
@@ -53,6 +54,21 @@ def run(
     print_results(summary, run_dir)
 
 
+@app.command()
+def resume(
+    run_dir: Path = typer.Argument(..., help="Run directory of an interrupted run."),
+    config: Path | None = typer.Option(None, "--config", help="Config to check against the run's own."),
+    set_: list[str] = typer.Option([], "--set", help="Overrides to check against the run's config."),
+    progress: str | None = typer.Option(None, "--progress", help="auto, rich, plain or none."),
+) -> None:
+    """Continue a run from its last complete checkpoint (exactly: same final state and metrics)."""
+    from fedmole.run import resume_experiment
+
+    out.print(f"fedmole: resuming {run_dir}")
+    summary = resume_experiment(run_dir, config, set_, progress)
+    print_results(summary, run_dir)
+
+
 def print_results(summary: dict, run_dir: Path) -> None:
     metric = summary["metric"]
     table = Table(title=f"{summary['algorithm']} · {metric} (test; round selected on validation)")
@@ -76,6 +92,12 @@ def print_results(summary: dict, run_dir: Path) -> None:
             per.add_row(cid, f"{value:.2f}")
         out.print(per)
     out.print(f"run directory: {run_dir}  (summary.json, metrics.jsonl, partition.json, checkpoints/)")
+    skipped = {k: v for k, v in summary.get("skipped", {}).items() if v}
+    if skipped:
+        out.print("skipped: " + ", ".join(f"{k} {v}" for k, v in skipped.items()) + "  (details in run.log)")
+    if "dp" in summary:
+        dp = summary["dp"]
+        out.print(f"differential privacy: epsilon {dp['epsilon']:.2f} at delta {dp['delta']:g}")
     out.print(f"state_digest: {summary['state_digest']}  ·  {summary['wall_seconds']:.1f} s")
 
 

@@ -110,7 +110,7 @@ class AlgorithmConfig(Section):
     needs_aux: ClassVar[bool] = False
 
     def cross_check(self, cfg: "Config") -> None:
-        """Checks of this section against other sections (tiers, partition...); raise ValueError naming the keys."""
+        """Checks of this section against other sections (e.g. `tiers`); raise ValueError to reject."""
 
 
 class LoRAKeys(Section):
@@ -266,6 +266,14 @@ class FLoRAConfig(RankTierLoRAConfig, WeightingKeys, FinetuneEvalKeys, ProxKeys)
 
     name: Literal["flora"] = "flora"
 
+    def cross_check(self, cfg: "Config") -> None:
+        super().cross_check(cfg)
+        if cfg.replies.robust != "mean":
+            raise ValueError(
+                f"replies.robust={cfg.replies.robust} with algorithm.name=flora: FLoRA's stacking is the exact "
+                f"weighted sum of the clients' updates and has no robust variant; set replies.robust=mean"
+            )
+
 
 class FDLoRAOuterOptConfig(ServerOptConfig):
     """FDLoRA's outer optimiser: SGD with lr 1, momentum 0.5, Nesterov, on the pseudo-gradient."""
@@ -300,12 +308,175 @@ for _cls in (FFALoRAConfig, HetLoRAConfig, FlexLoRAConfig, FLoRAConfig, FDLoRACo
     register_algorithm(_cls)
 
 
+class FLAMEConfig(AlgorithmConfig, LoRAKeys):
+    """FLAME (arXiv 2506.16600): clients activate k_i experts of a sparse MoE (their tier, from the shared
+    `tiers` section), a learnable rescaler restores the MoE output scale, and the server averages each
+    expert's LoRA with activation-aware weights (a_i/S_i)^t |D_i|. See docs/flame.md."""
+
+    name: Literal["flame"] = "flame"
+    experts: Literal["auto", "pretrained", "lora"] = Field(
+        "auto", description="pretrained: LoRA on the experts of a sparse-MoE base (OLMoE, Mixtral, Qwen-MoE); "
+        "lora: a pool of LoRA experts with a trained router on each target module of a dense base; "
+        "auto: pretrained when the model has supported MoE blocks, else lora"
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"],
+        description="pretrained: which expert projections get a LoRA (subset of gate_proj, up_proj, down_proj); "
+        "lora: the linear layers that get a pool of LoRA experts",
+    )
+    lora_on_attention: bool = Field(
+        False, description="also a plain LoRA on q/k/v/o_proj (non-expert, FedAvg by data size)"
+    )
+    num_experts: int = Field(8, ge=1, description="lora: experts per pool (M)")
+    top_k: int = Field(4, ge=1, description="lora: experts per token at full compute (K)")
+    temperature: float = Field(2.0, ge=0, description="t in gamma = (a_i/S_i)^t |D_i|; 0 = data-size FedAvg")
+    freq_normaliser: Literal["tokens", "steps"] = Field(
+        "tokens", description="S_i: non-padding tokens of the round's training passes, or local steps"
+    )
+    rescaler: Literal["learned", "fixed", "none"] = Field(
+        "learned", description="learned s (FLAME); fixed s = K/k_i (ablation); none: s = 1"
+    )
+    rescaler_granularity: Literal["layer", "client"] = Field(
+        "layer", description="learned: one s per MoE layer (per adapted module for lora) or one per client"
+    )
+    rescaler_init: Literal["mass_ratio", "one"] = Field(
+        "mass_ratio", description="learned, new client without a tier average: mean over the first batch's "
+        "tokens of sum_topK p / sum_topk_i p per layer, or 1"
+    )
+    rescaler_lr_scale: float = Field(10.0, gt=0, description="learned: rescaler lr = train lr x this")
+    rescaler_full_k: Literal["frozen", "learned"] = Field(
+        "frozen", description="learned: clients with k_i = K keep s = 1 (frozen) or learn it too"
+    )
+    train_router: bool = Field(
+        False, description="pretrained: train the router (FedAvg by data size, plus load-balancing loss)"
+    )
+    router_aux_loss_coef: float = Field(0.01, ge=0, description="load-balancing loss weight for trained routers")
+    skip_unactivated_upload: bool = Field(
+        True, description="clients do not upload experts they never activated (their weight is 0 when t > 0)"
+    )
+    tier_eval: Literal["own", "all", "none"] = Field(
+        "own", description="tier-wise evaluation of the global model at k < K with the tier-average s: on each "
+        "client at its own tier (own), at every tier (all), or not at all"
+    )
+
+    @model_validator(mode="after")
+    def _check_flame(self):
+        # keys set away from their defaults (a resolved config.yaml lists every key, so "was it written"
+        # cannot tell a user's choice from a default)
+        fields = type(self).model_fields
+        given = {k for k, f in fields.items() if f.default is not None and getattr(self, k) != f.default}
+        if self.experts == "pretrained":
+            for key in ("num_experts", "top_k"):
+                if key in given:
+                    raise ValueError(
+                        f"algorithm.{key} sizes the LoRA-expert pools of experts=lora, but algorithm.experts is "
+                        f"pretrained (the model's own experts and top-k are used); remove algorithm.{key}"
+                    )
+            bad = [m for m in self.target_modules if m not in EXPERT_PROJECTIONS]
+            if bad:
+                raise ValueError(
+                    f"algorithm.target_modules={self.target_modules}: with experts=pretrained only the expert "
+                    f"projections {list(EXPERT_PROJECTIONS)} can be adapted (got {bad}); attention LoRA is "
+                    f"algorithm.lora_on_attention=true"
+                )
+        if self.experts == "lora" and self.train_router:
+            raise ValueError("algorithm.train_router=true applies to experts=pretrained; the router of the "
+                             "LoRA-expert pools (experts=lora) is always trained; remove train_router")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"algorithm.top_k={self.top_k} exceeds algorithm.num_experts={self.num_experts}; "
+                             f"use top_k <= num_experts")
+        if self.rescaler != "learned":
+            for key in ("rescaler_granularity", "rescaler_init", "rescaler_lr_scale", "rescaler_full_k"):
+                if key in given:
+                    raise ValueError(f"algorithm.{key} only applies to algorithm.rescaler=learned (got rescaler="
+                                     f"{self.rescaler}); remove {key}")
+        if self.lora_on_attention:
+            both = [m for m in self.target_modules if m in ATTENTION_PROJECTIONS]
+            if both:
+                raise ValueError(f"algorithm.target_modules has {both}, which algorithm.lora_on_attention=true "
+                                 f"also adapts; use one or the other")
+        return self
+
+    def cross_check(self, cfg: "Config") -> None:
+        if cfg.dp.enabled:
+            raise ValueError(
+                "dp.enabled=true with algorithm.name=flame: FLAME clients upload their per-expert activation "
+                "counts in the clear, which differential privacy on model updates does not cover; "
+                "set dp.enabled=false (or use a method without activation statistics)"
+            )
+        if self.experts != "lora":
+            return  # K is the model's own top-k, known when the model loads
+        for key in ("levels", "per_client"):
+            values = getattr(cfg.tiers, key) or []
+            bad = sorted({k for k in values if k > self.top_k})
+            if bad:
+                raise ValueError(
+                    f"tiers.{key}={values} has tier values {bad} above K = algorithm.top_k = {self.top_k}; "
+                    f"allowed: 1..{self.top_k} (raise algorithm.top_k or lower the tiers)"
+                )
+
+
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+register_algorithm(FLAMEConfig)
+
+
 # ---------------------------------------------------------------------------------------- federation
 class FederationConfig(Section):
     num_clients: int = Field(3, ge=1, description="number of clients (partitions)")
     clients_per_round: int | None = Field(None, ge=1, description="clients sampled per round; default all")
     rounds: int = Field(2, ge=1, description="communication rounds")
     seed: int = Field(42, description="seed of everything: initialisation, sampling, local training")
+    round_deadline: float | None = Field(
+        None, gt=0, description="seconds a client may take to reply in a round; later replies are dropped "
+        "(null: wait for every client)"
+    )
+    min_replies: int = Field(
+        1, ge=1, description="fewest accepted replies to aggregate a round; with fewer the round is skipped and "
+        "the global state is left unchanged"
+    )
+
+
+# -------------------------------------------------------------------------------------- reliability
+class FaultsConfig(Section):
+    """Seeded fault injection, for experiments and tests: each sampled client independently fails with
+    these probabilities (drop first, then crash, then straggle)."""
+
+    drop_probability: float = Field(0.0, ge=0, le=1, description="a client fails before replying")
+    crash_probability: float = Field(0.0, ge=0, le=1, description="a client crashes at a random local step")
+    straggler_probability: float = Field(
+        0.0, ge=0, le=1, description="a client replies after the round deadline (its reply is dropped)"
+    )
+    seed: int | None = Field(None, description="fault seed; default federation.seed")
+
+    @property
+    def active(self) -> bool:
+        return self.drop_probability + self.crash_probability + self.straggler_probability > 0
+
+
+class RepliesConfig(Section):
+    """What the server accepts from clients, and how shared tensors are combined."""
+
+    max_mb: float = Field(4096.0, gt=0, description="a reply larger than this (MiB of tensors) is rejected")
+    robust: Literal["mean", "median", "trimmed_mean"] = Field(
+        "mean", description="combination of tensors every replying client sends: the method's (weighted) mean, "
+        "or the unweighted coordinate-wise median / trimmed mean"
+    )
+    trim_ratio: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: share cut at each end per coordinate")
+
+
+class DPConfig(Section):
+    """Client-level differential privacy on model updates (DP-FedAvg style, noise added on the client)."""
+
+    enabled: bool = Field(False, description="clip every uploaded update and add Gaussian noise")
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound C on a client's update (per group, see granularity)")
+    noise_multiplier: float = Field(1.0, ge=0, description="sigma: noise std is sigma * C per coordinate")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the reported (epsilon, delta)")
+    granularity: Literal["update", "expert"] = Field(
+        "update", description="clip the whole update to C, or each (module, expert) update to C (sparse experts); "
+        "with `expert` the accountant uses sigma / sqrt(most groups any client uploads)"
+    )
 
 
 # --------------------------------------------------------------------------------------------- tiers
@@ -421,6 +592,9 @@ class Config(Section):
     tiers: TiersConfig = Field(default_factory=TiersConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    replies: RepliesConfig = Field(default_factory=RepliesConfig)
+    dp: DPConfig = Field(default_factory=DPConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
@@ -441,7 +615,6 @@ class Config(Section):
     @model_validator(mode="after")
     def _cross_checks(self):
         fed, part, alg = self.federation, self.partition, self.algorithm
-        alg.cross_check(self)
         if fed.clients_per_round is not None and fed.clients_per_round > fed.num_clients:
             raise ValueError(
                 f"federation.clients_per_round ({fed.clients_per_round}) exceeds federation.num_clients "
@@ -458,6 +631,11 @@ class Config(Section):
                     f"partition.splits.{key} is {getattr(part.splits, key)}; evaluation needs a {key} split, "
                     f"set it above 0 (e.g. 0.1)"
                 )
+        if fed.min_replies > self.clients_per_round:
+            raise ValueError(
+                f"federation.min_replies ({fed.min_replies}) exceeds the clients per round ({self.clients_per_round}); "
+                f"no round could ever be aggregated. Use at most {self.clients_per_round}"
+            )
         tiers = self.tiers
         if tiers.per_client is not None and len(tiers.per_client) != fed.num_clients:
             raise ValueError(
@@ -466,6 +644,7 @@ class Config(Section):
             )
         if self.train.precision == "fp16" and self.train.device == "cpu":
             raise ValueError("train.precision=fp16 is not supported on train.device=cpu; use fp32 or bf16")
+        alg.cross_check(self)
         return self
 
     @property

@@ -27,11 +27,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedmole.adapters.state import state_digest
-from fedmole.algorithms.base import ClientState, Reply
+from fedmole.algorithms.base import ClientState, Payload, Reply
+from fedmole.algorithms.validate import check_reply
 from fedmole.config import Config, dump_config
 from fedmole.errors import UserError
+from fedmole.faults import plan_fault
 from fedmole.paths import atomic_write_text
-from fedmole.reporting.metrics import MetricsLog, summarize
+from fedmole.reporting.metrics import MetricsLog, select_model, summarize
 from fedmole.reporting.progress import RunProgress
 
 log = logging.getLogger("fedmole")
@@ -70,11 +72,13 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.DEBUG)
+    log.propagate = False  # run warnings go to run.log; the console shows progress and the summary
     return handler
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsLog, keep_last: int | None) -> Path:
+def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsLog, keep_last: int | None,
+                    wall_seconds: float = 0.0) -> Path:
     """Write checkpoints/round_NNNN atomically (temp dir + rename) and prune old ones."""
     root = run_dir / "checkpoints"
     root.mkdir(exist_ok=True)
@@ -90,7 +94,8 @@ def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsL
         for k, v in st.tensors.items():
             client_tensors[f"{cid}::{k}"] = v.contiguous()
     save_file(client_tensors, tmp / "clients.safetensors")
-    meta = {"round": rnd, "metrics_records": len(metrics.records), "server": server_meta, "clients": client_meta}
+    meta = {"round": rnd, "metrics_records": len(metrics.records), "server": server_meta, "clients": client_meta,
+            "wall_seconds": wall_seconds}
     (tmp / "state.json").write_text(json.dumps(meta))
     if final.exists():
         shutil.rmtree(final)
@@ -113,6 +118,9 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict[int, ClientState]]:
 
 
 # ---------------------------------------------------------------------------------------- round loop
+FAILURE_KINDS = ("dropped", "crashed", "late", "failed", "rejected")
+
+
 class Federation:
     def __init__(self, cfg: Config, run_dir: Path, strategy, engine, progress: RunProgress):
         self.cfg = cfg
@@ -121,50 +129,85 @@ class Federation:
         self.engine = engine
         self.progress = progress
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
-        self.failures = 0
+        self.wall_before, self.started = 0.0, time.time()
 
-    def _record_train(self, rnd: int, replies: dict[int, Reply], failures: dict[int, str], info: dict) -> None:
-        recs = []
+    def wall_seconds(self) -> float:
+        """Wall time of the run so far, earlier sessions (before a resume) included."""
+        return self.wall_before + time.time() - self.started
+
+    def _round_record(self, rnd: int, metric: str, value, client: int | None = None) -> dict:
+        return {"round": rnd, "client": client, "model": None, "split": "round", "metric": metric, "value": value}
+
+    def _plan(self, rnd: int, plans: dict[int, Payload]) -> dict[int, Payload]:
+        """Attach injected faults to the payloads (each client gets its own config copy)."""
+        out = {}
+        for cid, p in plans.items():
+            fault = plan_fault(self.cfg, rnd, cid)
+            out[cid] = Payload(p.tensors, {**p.config, "fault": fault}) if fault else p
+        return out
+
+    def _accept(self, rnd: int, plans: dict[int, Payload], replies: dict[int, Reply]) -> tuple[dict, dict]:
+        """Replies that pass validation, and the reasons of those that do not."""
+        accepted, rejected = {}, {}
         for cid, reply in sorted(replies.items()):
-            for metric, value in reply.metrics.items():
-                recs.append({"round": rnd, "client": cid, "model": "local", "split": "train", "metric": metric,
-                             "value": value})
-        for cid in sorted(failures):
-            recs.append({"round": rnd, "client": cid, "model": None, "split": "round", "metric": "client_failed",
-                         "value": 1})
-        for metric, value in info.items():
-            recs.append({"round": rnd, "client": None, "model": None, "split": "round", "metric": metric,
-                         "value": value})
-        self.metrics.add(recs)
-        self.metrics.log_evals(rnd, {c: r.evals for c, r in replies.items() if r.evals})
+            reason = check_reply(reply, self.strategy.reply_spec(cid, plans[cid]), self.cfg.replies.max_mb)
+            if reason is None:
+                accepted[cid] = reply
+            else:
+                rejected[cid] = ("rejected", reason)
+                log.warning("round %s: reply of client %s rejected: %s", rnd, cid, reason)
+        return accepted, rejected
 
     def evaluate_global(self, rnd: int) -> None:
         plans = self.strategy.configure_evaluate(rnd, list(range(self.cfg.federation.num_clients)))
         if not plans:
             return
         replies, failures = self.engine.evaluate(rnd, plans)
-        self.failures += len(failures)
+        self.metrics.add([self._round_record(rnd, f"eval_{kind}", 1, cid) for cid, (kind, _) in sorted(failures.items())])
         self.metrics.log_evals(rnd, {c: r.evals for c, r in replies.items()})
 
     def run_round(self, rnd: int) -> None:
         cfg = self.cfg
         self.progress.round(rnd, cfg.federation.rounds)
-        clients = sample_clients(cfg, rnd)
         due = eval_due(cfg, rnd)
-        plans = self.strategy.configure_train(rnd, clients, due)
+        plans = self._plan(rnd, self.strategy.configure_train(rnd, sample_clients(cfg, rnd), due))
         replies, failures = self.engine.train(rnd, plans)
-        self.failures += len(failures)
-        if not replies:
-            first = next(iter(failures.values()), "no client was planned")
-            raise RuntimeError(f"round {rnd}: every client failed, the global state is unchanged; first error: {first}")
-        info = self.strategy.aggregate_train(rnd, replies) or {}
-        self._record_train(rnd, replies, failures, {"clients_replied": len(replies), **info})
-        self.metrics.add([{"round": rnd, "model": None, "split": "round", **r} for r in self.strategy.round_records(rnd)])
+        accepted, rejected = self._accept(rnd, plans, replies)
+        failures = {**failures, **rejected}
+        if not accepted and failures and all(kind == "failed" for kind, _ in failures.values()):
+            first = next(iter(failures.values()))[1]
+            raise RuntimeError(f"round {rnd}: every client failed with an error (see run.log); first: {first}")
+
+        recs = [self._round_record(rnd, f"client_{kind}", 1, cid) for cid, (kind, _) in sorted(failures.items())]
+        for cid, reply in accepted.items():
+            recs += [{"round": rnd, "client": cid, "model": "local", "split": "train", "metric": m, "value": v}
+                     for m, v in reply.metrics.items()]
+        recs.append(self._round_record(rnd, "clients_replied", len(accepted)))
+        if len(accepted) >= cfg.federation.min_replies:
+            info = self.strategy.aggregate_train(rnd, accepted) or {}
+            recs += [self._round_record(rnd, m, v) for m, v in info.items()]
+            recs += [{"round": rnd, "model": None, "split": "round", **r} for r in self.strategy.round_records(rnd)]
+        else:
+            recs.append(self._round_record(rnd, "round_skipped", 1))
+            log.warning("round %s skipped: %d accepted replies < federation.min_replies=%d; global state unchanged",
+                        rnd, len(accepted), cfg.federation.min_replies)
+        if cfg.dp.enabled:
+            recs.append(self._round_record(rnd, "dp_epsilon", self.epsilon(rnd, accepted)))
+        self.metrics.add(recs)
+        self.metrics.log_evals(rnd, {c: r.evals for c, r in accepted.items() if r.evals})
         self.write_artifacts(rnd)
         if due:
             self.evaluate_global(rnd)
         if rnd % cfg.checkpoint.every == 0 or rnd == cfg.federation.rounds:
-            save_checkpoint(self.run_dir, rnd, self.strategy, self.engine, self.metrics, cfg.checkpoint.keep_last)
+            save_checkpoint(self.run_dir, rnd, self.strategy, self.engine, self.metrics, cfg.checkpoint.keep_last,
+                            self.wall_seconds())
+
+    def epsilon(self, rnd: int, accepted: dict[int, Reply] | None = None) -> float:
+        from fedmole.privacy import epsilon
+
+        groups = [int(r["value"]) for r in self.metrics.records if r["metric"] == "dp_groups"]
+        groups += [int(r.metrics.get("dp_groups", 1)) for r in (accepted or {}).values()]
+        return epsilon(self.cfg, rnd, max(groups, default=1))
 
     def write_artifacts(self, rnd: int) -> None:
         for name, record in self.strategy.artifacts(rnd).items():
@@ -178,6 +221,16 @@ class Federation:
                 self.evaluate_global(0)
         for rnd in range(start_round, self.cfg.federation.rounds + 1):
             self.run_round(rnd)
+
+    def skips(self) -> dict[str, int]:
+        counts = {kind: 0 for kind in FAILURE_KINDS}
+        counts["rounds_skipped"] = 0
+        for r in self.metrics.records:
+            if r["split"] == "round" and r["metric"].startswith("client_") and r["metric"][7:] in counts:
+                counts[r["metric"][7:]] += 1
+            elif r["metric"] == "round_skipped":
+                counts["rounds_skipped"] += 1
+        return counts
 
     def final_state(self) -> dict[str, torch.Tensor]:
         """The state the digest covers: the global trainable state, or, for methods without one (local),
@@ -212,33 +265,112 @@ def build_runtime(cfg: Config, clients):
     return runtime
 
 
-def run_experiment(cfg: Config, run_dir: Path, progress_mode: str | None = None) -> dict:
-    """Run a whole federation in-process and write the run directory; returns the summary."""
+def _setup(cfg: Config, run_dir: Path, progress_mode: str | None) -> Federation:
+    """Data, runtime, strategy, engine and progress display of a run (fresh or resumed)."""
     from fedmole.algorithms import get_algorithm
     from fedmole.data.partition import manifest
     from fedmole.engines.inprocess import InProcessEngine
 
-    t0 = time.time()
+    clients = load_federated_data(cfg)
+    parts = json.dumps(manifest(clients, cfg.partition.by), indent=1)
+    saved = run_dir / "partition.json"
+    if saved.exists() and saved.read_text() != parts:
+        raise UserError(f"the data partition differs from the one this run started with ({saved}); the data "
+                        f"files changed, so the run cannot be resumed exactly. Start a new run")
+    atomic_write_text(saved, parts)
+    runtime = build_runtime(cfg, clients)
+    algo = get_algorithm(cfg.algorithm.name)
+    strategy = algo.Server(cfg, runtime.adapters)
+    engine = InProcessEngine(algo.Client(cfg, runtime))
+    total = cfg.federation.rounds * cfg.clients_per_round * cfg.train.local_steps
+    progress = RunProgress(progress_mode or cfg.output.progress, total)
+    runtime.on_step = progress.step
+    engine.on_client = lambda phase, cid, rnd: progress.client_phase(phase, cid)
+    return Federation(cfg, run_dir, strategy, engine, progress)
+
+
+def _execute(fed: Federation, start_round: int, wall_before: float) -> dict:
+    fed.wall_before, fed.started = wall_before, time.time()
+    try:
+        fed.run(start_round)
+    finally:
+        fed.progress.close()
+    return write_summary(fed, fed.wall_seconds(), fed.engine.name)
+
+
+def run_experiment(cfg: Config, run_dir: Path, progress_mode: str | None = None) -> dict:
+    """Run a whole federation in-process and write the run directory; returns the summary."""
     handler = _attach_log_file(run_dir)
     try:
+        t0 = time.time()
         dump_config(cfg, run_dir / "config.yaml")
-        clients = load_federated_data(cfg)
-        atomic_write_text(run_dir / "partition.json", json.dumps(manifest(clients, cfg.partition.by), indent=1))
-        runtime = build_runtime(cfg, clients)
-        algo = get_algorithm(cfg.algorithm.name)
-        strategy = algo.Server(cfg, runtime.adapters)
-        engine = InProcessEngine(algo.Client(cfg, runtime))
-        total = cfg.federation.rounds * cfg.clients_per_round * cfg.train.local_steps
-        progress = RunProgress(progress_mode or cfg.output.progress, total)
-        runtime.on_step = progress.step
-        engine.on_client = lambda phase, cid, rnd: progress.client_phase(phase, cid)
-        fed = Federation(cfg, run_dir, strategy, engine, progress)
-        try:
-            fed.run()
-        finally:
-            progress.close()
-        summary = write_summary(fed, time.time() - t0, engine.name)
-        return summary
+        fed = _setup(cfg, run_dir, progress_mode)
+        return _execute(fed, 1, time.time() - t0)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+# -------------------------------------------------------------------------------------------- resume
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (a renamed directory; temporary ones are ignored)."""
+    done = [p for p in sorted((run_dir / "checkpoints").glob("round_*")) if (p / "state.json").is_file()]
+    return done[-1] if done else None
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return lines
+
+
+def _truncate_artifacts(run_dir: Path, last_round: int) -> None:
+    """Drop records of rounds after the checkpoint from every per-round artefact file."""
+    for path in run_dir.glob("*.jsonl"):
+        if path.name == "metrics.jsonl":
+            continue
+        lines = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x).get("round", 0) <= last_round]
+        atomic_write_text(path, "".join(x + "\n" for x in lines))
+
+
+def resume_experiment(run_dir: Path, config_path: Path | None = None, overrides: list[str] | None = None,
+                      progress_mode: str | None = None) -> dict:
+    """Continue a run from its last complete checkpoint; the result equals the uninterrupted run."""
+    from fedmole.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a fedmole run directory (no config.yaml); check the path")
+    cfg = load_config(run_dir / "config.yaml")
+    requested = load_config(config_path or run_dir / "config.yaml", overrides or [])
+    ignore = {"output"}  # where and how progress is shown may change; nothing that affects results
+    diff = config_diff({k: v for k, v in cfg.to_dict().items() if k not in ignore},
+                       {k: v for k, v in requested.to_dict().items() if k not in ignore})
+    if diff:
+        raise UserError("refusing to resume with a different config (the result would match neither run):\n  "
+                        + "\n  ".join(diff) + "\nStart a new run with `fedmole run` to change settings")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise UserError(f"{run_dir} has no complete checkpoint to resume from; start it again with "
+                        f"`fedmole run CONFIG --out {run_dir} --overwrite`")
+    handler = _attach_log_file(run_dir)
+    try:
+        meta, server_tensors, client_states = load_checkpoint(ckpt)
+        if meta["round"] >= cfg.federation.rounds and (run_dir / "summary.json").is_file():
+            return json.loads((run_dir / "summary.json").read_text())
+        log.info("resuming %s after round %s", run_dir, meta["round"])
+        fed = _setup(cfg, run_dir, progress_mode or requested.output.progress)
+        fed.strategy.load_state_dict(server_tensors, meta["server"])
+        fed.engine.load_client_states(client_states)
+        fed.metrics.truncate(meta["metrics_records"])
+        _truncate_artifacts(run_dir, meta["round"])
+        fed.progress.steps = meta["round"] * cfg.clients_per_round * cfg.train.local_steps
+        return _execute(fed, meta["round"] + 1, meta.get("wall_seconds", 0.0))
     finally:
         log.removeHandler(handler)
         handler.close()
@@ -257,10 +389,19 @@ def write_summary(fed: Federation, wall: float, engine_name: str) -> dict:
         "selected_round": head["selected_round"] if head else None,
         "personalized": sel["personalized"],
         "global": sel["global"],
-        "clients_failed": fed.failures,
+        "skipped": fed.skips(),
         "wall_seconds": round(wall, 2),
         "state_digest": state_digest(fed.final_state()),
         **strategy.summary_extra(),
     }
+    if cfg.dp.enabled:
+        summary["dp"] = {"epsilon": fed.epsilon(cfg.federation.rounds), "delta": cfg.dp.delta,
+                         "noise_multiplier": cfg.dp.noise_multiplier, "clip_norm": cfg.dp.clip_norm,
+                         "granularity": cfg.dp.granularity}
+    # models evaluated under other labels (e.g. FLAME's tier-wise `global_k2`), selected the same way
+    other = sorted({r["model"] for r in fed.metrics.records if r["split"] == "test"}
+                   - {None, "local", "personalized", "global"})
+    if other:
+        summary["other_models"] = {m: select_model(fed.metrics.records, m, cfg.eval.select_on) for m in other}
     atomic_write_text(fed.run_dir / "summary.json", json.dumps(summary, indent=1))
     return summary

@@ -100,7 +100,9 @@ def test_hetlora_self_pruning_regularises_and_drops_the_tail():
     state = ClientState(meta={"tail_norm": {"rank": 8, "value": 1e9}})
     rt.seed(1, 0, "train")
     pruned = client.train(0, payload, state)
-    assert {A.shape[0] for A, _ in lora_pairs(pruned.tensors).values()} == {6}
+    assert {A.shape[0] for A, _ in lora_pairs(pruned.tensors).values()} == {8}  # the shapes it was sent
+    assert tail(pruned.tensors) == 0.0 and pruned.extra == {"rank": 6}  # the tail is dropped
+    assert any(float(B[:, :6].abs().sum()) > 0 for _, B in lora_pairs(pruned.tensors).values())
     assert "tail_norm" not in state.meta and pruned.metrics["pruned_to"] == 6
     # the server dispatches the smaller rank from then on
     server.aggregate_train(1, {0: pruned})

@@ -123,3 +123,15 @@ def test_docs_config_reference_is_current():
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert doc.read_text().strip() == reference_markdown().strip()
+
+
+def test_resolved_config_file_round_trips_every_key(tmp_path):
+    """config.yaml in a run directory must reload to the same config, method keys included."""
+    from fedmole.config import dump_config
+
+    cfg = load_config(None, ["algorithm.rank=4", "algorithm.alpha=8", "algorithm.personalize_by_finetune=true",
+                             "train.lr=3e-4", "tiers.mix=low-heavy"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert again.algorithm.rank == 4 and again.algorithm.personalize_by_finetune is True

@@ -43,3 +43,30 @@ def client_weights(num_examples: dict[int, int], mode: str) -> dict[int, float]:
     if mode == "uniform":
         return {c: 1.0 for c in num_examples}
     return {c: float(n) for c, n in num_examples.items()}
+
+
+def robust_mean(contributions: list[tuple[Tensors, float]], mode: str, trim_ratio: float = 0.1) -> Tensors:
+    """Per key, the unweighted coordinate-wise median or trimmed mean over the contributions holding it.
+
+    Robust to a minority of hostile clients; weights are ignored (a weight is itself an attack surface).
+    The median of an even count is the mean of the two middle values.
+    """
+    stacks: dict[str, list[torch.Tensor]] = defaultdict(list)
+    dtypes: dict[str, torch.dtype] = {}
+    for tensors, _ in contributions:
+        for k, t in tensors.items():
+            stacks[k].append(t.detach().to(torch.float64))
+            dtypes.setdefault(k, t.dtype)
+    out = {}
+    for k, ts in stacks.items():
+        x = torch.stack(ts).sort(dim=0).values  # (holders, *shape), sorted per coordinate
+        n = len(ts)
+        if mode == "median":
+            value = x[(n - 1) // 2 : n // 2 + 1].mean(0)
+        elif mode == "trimmed_mean":
+            cut = int(trim_ratio * n)
+            value = x[cut : n - cut].mean(0)
+        else:
+            raise ValueError(f"unknown robust aggregation {mode!r}")
+        out[k] = value.to(dtypes[k])
+    return out

@@ -92,6 +92,20 @@ class Strategy:
         """Merge replies into the global state; returns JSON-able facts about the round for the log."""
         raise NotImplementedError
 
+    def average(self, contributions: list[tuple[Tensors, float]]) -> Tensors:
+        """Combine client tensors: the weighted mean, or the robust rule of `replies.robust`."""
+        from fedmole.algorithms.aggregate import robust_mean, weighted_mean
+
+        rule = self.cfg.replies
+        if rule.robust == "mean":
+            return weighted_mean(contributions)
+        return robust_mean(contributions, rule.robust, rule.trim_ratio)
+
+    def reply_spec(self, cid: int, payload: Payload) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Tensors (name -> (shape, dtype)) this client may upload. Default: exactly those it was sent.
+        Methods whose clients upload other tensors (statistics, fresh adapters) extend it."""
+        return {k: (tuple(t.shape), t.dtype) for k, t in payload.tensors.items()}
+
     def round_records(self, rnd: int) -> list[dict]:
         """Per-client facts about the round just aggregated, as metric records
         (`{"client": id, "metric": name, "value": number}`), e.g. experts held per client."""
@@ -122,7 +136,8 @@ class Strategy:
 
     # ----------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> tuple[Tensors, dict]:
-        """Everything the next round depends on, as (tensors, JSON-able meta)."""
+        """Everything the next round depends on, as (tensors, JSON-able meta). Keep server randomness
+        derived from (seed, round) rather than stateful generators, or put the generator state here."""
         return dict(self.global_state), {}
 
     def load_state_dict(self, tensors: Tensors, meta: dict) -> None:

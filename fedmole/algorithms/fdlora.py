@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
-from fedmole.algorithms.aggregate import weighted_mean
 from fedmole.algorithms.base import GLOBAL, PERSONALIZED, ClientProcedure, ClientState, Payload, Reply
 from fedmole.algorithms.fedit import build_adapters
 from fedmole.algorithms.lora_common import LoRAServer, train_lora
@@ -81,7 +80,7 @@ class Server(LoRAServer):
 
     def aggregate_train(self, rnd, replies):
         weights = self.weights(replies)
-        mean = weighted_mean([(r.tensors, weights[c]) for c, r in replies.items()])
+        mean = self.average([(r.tensors, weights[c]) for c, r in replies.items()])
         if self.warmup(rnd):
             self.global_state = {k: v.to(self.global_state[k].dtype) for k, v in mean.items()}
         else:

@@ -12,7 +12,6 @@ model.
 from __future__ import annotations
 
 from fedmole.adapters import LoRALinear, inject
-from fedmole.algorithms.aggregate import weighted_mean
 from fedmole.algorithms.base import ClientProcedure, ClientState, Payload, Reply
 from fedmole.algorithms.lora_common import LoRAServer, train_lora
 
@@ -29,7 +28,7 @@ class Server(LoRAServer):
 
     def aggregate_train(self, rnd, replies):
         weights = self.weights(replies)
-        mean = weighted_mean([(r.tensors, weights[c]) for c, r in replies.items()])
+        mean = self.average([(r.tensors, weights[c]) for c, r in replies.items()])
         self.global_state = self.server_step(self.global_state, mean)
         return {}
 

@@ -12,7 +12,6 @@ A homogeneous reference (one rank for all clients). Options shared with FedIT: `
 from __future__ import annotations
 
 from fedmole.adapters.state import parse_key
-from fedmole.algorithms.aggregate import weighted_mean
 from fedmole.algorithms.base import GLOBAL, ClientProcedure, ClientState, Payload, Reply
 from fedmole.algorithms.fedit import build_adapters
 from fedmole.algorithms.lora_common import LoRAServer, train_lora
@@ -41,7 +40,7 @@ class Server(LoRAServer):
 
     def aggregate_train(self, rnd, replies):
         weights = self.weights(replies)
-        mean = weighted_mean([(r.tensors, weights[c]) for c, r in replies.items()])
+        mean = self.average([(r.tensors, weights[c]) for c, r in replies.items()])
         self.global_state = self.server_step(self.global_state, mean)
         return {}
 

@@ -29,11 +29,12 @@ def build_adapters(model, cfg):
     return inject(model, a.target_modules, lambda path, linear: MergedLoRALinear(linear, a.rank, a.alpha, a.dropout))
 
 
-def average_products(replies: dict[int, dict], weights: dict[int, float], alpha: float) -> dict:
-    """{module/merged/dW: Σ p_i (α/r_i) B_i A_i} over the replies (float64)."""
+def average_products(replies: dict[int, dict], weights: dict[int, float], alpha: float, average=weighted_mean) -> dict:
+    """{module/merged/dW: Σ p_i (α/r_i) B_i A_i} over the replies (float64); `average` is the strategy's
+    weighted mean, or its robust rule."""
     products = [({merged_key(m): scaled_product(A, B, alpha) for m, (A, B) in lora_pairs(state).items()}, weights[c])
                 for c, state in replies.items()]
-    return weighted_mean(products)
+    return average(products)
 
 
 class Server(RankTierServer):
@@ -65,7 +66,8 @@ class Server(RankTierServer):
         return {c: Payload(factors[self.ranks[c]], config) for c in clients}
 
     def aggregate_train(self, rnd, replies):
-        mean = average_products({c: r.tensors for c, r in replies.items()}, self.weights(replies), self.cfg.algorithm.alpha)
+        mean = average_products({c: r.tensors for c, r in replies.items()}, self.weights(replies), self.cfg.algorithm.alpha,
+                                self.average)
         self.global_state = self.server_step(self.global_state, mean)
         self.aggregated = True
         return {}

@@ -14,17 +14,19 @@ The base is never written: `MergedLoRALinear` carries dW next to the frozen W0 t
 shares between clients. Clients receive the accumulated dW with every payload instead of only the round's
 stack, so a client that missed rounds (partial participation, a new Flower node) still starts from the right
 base; FLoRA's own protocol needs every client in every round for that. No server optimiser: the local LoRA is
-re-initialised every round, so there is no persistent x_t to move.
+re-initialised every round, so there is no persistent x_t to move; and no robust combination
+(`replies.robust`), since the stack is an exact sum by construction.
 """
 
 from __future__ import annotations
 
 import torch
 
+from fedmole.adapters.state import key, parse_key
 from fedmole.algorithms.base import ClientProcedure, ClientState, Payload, Reply
 from fedmole.algorithms.flexlora import build_adapters
 from fedmole.algorithms.lora_common import RankTierServer, train_lora
-from fedmole.algorithms.lora_ops import lora_only, lora_pairs, merged_key, stack, zero_merged_state
+from fedmole.algorithms.lora_ops import LORA, lora_only, lora_pairs, merged_key, stack, zero_merged_state
 from fedmole.client.runtime import derive_seed
 
 __all__ = ["Server", "Client", "build_adapters", "stacked_update"]
@@ -50,6 +52,16 @@ class Server(RankTierServer):
     def configure_train(self, rnd, clients, evaluate):
         config = self.train_config(rnd, evaluate)
         return {c: Payload(self.global_state, {**config, "rank": self.ranks[c]}) for c in clients}
+
+    def reply_spec(self, cid, payload):
+        """A fresh LoRA at the client's rank for every adapted matrix (the client was sent the merged dW)."""
+        r = payload.config["rank"]
+        spec = {}
+        for k, dW in payload.tensors.items():
+            module = parse_key(k).module
+            spec[key(module, LORA, "A")] = ((r, dW.shape[1]), torch.float32)
+            spec[key(module, LORA, "B")] = ((dW.shape[0], r), torch.float32)
+        return spec
 
     def aggregate_train(self, rnd, replies):
         update, stack_rank = stacked_update({c: r.tensors for c, r in replies.items()}, self.weights(replies),

@@ -12,7 +12,8 @@ Client i trains at its tier rank r_i = rank * k_i / K (`rank_tiers`).
 - Optional rank self-pruning (`self_pruning`, off by default): the regulariser
   λ ‖A[k:]‖_F ‖B[:, k:]‖_F with k = ceil(γ r_i) pushes the tail components to zero; when the client's tail norm
   product (summed over its matrices) ends a round below its value at the end of the client's previous round,
-  the client drops the tail for good, r_i <- k, and the server dispatches the smaller rank from then on.
+  the client drops the tail for good, r_i <- k: its reply carries the tail as zeros (the shapes it was sent)
+  and `extra["rank"] = k`, and the server dispatches the smaller rank from then on.
 
 Scale bookkeeping: the LoRA scale is α/r, so truncating or padding changes it. Both directions go through
 `resize_rank`, which rescales B by r_new/r_old: the client's update (α/r_i) B_i A_i equals the first r_i
@@ -34,11 +35,12 @@ from fedmole.algorithms.lora_ops import from_pairs, lora_pairs, product_norm, re
 __all__ = ["Server", "Client", "build_adapters", "aggregate"]
 
 
-def aggregate(replies: dict[int, dict], r_max: int, alpha: float, weights: str) -> dict:
+def aggregate(replies: dict[int, dict], r_max: int, alpha: float, weights: str, average=weighted_mean) -> dict:
     """Zero-pad every client's (A_i, B_i) to r_max and average with Frobenius-norm weights.
 
     `replies`: client -> LoRA state at the client's rank. Returns the r_max LoRA state. When every norm of a
-    matrix is zero (nobody changed it) the clients are weighted equally."""
+    matrix is zero (nobody changed it) the clients are weighted equally. `average` combines the padded
+    tensors (the strategy's weighted mean, or its robust rule, which ignores the weights)."""
     pairs = {c: lora_pairs(state) for c, state in replies.items()}
     modules = next(iter(pairs.values())).keys()
     norms = {c: {m: product_norm(A, B, alpha) for m, (A, B) in p.items()} for c, p in pairs.items()}
@@ -51,7 +53,17 @@ def aggregate(replies: dict[int, dict], r_max: int, alpha: float, weights: str) 
             (from_pairs({m: resize_rank(*pairs[c][m], r_max)}), norms[c][m] / total if total > 0 else 1.0)
             for c in pairs
         ]
-        out.update(weighted_mean(contributions))
+        out.update(average(contributions))
+    return out
+
+
+def zero_tail(state: dict, keep: int) -> dict:
+    """The LoRA state with components keep: of every matrix set to zero (same shapes)."""
+    out = {}
+    for m, (A, B) in lora_pairs(state).items():
+        A, B = A.clone(), B.clone()
+        A[keep:], B[:, keep:] = 0.0, 0.0
+        out.update(from_pairs({m: (A, B)}))
     return out
 
 
@@ -73,9 +85,11 @@ class Server(RankTierServer):
 
     def aggregate_train(self, rnd, replies):
         a = self.cfg.algorithm
+        mean = aggregate({c: r.tensors for c, r in replies.items()}, a.rank, a.alpha, a.norm_weights, self.average)
         for c, r in replies.items():
-            self.ranks[c] = next(iter(lora_pairs(r.tensors).values()))[0].shape[0]
-        mean = aggregate({c: r.tensors for c, r in replies.items()}, a.rank, a.alpha, a.norm_weights)
+            pruned = r.extra.get("rank")
+            if a.self_pruning and isinstance(pruned, int) and 1 <= pruned < self.ranks[c]:
+                self.ranks[c] = pruned
         self.global_state = self.server_step(self.global_state, mean)
         return {"mean_rank": sum(self.ranks[c] for c in replies) / len(replies)}
 
@@ -109,9 +123,10 @@ class Client(ClientProcedure):
                 tail = float(tail_norm(modules, keep))
             previous = state.meta.get("tail_norm")
             if previous is not None and previous["rank"] == rank and tail < previous["value"]:
-                tensors = from_pairs({m: resize_rank(A, B, keep) for m, (A, B) in lora_pairs(tensors).items()})
+                # drop the tail: zeroed in this reply (same shapes), and rank `keep` from the next round on
+                tensors = zero_tail(tensors, keep)
                 state.meta.pop("tail_norm")
-                stats = {**stats, "pruned_to": keep}
-            else:
-                state.meta["tail_norm"] = {"rank": rank, "value": tail}
+                return Reply(tensors, rt.data(cid).num_train_examples, {**stats, "pruned_to": keep}, evals,
+                             extra={"rank": keep})
+            state.meta["tail_norm"] = {"rank": rank, "value": tail}
         return Reply(tensors, rt.data(cid).num_train_examples, stats, evals)

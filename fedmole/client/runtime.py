@@ -40,6 +40,7 @@ class ClientRuntime:
         self.device = device
         self.clients: dict[int, EncodedClient] = {}
         self.on_step: Callable[[int, float], None] | None = None  # progress display hook
+        self.crash_at: int | None = None  # injected fault: raise after this local step
 
     def add_clients(self, clients: list[ClientData]) -> None:
         for c in clients:
@@ -58,23 +59,32 @@ class ClientRuntime:
         self,
         cid: int,
         state: ClientState,
-        params: list[nn.Parameter],
+        params: list[nn.Parameter] | list[dict],
         lr: float,
         steps: int,
         extra_loss: Callable[[], torch.Tensor | None] | None = None,
         before_step: Callable[[], None] | None = None,
     ) -> dict[str, float]:
-        """`steps` local steps on the client's stream, which resumes from `state.meta['cursor']`."""
+        """`steps` local steps on the client's stream, which resumes from `state.meta['cursor']`.
+        `params` is a list of parameters or of param groups with an optional `lr_scale` each."""
         data = self.data(cid)
         stream = BatchStream(
             len(data.train), self.cfg.train.batch_size, self.cfg.federation.seed, cid, state.meta.get("cursor")
         )
         stats = local_train(
             self.model, params, data.train, stream, steps, lr, self.cfg.train, self.tokenizer.pad_token_id,
-            self.device, extra_loss=extra_loss, before_step=before_step, on_step=self.on_step,
+            self.device, extra_loss=extra_loss, before_step=before_step, on_step=self._step_hook,
         )
         state.meta["cursor"] = stream.cursor
         return stats
+
+    def _step_hook(self, step: int, loss: float) -> None:
+        if self.crash_at is not None and step >= self.crash_at:
+            from fedmole.faults import ClientCrashed
+
+            raise ClientCrashed(f"client crashed at local step {step} (injected)")
+        if self.on_step is not None:
+            self.on_step(step, loss)
 
     # -------------------------------------------------------------------------------------- evaluation
     def evaluate(self, cid: int, model_label: str, splits: tuple[str, ...] = ("val", "test")) -> list[dict]:

@@ -18,7 +18,18 @@ from fedmole.config import TrainConfig
 from fedmole.data.tokenize import collate
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+Params = list[nn.Parameter] | list[dict]
+
+
+def flat_params(params: Params) -> list[nn.Parameter]:
+    """The parameters of a list of parameters or of param groups (`{"params": [...], "lr_scale": x}`)."""
+    return [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
+
+
+def make_optimizer(params: Params, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """`params` may be param groups; a group's optional `lr_scale` multiplies the round's lr for it."""
+    if params and isinstance(params[0], dict):
+        params = [{"params": g["params"], "lr": lr * g.get("lr_scale", 1.0)} for g in params]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -40,7 +51,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 def local_train(
     model: nn.Module,
-    params: list[nn.Parameter],
+    params: Params,
     encoded: list[dict],
     stream: BatchStream,
     steps: int,
@@ -53,9 +64,10 @@ def local_train(
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, float]:
     """Run `steps` optimiser steps on batches drawn from `stream`; returns mean loss and token counts."""
+    opt = make_optimizer(params, cfg, lr)
+    params = flat_params(params)
     for p in params:
         p.requires_grad_(True)
-    opt = make_optimizer(params, cfg, lr)
     model.train()
     total_loss, total_tokens = 0.0, 0
     for step in range(steps):

@@ -101,12 +101,21 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     return _seeded_init(lambda: LlamaForCausalLM(config), seed)
 
 
-def tiny_olmoe(vocab_size: int, seed: int = 0, num_experts: int = 8, top_k: int = 4) -> OlmoeForCausalLM:
+def tiny_olmoe(
+    vocab_size: int,
+    seed: int = 0,
+    num_experts: int = 8,
+    top_k: int = 4,
+    hidden_size: int = 64,
+    intermediate_size: int = 32,
+    num_layers: int = 2,
+) -> OlmoeForCausalLM:
+    """A random OLMoE; the defaults are the `tiny-olmoe` built-in, the keywords scale it (benchmarks)."""
     config = OlmoeConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=32,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         num_experts=num_experts,

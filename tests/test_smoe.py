@@ -1,0 +1,341 @@
+"""FLAME's routed layers: the adapted SMoE block, the dense LoRA-expert pool, counting and the rescaler."""
+
+import copy
+
+import pytest
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig
+from transformers import Qwen3MoeForCausalLM
+
+from fedmole.adapters.smoe import (
+    PROJECTIONS,
+    LoRAExpertPool,
+    MoEContext,
+    SparseMoELoRA,
+    attach_context,
+    find_moe_blocks,
+    share_rescaler,
+)
+from fedmole.models.tiny import tiny_llama, tiny_olmoe
+
+VOCAB = 200
+
+
+def _random_lora(layer, seed=0, scale=0.3):
+    """Load a state with non-zero B so the LoRA path really contributes."""
+    gen = torch.Generator().manual_seed(seed)
+    state = layer.init_tensors(gen)
+    state = {k: (torch.randn(v.shape, generator=gen) * scale if k[1].endswith("B") else v) for k, v in state.items()}
+    layer.set_tensors(state)
+    return state
+
+
+def _reference_block(layer: SparseMoELoRA, x: torch.Tensor, k: int, s: float) -> torch.Tensor:
+    """FLAME section 3.4 written token by token and expert by expert (slow, obviously right)."""
+    W_g = layer.router.weight
+    W_gu, W_down = layer.experts.gate_up_proj, layer.experts.down_proj
+    inter = W_down.shape[2]
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        p = torch.softmax(W_g @ x[t], dim=-1)
+        g, idx = torch.topk(p, k)
+        if layer.renormalize:
+            g = g / g.sum()
+        for g_j, j in zip(g, idx.tolist()):
+            def proj(name, W, v):
+                if name not in layer.projections:
+                    return W @ v
+                return W @ v + layer.scaling * layer.B[name][j] @ (layer.A[name][j] @ v)
+            gate = proj("gate", W_gu[j, :inter], x[t])
+            up = proj("up", W_gu[j, inter:], x[t])
+            y = proj("down", W_down[j], torch.nn.functional.silu(gate) * up)
+            out[t] += g_j * y
+    return s * out
+
+
+def _olmoe_block(num_experts=8, top_k=4):
+    model = tiny_olmoe(VOCAB, num_experts=num_experts, top_k=top_k)
+    return model, model.model.layers[0].mlp
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
+def test_full_k_unit_rescaler_zero_B_equals_transformers_block(impl):
+    model, block = _olmoe_block()
+    model.config._experts_implementation = impl
+    x = torch.randn(3, 5, 64)
+    expected = block(x)
+    layer = SparseMoELoRA(block, 4, 8.0, 0.0, MoEContext())
+    layer.set_tensors(layer.init_tensors(torch.Generator().manual_seed(0)))
+    assert layer.k == layer.K == 4
+    assert torch.allclose(layer(x), expected, atol=1e-6, rtol=1e-5)
+    assert expected.abs().max() > 1e-4  # not trivially zero
+
+
+def test_adapted_model_with_padding_equals_transformers_model():
+    model = tiny_olmoe(VOCAB)
+    reference = copy.deepcopy(model)
+    ctx = attach_context(model)
+    for path, block in find_moe_blocks(model).items():
+        layer = SparseMoELoRA(block, 4, 8.0, 0.0, ctx)
+        layer.set_tensors(layer.init_tensors(torch.Generator().manual_seed(1)))
+        model.set_submodule(path, layer)
+    ids = torch.randint(3, VOCAB, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    ours = model(input_ids=ids, attention_mask=mask).logits
+    theirs = reference(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [4, 2, 1])
+def test_batched_block_matches_token_by_token_reference(k):
+    _, block = _olmoe_block()
+    layer = SparseMoELoRA(block, 4, 8.0, 0.0, MoEContext())
+    _random_lora(layer)
+    layer.set_active_experts(k)
+    with torch.no_grad():
+        layer.log_s.fill_(0.4)
+    x = torch.randn(1, 11, 64)
+    expected = _reference_block(layer, x[0], k, s=float(torch.exp(torch.tensor(0.4))))
+    assert torch.allclose(layer(x)[0], expected, atol=1e-5)
+
+
+def test_subset_of_projections_leaves_others_unadapted():
+    _, block = _olmoe_block()
+    layer = SparseMoELoRA(block, 2, 4.0, 0.0, MoEContext(), projections=("down",))
+    _random_lora(layer)
+    assert sorted({name for _, name in layer.get_tensors()}) == ["down_A", "down_B", "log_s"]
+    x = torch.randn(1, 6, 64)
+    assert torch.allclose(layer(x)[0], _reference_block(layer, x[0], 4, 1.0), atol=1e-5)
+
+
+def test_routed_expert_counts_sum_to_k_per_real_token():
+    model = tiny_olmoe(VOCAB)
+    ctx = attach_context(model)
+    layers = []
+    for path, block in find_moe_blocks(model).items():
+        layer = SparseMoELoRA(block, 4, 8.0, 0.0, ctx)
+        layer.set_tensors(layer.init_tensors(torch.Generator().manual_seed(0)))
+        model.set_submodule(path, layer)
+        layers.append(layer)
+    ids = torch.randint(3, VOCAB, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :7] = 0
+    real = int(mask.sum())
+    for k in (4, 2, 1):
+        ctx.reset()
+        for layer in layers:
+            layer.reset_counts()
+            layer.set_active_experts(k)
+        model.train()
+        model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+        assert ctx.tokens == real
+        for layer in layers:
+            assert layer.counts.sum().item() == k * real
+            assert layer.counts.max().item() <= real  # an expert counts a token at most once
+    model.eval()
+    with torch.no_grad():  # evaluation passes are not counted
+        before = [layer.counts.clone() for layer in layers]
+        model(input_ids=ids, attention_mask=mask)
+    assert all(torch.equal(b, layer.counts) for b, layer in zip(before, layers)) and ctx.tokens == real
+
+
+def test_each_token_uses_exactly_k_experts():
+    """Zeroing one expert's weights changes exactly the tokens routed to it: top-k really selects k experts."""
+    _, block = _olmoe_block(num_experts=8, top_k=4)
+    layer = SparseMoELoRA(block, 4, 8.0, 0.0, MoEContext())
+    layer.set_tensors(layer.init_tensors(torch.Generator().manual_seed(0)))
+    x = torch.randn(1, 40, 64)
+    for k in (1, 2, 4):
+        layer.set_active_experts(k)
+        base = layer(x)[0]
+        used = torch.zeros(40, dtype=torch.long)
+        for j in range(8):
+            saved = layer.experts.down_proj.data[j].clone()
+            layer.experts.down_proj.data[j] = 0
+            used += ((layer(x)[0] - base).abs().amax(-1) > 0).long()
+            layer.experts.down_proj.data[j] = saved
+        assert used.tolist() == [k] * 40
+
+
+def test_rescaler_multiplies_the_whole_moe_output():
+    _, block = _olmoe_block()
+    layer = SparseMoELoRA(block, 4, 8.0, 0.0, MoEContext())
+    _random_lora(layer)
+    layer.set_active_experts(2)
+    x = torch.randn(2, 5, 64)
+    one = layer(x)
+    with torch.no_grad():
+        layer.log_s.fill_(torch.log(torch.tensor(2.5)))
+    assert torch.allclose(layer(x), 2.5 * one, atol=1e-6)
+
+
+def test_mass_ratio_probe_matches_router_probabilities():
+    _, block = _olmoe_block()
+    ctx = MoEContext()
+    layer = SparseMoELoRA(block, 4, 8.0, 0.0, ctx)
+    layer.set_active_experts(1)
+    x = torch.randn(1, 12, 64)
+    ctx.measure_mass = True
+    with torch.no_grad():
+        layer(x)
+    p = torch.softmax(x[0] @ block.gate.weight.t(), -1)
+    top = torch.topk(p, 4).values
+    expected = (top.sum(-1) / top[:, 0]).mean().item()
+    assert layer.mass_ratio == pytest.approx(expected, rel=1e-5)
+    assert layer.mass_ratio > 1.0
+
+
+def test_unactivated_experts_get_zero_gradient_and_router_stays_frozen():
+    _, block = _olmoe_block(num_experts=8, top_k=4)
+    ctx = MoEContext()
+    layer = SparseMoELoRA(block, 4, 8.0, 0.0, ctx)
+    _random_lora(layer)
+    layer.set_active_experts(1)
+    for p in layer.trainable():
+        p.requires_grad_(True)
+    layer.train()
+    layer(torch.randn(1, 3, 64)).pow(2).sum().backward()
+    used = layer.counts > 0
+    assert 1 <= int(used.sum()) <= 3
+    for proj in PROJECTIONS:
+        grad = layer.A[proj].grad.abs().sum((1, 2)) + layer.B[proj].grad.abs().sum((1, 2))
+        assert torch.all(grad[~used] == 0) and torch.all(grad[used] > 0)
+    assert block.gate.weight.grad is None and not block.gate.weight.requires_grad
+    assert ctx.aux_losses == []  # frozen router: no load-balancing loss
+
+
+def test_trained_router_gets_gradient_and_balance_loss():
+    _, block = _olmoe_block()
+    ctx = MoEContext()
+    layer = SparseMoELoRA(block, 4, 8.0, 0.0, ctx, train_router=True)
+    state = _random_lora(layer)
+    assert torch.equal(state[("router", "W")], block.gate.weight)  # starts at the pretrained router
+    for p in layer.trainable():
+        p.requires_grad_(True)
+    layer.train()
+    layer.set_active_experts(2)
+    out = layer(torch.randn(2, 6, 64))
+    assert len(ctx.aux_losses) == 1
+    (out.pow(2).sum() + ctx.aux_losses[0]).backward()
+    assert layer.W_r.grad is not None and layer.W_r.grad.abs().sum() > 0
+
+
+def test_balance_loss_is_one_for_uniform_router_and_larger_when_collapsed():
+    ctx = MoEContext()
+    _, block = _olmoe_block(num_experts=4, top_k=2)
+    layer = SparseMoELoRA(block, 2, 4.0, 0.0, ctx)
+    n, M = 8, 4
+    uniform = torch.full((n, M), 1 / M)
+    idx = torch.arange(n * 2).view(n, 2) % M  # every expert chosen equally often
+    mask = torch.ones(n)
+    assert layer.balance_loss(uniform, idx, mask).item() == pytest.approx(2.0)  # = k when perfectly balanced
+    collapsed = torch.tensor([[0.9, 0.1 / 3, 0.1 / 3, 0.1 / 3]]).repeat(n, 1)
+    same = torch.tensor([[0, 1]]).repeat(n, 1)
+    assert layer.balance_loss(collapsed, same, mask).item() > 2.0
+
+
+def _qwen2(vocab):
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=6, num_experts_per_tok=2, norm_topk_prob=False))
+
+
+def _qwen3(vocab):
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=6, num_experts_per_tok=2,
+        norm_topk_prob=True))
+
+
+def _mixtral(vocab):
+    return MixtralForCausalLM(MixtralConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2))
+
+
+@pytest.mark.parametrize("build", [_qwen2, _qwen3, _mixtral], ids=["qwen2_moe", "qwen3_moe", "mixtral"])
+def test_other_moe_families_match_transformers(build):
+    torch.manual_seed(0)
+    model = build(VOCAB)
+    for module in model.modules():  # random experts (the library initialises the fused tensors lazily)
+        for name in ("gate_up_proj", "down_proj"):
+            if isinstance(getattr(module, name, None), torch.nn.Parameter):
+                torch.nn.init.normal_(getattr(module, name), std=0.2)
+        if type(module).__name__.endswith("TopKRouter"):
+            torch.nn.init.normal_(module.weight, std=0.5)
+    model.eval()
+    blocks = find_moe_blocks(model)
+    assert len(blocks) == 1
+    (path, block), = blocks.items()
+    x = torch.randn(2, 5, 32)
+    expected = block(x)
+    layer = SparseMoELoRA(block, 2, 4.0, 0.0, MoEContext())
+    layer.set_tensors(layer.init_tensors(torch.Generator().manual_seed(0)))
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    assert layer.renormalize == (build is not _qwen2)  # Mixtral always, Qwen3 by config, Qwen2 off here
+
+
+# --------------------------------------------------------------------------------------------- dense pool
+def _pool(k=None, seed=0, random_B=True):
+    torch.manual_seed(seed)
+    base = torch.nn.Linear(12, 10)
+    ctx = MoEContext()
+    pool = LoRAExpertPool(base, num_experts=6, top_k=3, rank=2, alpha=4.0, dropout=0.0, ctx=ctx)
+    if random_B:
+        _random_lora(pool, seed)
+    else:
+        pool.set_tensors(pool.init_tensors(torch.Generator().manual_seed(seed)))
+    if k:
+        pool.set_active_experts(k)
+    return pool, ctx
+
+
+def test_fresh_pool_equals_base_linear():
+    pool, _ = _pool(random_B=False)
+    x = torch.randn(4, 7, 12)
+    assert torch.equal(pool(x), pool.base(x))
+
+
+@pytest.mark.parametrize("k", [3, 1])
+def test_pool_matches_token_by_token_reference(k):
+    pool, _ = _pool(k)
+    with torch.no_grad():
+        pool.log_s.fill_(0.3)
+    x = torch.randn(9, 12)
+    expected = pool.base(x).clone()
+    for t in range(9):
+        p = torch.softmax(pool.W_r @ x[t], -1)
+        g, idx = torch.topk(p, k)
+        delta = sum(g_j * pool.scaling * pool.B[j] @ (pool.A[j] @ x[t]) for g_j, j in zip(g, idx.tolist()))
+        expected[t] += torch.exp(torch.tensor(0.3)) * delta
+    assert torch.allclose(pool(x), expected, atol=1e-5)
+
+
+def test_pool_counts_and_gradients_follow_routing():
+    pool, ctx = _pool(k=1)
+    for p in pool.trainable():
+        p.requires_grad_(True)
+    pool.train()
+    pool(torch.randn(2, 12)).pow(2).sum().backward()
+    used = pool.counts > 0
+    assert pool.counts.sum().item() == 2
+    grad = pool.A.grad.abs().sum((1, 2)) + pool.B.grad.abs().sum((1, 2))
+    assert torch.all(grad[~used] == 0) and torch.all(grad[used] > 0)
+    assert pool.W_r.grad.abs().sum() > 0 and len(ctx.aux_losses) == 1
+
+
+def test_client_granularity_shares_one_rescaler():
+    model = tiny_llama(VOCAB)
+    ctx = attach_context(model)
+    pools = []
+    for i in range(2):
+        path = f"model.layers.{i}.mlp.down_proj"
+        pool = LoRAExpertPool(model.get_submodule(path), 4, 2, 2, 4.0, 0.0, ctx)
+        model.set_submodule(path, pool)
+        pools.append(pool)
+    shared = share_rescaler(pools)
+    assert pools[0].log_s is pools[1].log_s is shared
+    assert len([p for p in model.parameters() if p is shared]) == 1
