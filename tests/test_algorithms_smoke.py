@@ -71,3 +71,26 @@ def test_unknown_algorithm_exits_2_listing_the_known_ones(tmp_path):
         assert name in err
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "x").exists()  # refused before anything was created
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("hetlora", ["algorithm.server_opt.name=fedyogi", "algorithm.self_pruning=true", "algorithm.prune_lambda=1.0"]),
+    ("flexlora", ["algorithm.server_opt.name=fedadam"]),
+    ("flora", []),
+    ("fdlora", ["algorithm.sync_freq=1"]),
+])
+def test_resuming_a_baseline_reproduces_the_uninterrupted_run(tmp_path, name, extra):
+    """Server state (optimiser moments, ranks, merged updates) and client state (private adapters, pruning
+    memory, data cursors) survive a checkpoint: resuming round 3 from round 2's checkpoint changes nothing."""
+    import shutil
+
+    from fedmole.run import resume_experiment
+
+    over = [f"algorithm.name={name}", *extra, "federation.num_clients=4", "federation.rounds=3",
+            "tiers.per_client=[8,4,2,1]", "checkpoint.keep_last=null", *FAST_EVAL]
+    ref, run_dir = _run(tmp_path, over)
+    shutil.rmtree(run_dir / "checkpoints" / "round_0003")
+    (run_dir / "summary.json").unlink()
+    resumed = resume_experiment(run_dir, progress_mode="none")
+    assert resumed["state_digest"] == ref["state_digest"]
+    assert resumed[ref["headline"]] == ref[ref["headline"]]
