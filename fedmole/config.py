@@ -11,6 +11,7 @@ Algorithm sections are validated against the schema registered for `algorithm.na
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -122,14 +123,77 @@ class LoRAKeys(Section):
     )
 
 
-class FedITConfig(AlgorithmConfig, LoRAKeys):
-    """FedIT: FedAvg of LoRA A and B (FedIT-FT with `personalize_by_finetune`)."""
+ADAPTIVE_SERVER_OPTIMIZERS = ("fedadagrad", "fedadam", "fedyogi")
+
+
+class ServerOptConfig(Section):
+    """Server optimiser applied to the aggregated delta Δ_t = Σ p_i x_i − x_t of every global tensor
+    (baselines.md §3). fedavg with lr 1 is plain FedAvg."""
+
+    name: Literal["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] = Field(
+        "fedavg", description="fedavg, fedavgm (server momentum), fedadagrad, fedadam, fedyogi (FedOpt)"
+    )
+    lr: float | None = Field(
+        None, gt=0, description="server learning rate η; null: 1 for fedavg, 1 − momentum for fedavgm, "
+        "1e-3 for fedadagrad/fedadam/fedyogi"
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm: momentum β on the pseudo-gradient −Δ_t")
+    nesterov: bool = Field(False, description="fedavgm: Nesterov momentum (x −= η (g + β v))")
+    beta1: float = Field(0.9, ge=0, lt=1, description="FedOpt: first-moment decay β1")
+    beta2: float = Field(0.99, ge=0, lt=1, description="fedadam/fedyogi: second-moment decay β2")
+    tau: float = Field(1e-4, gt=0, description="FedOpt: adaptivity τ (v starts at τ²); compare with |Δ| per round")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_lr(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("lr") is None:
+            name = data.get("name", cls.model_fields["name"].default)
+            momentum = data.get("momentum", cls.model_fields["momentum"].default)
+            if name == cls.model_fields["name"].default and cls.model_fields["lr"].default is not None:
+                data = {**data, "lr": cls.model_fields["lr"].default}  # a method's own outer-optimiser default
+            elif name == "fedavg":
+                data = {**data, "lr": 1.0}
+            elif name == "fedavgm" and isinstance(momentum, (int, float)) and 0 <= momentum < 1:
+                data = {**data, "lr": 1.0 - momentum}
+            elif name in ADAPTIVE_SERVER_OPTIMIZERS:
+                data = {**data, "lr": 1e-3}
+        return data
+
+    @model_validator(mode="after")
+    def _no_unused_keys(self):
+        owners = {"momentum": ("fedavgm",), "nesterov": ("fedavgm",), "beta1": ADAPTIVE_SERVER_OPTIMIZERS,
+                  "beta2": ("fedadam", "fedyogi"), "tau": ADAPTIVE_SERVER_OPTIMIZERS}
+        for key, users in owners.items():
+            if self.name not in users and getattr(self, key) != type(self).model_fields[key].default:
+                raise ValueError(
+                    f"server_opt.{key}={getattr(self, key)} has no effect with server_opt.name={self.name}; "
+                    f"it is used by {', '.join(users)}: remove it or choose one of those optimisers"
+                )
+        return self
+
+
+class ServerOptKeys(Section):
+    server_opt: ServerOptConfig = Field(default_factory=ServerOptConfig, description="server optimiser")
+
+
+class WeightingKeys(Section):
+    weighting: Literal["data_size", "uniform"] = Field("data_size", description="client weights p_i in FedAvg")
+
+
+class FinetuneEvalKeys(Section):
+    personalize_by_finetune: bool = Field(
+        False, description="also evaluate each client's model right after its local training (label: personalized)"
+    )
+
+
+class ProxKeys(Section):
+    prox_mu: float = Field(0.0, ge=0, description="FedProx μ: adds μ (x − x_t) to every trainable gradient; 0 = off")
+
+
+class FedITConfig(AlgorithmConfig, LoRAKeys, WeightingKeys, FinetuneEvalKeys, ProxKeys, ServerOptKeys):
+    """FedIT: FedAvg of LoRA A and B (FedIT-FT with `personalize_by_finetune`), server optimisers, FedProx."""
 
     name: Literal["fedit"] = "fedit"
-    weighting: Literal["data_size", "uniform"] = Field("data_size", description="client weights in FedAvg")
-    personalize_by_finetune: bool = Field(
-        False, description="FedIT-FT: also evaluate each client's model right after its local training"
-    )
 
 
 class LocalConfig(AlgorithmConfig, LoRAKeys):
@@ -148,6 +212,99 @@ def register_algorithm(cls: type[AlgorithmConfig]) -> type[AlgorithmConfig]:
 
 
 for _cls in (FedITConfig, LocalConfig):
+    register_algorithm(_cls)
+
+
+# ------------------------------------------------------------------------ baselines (baselines.md §2)
+class RankTierLoRAConfig(AlgorithmConfig, LoRAKeys):
+    """LoRA methods whose client ranks follow the compute tiers: r_i = rank * k_i / K, K the highest tier
+    level (`tiers` section, shared with FLAME). `rank` is the highest rank r_max."""
+
+    def cross_check(self, cfg: "Config") -> None:
+        if cfg.tiers.levels is not None:  # otherwise K depends on the model; checked once it is loaded
+            from fedmole.algorithms.rank_tiers import tier_rank_map
+
+            K = cfg.tiers.levels[0]
+            tier_rank_map(self.rank, K, sorted({*cfg.tiers.levels, *(k for k in cfg.tiers.per_client or [] if k <= K)}))
+
+
+class FFALoRAConfig(AlgorithmConfig, LoRAKeys, WeightingKeys, FinetuneEvalKeys, ProxKeys, ServerOptKeys):
+    """FFA-LoRA: A frozen at the seeded shared initialisation; only B is trained and averaged."""
+
+    name: Literal["ffa_lora"] = "ffa_lora"
+
+
+class HetLoRAConfig(RankTierLoRAConfig, FinetuneEvalKeys, ProxKeys, ServerOptKeys):
+    """HetLoRA: tier ranks, truncation on dispatch, zero-padding + norm-weighted aggregation, optional self-pruning."""
+
+    name: Literal["hetlora"] = "hetlora"
+    norm_weights: Literal["per_matrix", "per_client"] = Field(
+        "per_matrix", description="aggregation weight ‖update‖_F per adapted matrix, or summed over a client's matrices"
+    )
+    self_pruning: bool = Field(False, description="rank self-pruning: tail regulariser + drop the tail when it shrinks")
+    prune_gamma: float = Field(0.75, gt=0, lt=1, description="self-pruning keeps the first ceil(γ r_i) components")
+    prune_lambda: float = Field(1e-3, ge=0, description="self-pruning regulariser weight λ")
+
+    def cross_check(self, cfg: "Config") -> None:
+        super().cross_check(cfg)
+        if self.self_pruning and math.ceil(self.prune_gamma * self.rank) >= self.rank:
+            raise ValueError(
+                f"algorithm.self_pruning is on but algorithm.prune_gamma={self.prune_gamma} keeps "
+                f"ceil({self.prune_gamma}*{self.rank}) = {self.rank} of algorithm.rank={self.rank} components, so "
+                f"nothing can be pruned; choose prune_gamma <= {(self.rank - 1) / self.rank:.3f}"
+            )
+
+
+class FlexLoRAConfig(RankTierLoRAConfig, WeightingKeys, FinetuneEvalKeys, ProxKeys, ServerOptKeys):
+    """FlexLoRA: tier ranks, average of the scaled products B_i A_i, redistribution by truncated SVD."""
+
+    name: Literal["flexlora"] = "flexlora"
+
+
+class FLoRAConfig(RankTierLoRAConfig, WeightingKeys, FinetuneEvalKeys, ProxKeys):
+    """FLoRA: tier ranks, stacking aggregation merged into the base, fresh LoRA every round."""
+
+    name: Literal["flora"] = "flora"
+
+    def cross_check(self, cfg: "Config") -> None:
+        super().cross_check(cfg)
+        if cfg.replies.robust != "mean":
+            raise ValueError(
+                f"replies.robust={cfg.replies.robust} with algorithm.name=flora: FLoRA's stacking is the exact "
+                f"weighted sum of the clients' updates and has no robust variant; set replies.robust=mean"
+            )
+
+
+class FDLoRAOuterOptConfig(ServerOptConfig):
+    """FDLoRA's outer optimiser: SGD with lr 1, momentum 0.5, Nesterov, on the pseudo-gradient."""
+
+    name: Literal["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] = Field(
+        "fedavgm", description="outer optimiser; fedavgm with nesterov is the reference's Nesterov SGD"
+    )
+    lr: float | None = Field(1.0, gt=0, description="outer learning rate η (null: 1 for fedavgm, the generic default otherwise)")
+    momentum: float = Field(0.5, ge=0, lt=1, description="fedavgm: momentum β on the pseudo-gradient")
+    nesterov: bool = Field(True, description="fedavgm: Nesterov momentum")
+
+
+class FDLoRAConfig(AlgorithmConfig, LoRAKeys, WeightingKeys, ProxKeys, ServerOptKeys):
+    """FDLoRA: shared + private LoRA, outer Nesterov SGD, fusion weights searched on the aux split."""
+
+    name: Literal["fdlora"] = "fdlora"
+    needs_aux: ClassVar[bool] = True
+
+    weighting: Literal["data_size", "uniform"] = Field(
+        "uniform", description="client weights in the pseudo-gradient mean (the reference: unweighted)"
+    )
+    server_opt: FDLoRAOuterOptConfig = Field(default_factory=FDLoRAOuterOptConfig, description="outer optimiser")
+    warmup_round: bool = Field(True, description="round 1 is purely local training followed by plain averaging")
+    sync_freq: int = Field(5, ge=1, description="snapshot the trained shared adapter as the private one every N rounds")
+    fusion_budget: int = Field(5, ge=1, description="objective evaluations of the fusion-weight search")
+    fusion_batches: int = Field(5, ge=1, description="aux batches in the fusion objective")
+    fusion_l1: float = Field(0.05, ge=0, description="fusion objective: + fusion_l1 * mean|w|")
+    fusion_bound: float = Field(1.5, gt=0, description="fusion weights are searched in [-bound, bound]")
+
+
+for _cls in (FFALoRAConfig, HetLoRAConfig, FlexLoRAConfig, FLoRAConfig, FDLoRAConfig):
     register_algorithm(_cls)
 
 

@@ -295,14 +295,3 @@ def test_three_round_run_clients_with_different_data_end_with_different_experts(
     models = {(r["round"], r["model"]) for r in recs if r["split"] == "test" and r["metric"] == "score"}
     assert models == {(0, "global")} | {(rnd, m) for rnd in (1, 2, 3) for m in ("global", "personalized")}
 
-
-def test_smoke_config_runs_fedamole_with_the_papers_defaults(tmp_path):
-    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["algorithm.name=fedamole", "federation.rounds=1",
-                                                        "eval.max_examples=2"])
-    assert (cfg.algorithm.num_experts, cfg.algorithm.expert_choices, cfg.algorithm.max_experts) == (30, 2, 8)
-    summary = run_experiment(cfg, tmp_path, "none")
-    assert summary["personalized"] is not None and len(summary["architecture"]) == 10
-    for m in next(iter(summary["architecture"].values())):
-        held = [e for arch in summary["architecture"].values() for e in arch[m]]
-        assert sorted(held) == sorted(list(range(30)) * 2)  # N=30 experts, each with k_c=2 clients
-        assert all(2 <= len(arch[m]) <= 8 for arch in summary["architecture"].values())

@@ -9,6 +9,11 @@ from types import ModuleType
 MODULES = {
     "fedit": "fedmole.algorithms.fedit",
     "local": "fedmole.algorithms.local",
+    "ffa_lora": "fedmole.algorithms.ffa_lora",
+    "hetlora": "fedmole.algorithms.hetlora",
+    "flexlora": "fedmole.algorithms.flexlora",
+    "flora": "fedmole.algorithms.flora",
+    "fdlora": "fedmole.algorithms.fdlora",
     "fedamole": "fedmole.algorithms.fedamole",
     "flame": "fedmole.algorithms.flame",
 }

@@ -126,6 +126,14 @@ class Strategy:
             return {}
         return {c: Payload(self.global_state, {"round": rnd}) for c in clients}
 
+    def export_state(self, cid: int | None = None, client_state: ClientState | None = None) -> Tensors:
+        """The adapter tensors of the global model (`cid` None) or of client `cid`'s model, complete as the
+        client's adapters would hold them (what an exporter writes). Default: the client's own tensors when
+        it keeps any, else the global state."""
+        if cid is not None and client_state is not None and client_state.tensors:
+            return dict(client_state.tensors)
+        return dict(self.global_state)
+
     # ----------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> tuple[Tensors, dict]:
         """Everything the next round depends on, as (tensors, JSON-able meta). Keep server randomness

@@ -1,0 +1,88 @@
+"""Mechanics shared by the federated LoRA methods (FedIT and the baselines), below the method files.
+
+Server (`LoRAServer`): evaluation labels (global, plus personalised when `personalize_by_finetune`), FedAvg
+client weights, and the server optimiser step x_{t+1} = opt(x_t, Σ p_i x_i) whose moments travel with the
+checkpointed server state; `RankTierServer` adds the clients' tier ranks. Client (`train_lora`): local training with the FedProx hook when `prox_mu` > 0 and
+the personalised evaluation right after local training when the round asks for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fedmole.algorithms.aggregate import client_weights
+from fedmole.algorithms.base import GLOBAL, PERSONALIZED, ClientProcedure, ClientState, Reply, Strategy
+from fedmole.algorithms.fedprox import proximal_hook
+from fedmole.algorithms.rank_tiers import client_ranks
+from fedmole.algorithms.server_opt import ServerOptimizer
+from fedmole.config import FinetuneEvalKeys, ServerOptKeys
+
+Tensors = dict[str, torch.Tensor]
+
+OPT_PREFIX = "server_opt::"  # server-optimiser moments inside the checkpointed server tensors
+
+
+class LoRAServer(Strategy):
+    def __init__(self, cfg, adapters):
+        super().__init__(cfg, adapters)
+        alg = cfg.algorithm
+        if isinstance(alg, FinetuneEvalKeys):
+            self.personalized = alg.personalize_by_finetune
+            self.headline = PERSONALIZED if self.personalized else GLOBAL
+        self.server_opt = ServerOptimizer(alg.server_opt) if isinstance(alg, ServerOptKeys) else None
+
+    def weights(self, replies: dict[int, Reply]) -> dict[int, float]:
+        """p_i ∝ |D_i| (`weighting: data_size`) or uniform; weighted_mean normalises them."""
+        return client_weights({c: r.num_examples for c, r in replies.items()}, self.cfg.algorithm.weighting)
+
+    def server_step(self, x: Tensors, mean: Tensors) -> Tensors:
+        """x_{t+1} from x_t and the round's aggregate Σ p_i x_i (`server_opt`; fedavg: the aggregate itself)."""
+        return self.server_opt.step(x, mean)
+
+    def state_dict(self) -> tuple[Tensors, dict]:
+        tensors = dict(self.global_state)
+        if self.server_opt is not None:
+            tensors.update({OPT_PREFIX + k: v for k, v in self.server_opt.state_dict().items()})
+        return tensors, {}
+
+    def load_state_dict(self, tensors: Tensors, meta: dict) -> None:
+        self.global_state = {k: v for k, v in tensors.items() if not k.startswith(OPT_PREFIX)}
+        if self.server_opt is not None:
+            self.server_opt.load_state_dict(
+                {k[len(OPT_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPT_PREFIX)}
+            )
+
+
+class RankTierServer(LoRAServer):
+    """A LoRA server whose clients train at their tier ranks r_i = rank * k_i / K (`rank_tiers`); every round
+    records each client's rank (`metric: rank`), and the summary lists them."""
+
+    def __init__(self, cfg, adapters):
+        super().__init__(cfg, adapters)
+        self.ranks = client_ranks(cfg, adapters.model)
+
+    def round_records(self, rnd):
+        return [{"client": c, "metric": "rank", "value": r} for c, r in enumerate(self.ranks)]
+
+    def summary_extra(self):
+        return {"ranks": {str(c): r for c, r in enumerate(self.ranks)}}
+
+
+def train_lora(
+    proc: ClientProcedure,
+    cid: int,
+    state: ClientState,
+    params: list[nn.Parameter],
+    config: dict,
+    extra_loss: Callable[[], torch.Tensor | None] | None = None,
+) -> tuple[dict, list[dict]]:
+    """Local training of `params` (+ FedProx) and, if asked, the personalised evaluation; (stats, evals)."""
+    rt = proc.runtime
+    mu = proc.cfg.algorithm.prox_mu
+    hook = proximal_hook(params, mu) if mu > 0 else None
+    stats = rt.train(cid, state, params, config["lr"], config["steps"], extra_loss=extra_loss, before_step=hook)
+    evals = rt.evaluate(cid, PERSONALIZED) if config.get("eval_personalized") else []
+    return stats, evals
