@@ -422,6 +422,100 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 register_algorithm(FLAMEConfig)
 
 
+class FedAMoLEConfig(AlgorithmConfig, LoRAKeys):
+    """FedAMoLE (arXiv 2411.19128): per-client heterogeneous mixtures of LoRA experts assigned by RSEA.
+    Defaults are the paper's (N=30, k_c=2, M=8, top-2, lambda_lb=1e-3); see docs/fedamole.md."""
+
+    name: Literal["fedamole"] = "fedamole"
+    needs_aux: ClassVar[bool] = True  # RSEA embeddings come from the aux split
+
+    num_experts: int = Field(30, ge=1, description="N: domain experts per adapted module (global pool)")
+    expert_choices: int = Field(2, ge=1, description="k_c: clients each domain expert picks per round")
+    min_experts: int = Field(2, ge=1, description="fewest domain experts a client holds per module (>= top_k)")
+    max_experts: int = Field(8, ge=1, description="M: most domain experts a client holds per module")
+    top_k: int = Field(2, ge=1, description="domain experts each token is routed to")
+    lb_weight: float = Field(1e-3, ge=0, description="lambda_lb: weight of the load-balancing loss (summed over modules)")
+    shared_expert: bool = Field(True, description="false = FedAMoLE-S: no always-on shared expert")
+    static_arch: bool = Field(False, description="FedAMoLE-R: keep the random round-0 assignment for every round")
+    random_dispatch: bool = Field(False, description="draw a new random assignment every round instead of RSEA")
+    homogeneous: bool = Field(
+        False, description="FedAMoLE-H: every client holds exactly N*k_c/C experts per module (C must divide N*k_c)"
+    )
+    weighting: Literal["uniform", "data_size"] = Field(
+        "uniform", description="averaging weights for experts, router and embeddings (the paper: uniform)"
+    )
+    evaluate_dispatched: bool = Field(
+        True, description="also evaluate the dispatched model (aggregated experts, the client's architecture) "
+        "before local training, labelled `global`"
+    )
+    dp_embeddings: bool = Field(
+        False, description="privatise the uploaded RSEA embeddings (the paper's DP variant: Gamma-magnitude "
+        "noise + clipping); independent of the `dp` section, which privatises model updates"
+    )
+    dp_eta: float = Field(100.0, gt=0, description="eta: the noise rate; E|noise_i| = rank/(2 eta), smaller is noisier")
+    dp_embedding_clip: float | None = Field(
+        None, gt=0, description="clip bound tau for the noisy embeddings; null = the largest per-batch mean "
+        "embedding norm seen on the aux split (per vector)"
+    )
+
+    @model_validator(mode="after")
+    def _check_section(self):
+        if not self.top_k <= self.min_experts <= self.max_experts:
+            raise ValueError(
+                f"algorithm.top_k ({self.top_k}) <= algorithm.min_experts ({self.min_experts}) <= "
+                f"algorithm.max_experts ({self.max_experts}) must hold: every client routes each token to top_k "
+                f"of its own experts; e.g. set min_experts={max(self.top_k, min(self.min_experts, self.max_experts))}"
+            )
+        if self.top_k > self.num_experts:
+            raise ValueError(f"algorithm.top_k ({self.top_k}) exceeds algorithm.num_experts ({self.num_experts})")
+        if self.static_arch and self.random_dispatch:
+            raise ValueError("algorithm.static_arch and algorithm.random_dispatch are exclusive; set one of them false")
+        if self.dp_embeddings and not self.uses_embeddings:
+            raise ValueError(
+                "algorithm.dp_embeddings privatises the RSEA embeddings, which static_arch/random_dispatch never "
+                "compute; set algorithm.dp_embeddings=false or use RSEA"
+            )
+        return self
+
+    @property
+    def uses_embeddings(self) -> bool:
+        """Whether clients compute and upload RSEA embeddings (not with a static or random assignment)."""
+        return not (self.static_arch or self.random_dispatch)
+
+    def cross_check(self, cfg: "Config") -> None:
+        from fedmole.algorithms.rsea import feasibility_problem
+
+        fed = cfg.federation
+        # RSEA solves each round over that round's clients; a static architecture is drawn once for everyone
+        clients = fed.num_clients if self.static_arch else cfg.clients_per_round
+        what = "federation.num_clients" if self.static_arch else "clients per round"
+        problem = feasibility_problem(self.num_experts, self.expert_choices, clients, self.min_experts,
+                                      self.max_experts, self.homogeneous)
+        if problem is not None:
+            raise ValueError(
+                f"fedamole cannot assign experts with num_experts={self.num_experts}, "
+                f"expert_choices={self.expert_choices}, min_experts={self.min_experts}, "
+                f"max_experts={self.max_experts} and {clients} {what}: {problem}"
+            )
+        if cfg.dp.enabled and self.uses_embeddings:
+            raise ValueError(
+                "dp.enabled=true with algorithm.name=fedamole: clients upload RSEA embeddings of their aux data, "
+                "which client-level DP on model updates does not cover (it would treat them as updates from "
+                "zero); set dp.enabled=false and use algorithm.dp_embeddings=true (the paper's embedding DP), or "
+                "keep dp.enabled with algorithm.static_arch=true or random_dispatch=true (no embeddings)"
+            )
+        if cfg.eval.init and cfg.clients_per_round < fed.num_clients and not self.static_arch:
+            raise ValueError(
+                "eval.init=true needs an initial architecture for every client, but with partial participation "
+                f"(federation.clients_per_round={cfg.clients_per_round} < num_clients={fed.num_clients}) fedamole "
+                "draws architectures per round; set eval.init=false (the round-0 model is the base model: B=0) "
+                "or algorithm.static_arch=true"
+            )
+
+
+register_algorithm(FedAMoLEConfig)
+
+
 # ---------------------------------------------------------------------------------------- federation
 class FederationConfig(Section):
     num_clients: int = Field(3, ge=1, description="number of clients (partitions)")

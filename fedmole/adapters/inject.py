@@ -65,10 +65,14 @@ class AdapterSet:
         return iter(self.modules.items())
 
     def parameters(self) -> dict[str, nn.Parameter]:
-        """Every trainable tensor the adapters currently hold, by flat key."""
+        """Every trainable tensor the adapters currently hold, by flat key.
+
+        A module whose storage differs from its per-expert tensors (several experts batched in one tensor)
+        lists its real parameters with an optional `trainable_parameters()`, keyed like `get_tensors()`."""
         out = {}
         for path, mod in self.modules.items():
-            for (expert, name), t in mod.get_tensors().items():
+            tensors = mod.trainable_parameters() if hasattr(mod, "trainable_parameters") else mod.get_tensors()
+            for (expert, name), t in tensors.items():
                 if isinstance(t, nn.Parameter):
                     out[key(path, expert, name)] = t
         return out

@@ -14,6 +14,7 @@ MODULES = {
     "flexlora": "fedmole.algorithms.flexlora",
     "flora": "fedmole.algorithms.flora",
     "fdlora": "fedmole.algorithms.fdlora",
+    "fedamole": "fedmole.algorithms.fedamole",
     "flame": "fedmole.algorithms.flame",
 }
 
