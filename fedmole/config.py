@@ -629,6 +629,10 @@ class TrainConfig(Section):
         "fp32", description="dtype of the frozen base weights; adapters always train in fp32"
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    num_threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch (null: torch's default, all cores). Results (and the "
+        "state digest) depend on it; 1 is fastest for tiny models and on a busy machine"
+    )
 
     @field_validator("device")
     @classmethod

@@ -256,6 +256,8 @@ def build_runtime(cfg: Config, clients):
     from fedmole.client.runtime import ClientRuntime
     from fedmole.models import load_model, load_tokenizer, resolve_device
 
+    if cfg.train.num_threads is not None:
+        torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, cfg.train.precision, cfg.train.device, vocab_size=len(tokenizer))

@@ -8,7 +8,7 @@ expert) and the rescaler, on a fixed random batch. Tiers are measured round-robi
 again) so that drift hits every tier alike; the median over repeats is reported. The headline is the ratio
 of the step time at k = 1 to the step time at k = K (target: at most 0.6). For context the script also times
 the forward pass of transformers' own MoE block implementations at k = K (no LoRA) next to ours.
-Writes the result under "flame" in benchmarks/results/flame.json.
+Writes the result under "flame" in benchmarks/results/perf.json.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
         "moe_block_forward_seconds_at_K": block,
         "moe_block_forward_ratio_to_transformers_eager": {n: t / block["transformers_eager"] for n, t in block.items()},
     }
-    out = record("flame", result, file="flame.json")
+    out = record("flame", result)
 
     print(f"FLAME training step per tier ({result['model'] if args.model != 'tiny' else 'tiny-olmoe scaled'}, "
           f"{args.batch}x{args.seq} tokens, {args.device}):")
