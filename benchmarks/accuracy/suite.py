@@ -1,0 +1,106 @@
+"""Scenarios, methods and presets of the accuracy suite.
+
+Scenarios (issue 9), all on WordNet 3.0 with SmolLM2-135M-Instruct:
+- `task`: one WordNet task per client (definition, pos, synonym, hypernym, usage), like the FedAMoLE
+  paper's Natural Instructions setting (one task per client). WordNet has 5 tasks, so 5 clients.
+- `dir0.1`, `dir1.0`: Dirichlet over 8 WordNet domains with alpha 0.1 / 1.0, like the paper's Dolly
+  setting (Dirichlet over Dolly's 8 categories).
+- `tiers`: compute tiers {8, 4, 2, 1} (uniform mix, the same seeded tiers for every method), Dirichlet
+  over domains with alpha 1.0: FLAME (dense LoRA-expert variant on SmolLM2), its ablations, HetLoRA and
+  FlexLoRA at ranks r * k_i / 8.
+
+Every run reports the test score of the method's headline model at the round selected on validation.
+For the personalisation scenarios the comparison is between personalised models (FedIT-FT, local,
+FDLoRA, FedAMoLE and its ablations; FedIT is its global model, as in the paper's tables); for `tiers` it
+is the global model at full compute.
+"""
+
+from __future__ import annotations
+
+PERSONAL_METHODS = {
+    "local": ["algorithm.name=local"],
+    "fedit": ["algorithm.name=fedit"],
+    "fedit_ft": ["algorithm.name=fedit", "algorithm.personalize_by_finetune=true"],
+    "fdlora": ["algorithm.name=fdlora"],
+    "fedamole": ["algorithm.name=fedamole"],
+    "fedamole_r": ["algorithm.name=fedamole", "algorithm.static_arch=true"],
+    "fedamole_s": ["algorithm.name=fedamole", "algorithm.shared_expert=false"],
+}
+
+TIER_METHODS = {
+    "flame": ["algorithm.name=flame", "algorithm.experts=lora"],
+    "flame_no_rescaler": ["algorithm.name=flame", "algorithm.experts=lora", "algorithm.rescaler=none"],
+    "flame_t0": ["algorithm.name=flame", "algorithm.experts=lora", "algorithm.temperature=0"],
+    "hetlora": ["algorithm.name=hetlora"],
+    "flexlora": ["algorithm.name=flexlora"],
+}
+
+DOMAINS = ["noun.artifact", "noun.person", "noun.plant", "noun.animal", "noun.act", "noun.communication",
+           "noun.state", "noun.attribute"]
+DOMAIN_LIST = "[" + ",".join(DOMAINS) + "]"
+
+SCENARIOS = {
+    # 5 clients cannot place the paper's 30 experts x 2 holders (max 8 each): 15 experts keep N/C = 3
+    "task": {"methods": PERSONAL_METHODS, "fedamole": ["algorithm.num_experts=15"],
+             "overrides": ["partition.scheme=meta", "partition.by=task", "federation.num_clients=5"]},
+    "dir0.1": {"methods": PERSONAL_METHODS,
+               "overrides": ["partition.scheme=dirichlet", "partition.by=domain", "partition.alpha=0.1",
+                             f"data.domains={DOMAIN_LIST}"]},
+    "dir1.0": {"methods": PERSONAL_METHODS,
+               "overrides": ["partition.scheme=dirichlet", "partition.by=domain", "partition.alpha=1.0",
+                             f"data.domains={DOMAIN_LIST}"]},
+    "tiers": {"methods": TIER_METHODS,
+              "overrides": ["partition.scheme=dirichlet", "partition.by=domain", "partition.alpha=1.0",
+                            f"data.domains={DOMAIN_LIST}", "tiers.levels=[8,4,2,1]", "tiers.mix=uniform",
+                            "algorithm.top_k=8", "algorithm.num_experts=8",
+                            "algorithm.target_modules=[q_proj,v_proj]"]},
+}
+
+# keys a method does not have are dropped per method (e.g. top_k only exists for flame)
+METHOD_ONLY = {"algorithm.top_k": {"flame"}, "algorithm.num_experts": {"flame", "fedamole"}}
+
+PRESETS = {
+    # fits in about an hour on 2 CPU cores with one seed
+    "cpu": {"seeds": [42], "clients": 5, "tier_clients": 8, "overrides": [
+        "federation.rounds=3", "train.local_steps=8", "train.batch_size=4", "train.lr=3e-4",
+        "train.max_length=128", "data.max_examples=3000", "eval.max_examples=12",
+        "eval.generation.max_new_tokens=16", "train.num_threads=2"],
+        "fedamole": ["algorithm.num_experts=15", "algorithm.evaluate_dispatched=false"]},
+    # the papers' scale (FedAMoLE Table 1): 10 clients, 30 rounds, 200 steps of batch 1, lr 5e-5 decaying 0.99
+    "gpu": {"seeds": [42, 62, 82], "clients": 10, "tier_clients": 20, "overrides": [
+        "federation.rounds=30", "train.local_steps=200", "train.batch_size=1", "train.lr=5e-5",
+        "train.max_length=512", "data.max_examples=40000", "eval.max_examples=50",
+        "eval.generation.max_new_tokens=64", "train.device=cuda", "eval.batch_size=25"],
+        "fedamole": ["algorithm.num_experts=30"]},
+    # a tiny-model preset that checks the suite end to end in seconds (used by the tests)
+    "micro": {"seeds": [42], "clients": 4, "tier_clients": 4, "overrides": [
+        "model.name=tiny-llama", "federation.rounds=1", "train.local_steps=1", "data.max_examples=800",
+        "eval.max_examples=2", "eval.generation.max_new_tokens=2", "train.max_length=96"],
+        "fedamole": ["algorithm.num_experts=5", "algorithm.evaluate_dispatched=false"]},
+}
+
+
+def runs(preset: str, scenarios: list[str] | None = None) -> list[dict]:
+    """Every (scenario, method, seed) run of a preset, with its full override list."""
+    p = PRESETS[preset]
+    out = []
+    for scen in scenarios or list(SCENARIOS):
+        spec = SCENARIOS[scen]
+        for method, method_over in spec["methods"].items():
+            name = method_over[0].split("=", 1)[1]
+            over = list(p["overrides"])
+            clients = p["clients"] if scen != "tiers" else p["tier_clients"]
+            if scen != "task":
+                over.append(f"federation.num_clients={clients}")
+            for o in spec["overrides"]:
+                key = o.split("=", 1)[0]
+                if key in METHOD_ONLY and name not in METHOD_ONLY[key]:
+                    continue
+                over.append(o)
+            if name == "fedamole":
+                over += p["fedamole"] + spec.get("fedamole", [])
+            over += method_over
+            for seed in p["seeds"]:
+                out.append({"scenario": scen, "method": method, "seed": seed,
+                            "overrides": over + [f"federation.seed={seed}"]})
+    return out
