@@ -26,15 +26,15 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def write_metrics_csv(records: list[dict], path: Path, run: str | None = None) -> Path:
-    """The metrics records as CSV (one row per record; empty cells for nulls); `run` adds a first column."""
-    columns = (("run",) if run is not None else ()) + CSV_COLUMNS
+def write_metrics_csv(records: list[dict], path: Path, runs: list[str] | None = None) -> Path:
+    """The metrics records as CSV (one row per record; empty cells for nulls). `runs` (one name per record)
+    adds a first column `run`, for the records of several runs in one file."""
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(columns)
-        for r in records:
+        writer.writerow((("run",) if runs is not None else ()) + CSV_COLUMNS)
+        for i, r in enumerate(records):
             row = ["" if r.get(c) is None else r[c] for c in CSV_COLUMNS]
-            writer.writerow(([run] if run is not None else []) + row)
+            writer.writerow(([runs[i]] if runs is not None else []) + row)
     return path
 
 
