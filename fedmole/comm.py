@@ -5,8 +5,9 @@ A message is the tensors of a payload (server -> client, `down`) or of a reply (
 serialised as one safetensors blob: an 8-byte length, a JSON header naming every tensor with its dtype,
 shape and offsets (padded with spaces to a multiple of 8), then the raw tensor data. `message_size`
 computes the length of that blob from the names, shapes and dtypes alone (no copy of the data); a test
-checks it against `safetensors.torch.save`. The JSON instructions of a payload (round, lr, steps...) and
-the metrics of a reply are not counted: they are a few hundred bytes that no method changes.
+checks it against `safetensors.torch.save`. A message without tensors (a payload of `local`, a reply to a
+global evaluation) counts 0. The JSON instructions of a payload (round, lr, steps...) and the metrics of a
+reply are not counted: they are a few hundred bytes that no method changes.
 
 Every message becomes one record of `comm.jsonl`:
 `{"round", "client", "phase" (train | evaluate), "direction" (down | up), "dtype", "bytes", "header_bytes",
@@ -112,7 +113,7 @@ def group_of(k: str) -> str:
 
 def message_record(rnd: int, cid: int, phase: str, direction: str, spec: Spec, transfer: str) -> dict:
     wire = {k: (shape, wire_dtype(dtype, transfer)) for k, (shape, dtype) in spec.items()}
-    total, header = message_size(wire)
+    total, header = message_size(wire) if wire else (0, 0)  # no tensors, nothing to serialise
     kinds: dict[str, int] = defaultdict(int)
     groups: dict[str, int] = defaultdict(int)
     for k, (shape, dtype) in sorted(wire.items()):

@@ -187,7 +187,7 @@ class Federation:
         spent = self.comm.train_bytes()
         if rnd == 1:
             raise UserError(f"comm.budget_mb={self.cfg.comm.budget_mb} is too small for a single round: round 1 "
-                            f"may need {worst / MB:.3f} MB; raise the budget (or lower comm.dtype to fp16)")
+                            f"may need {worst / MB:.3f} MB; raise comm.budget_mb (comm.dtype=fp16 halves the traffic)")
         log.warning("round %s not started: it may need %.3f MB and %.3f of the %s MB budget are spent; the run "
                     "ends after round %s", rnd, worst / MB, spent / MB, self.cfg.comm.budget_mb, rnd - 1)
         return False
