@@ -167,3 +167,11 @@ def test_resume_truncates_comm_records_of_rounds_after_the_checkpoint(runs):
     resumed = resume_experiment(cut, progress_mode="none")
     assert (cut / "comm.jsonl").read_text() == (run_dir / "comm.jsonl").read_text()
     assert resumed["comm"] == summary["comm"] and resumed["state_digest"] == summary["state_digest"]
+
+
+def test_local_training_communicates_nothing(runs):
+    summary, run_dir = _run(runs["root"], "local", "smoke.yaml",
+                            [*FEDIT, "algorithm.name=local", "federation.rounds=1"])
+    recs = _comm(run_dir)
+    assert len(recs) == 3 * 2 and all(x["bytes"] == 0 and x["tensors"] == 0 for x in recs)
+    assert summary["comm"]["bytes"] == 0
