@@ -42,8 +42,10 @@ wordnet:
 	  exit 1; \
 	fi
 
+# A second `make demo` shows the finished run's results (and finishes an interrupted one) instead of retraining.
 demo: setup
-	$(VENV)/bin/fedmole run configs/demo.yaml --out runs/demo
+	@if [ -f runs/demo/config.yaml ]; then $(VENV)/bin/fedmole resume runs/demo; \
+	else $(VENV)/bin/fedmole run configs/demo.yaml --out runs/demo; fi
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
