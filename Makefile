@@ -61,8 +61,10 @@ chromium:
 	  echo "Install it with:  sudo apt-get install chromium   (or set FEDMOLE_SKIP_BROWSER=1 to skip that test)"; \
 	fi
 
+# A second `make demo` shows the finished run's results (and finishes an interrupted one) instead of retraining.
 demo: setup
-	$(VENV)/bin/fedmole run configs/demo.yaml --out runs/demo
+	@if [ -f runs/demo/config.yaml ]; then $(VENV)/bin/fedmole resume runs/demo; \
+	else $(VENV)/bin/fedmole run configs/demo.yaml --out runs/demo; fi
 
 test: setup chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -2,6 +2,7 @@
 
     python -m benchmarks.accuracy [--preset cpu|gpu|micro] [--scenarios task dir0.1 dir1.0 tiers]
                                   [--methods ...] [--runs-dir runs/accuracy] [--report-only]
+                                  [--set KEY=VALUE ...]
 
 Each run is a real `fedmole run` in its own process, in runs/accuracy/<preset>/<scenario>/<method>/seed<N>.
 The suite is resumable: a finished run (summary.json present) is kept, an interrupted one is resumed
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BASE = Path(__file__).resolve().parent / "base.yaml"
 
 
-def run_one(run: dict, run_dir: Path) -> tuple[bool, float]:
+def run_one(run: dict, run_dir: Path, extra: list[str] = ()) -> tuple[bool, float]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if (run_dir / "summary.json").is_file():
         return True, 0.0
@@ -34,7 +35,7 @@ def run_one(run: dict, run_dir: Path) -> tuple[bool, float]:
         cmd = [sys.executable, "-m", "fedmole.cli", "resume", str(run_dir), "--progress", "none"]
     else:
         cmd = [sys.executable, "-m", "fedmole.cli", "run", str(BASE), "--out", str(run_dir), "--overwrite",
-               "--progress", "none", *[a for o in run["overrides"] for a in ("--set", o)]]
+               "--progress", "none", *[a for o in [*run["overrides"], *extra] for a in ("--set", o)]]
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -51,6 +52,8 @@ def main() -> int:
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "results")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for every run, e.g. train.num_threads=1 on a busy machine")
     args = ap.parse_args()
 
     plan = [r for r in runs(args.preset, args.scenarios) if not args.methods or r["method"] in args.methods]
@@ -59,7 +62,7 @@ def main() -> int:
     if not args.report_only:
         for i, run in enumerate(plan, 1):
             run_dir = root / run["scenario"] / run["method"] / f"seed{run['seed']}"
-            ok, secs = run_one(run, run_dir)
+            ok, secs = run_one(run, run_dir, args.extra)
             status = "ok" if ok else "FAILED"
             print(f"[{i}/{len(plan)}] {run['scenario']:7s} {run['method']:18s} seed {run['seed']}: {status} "
                   f"({secs:.0f} s, {time.perf_counter() - started:.0f} s total)", flush=True)
@@ -67,6 +70,7 @@ def main() -> int:
                 failed.append(run)
     results = collect(plan, root)
     results["preset"] = args.preset
+    results["extra_overrides"] = args.extra
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"accuracy_{args.preset}.json"
