@@ -12,7 +12,7 @@ TORCH_PIP_ARGS ?=
 WORDNET_DIR := /usr/share/wordnet
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test wordnet bench-perf bench-accuracy clean
+.PHONY: setup demo test wordnet chromium bench-perf bench-accuracy clean
 
 setup: $(STAMP) wordnet
 
@@ -42,12 +42,31 @@ wordnet:
 	  exit 1; \
 	fi
 
+# Debian's `chromium` renders report.html in the report test (headless, offline). Installed when missing
+# and apt is usable; otherwise a note, and that test fails saying how to install it (or to set
+# FEDMOLE_SKIP_BROWSER=1 to skip it explicitly).
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || [ -n "$$FEDMOLE_CHROMIUM" ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian package chromium (headless browser for the report test) ..."; \
+	  apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } || \
+	  echo "could not install chromium; the report rendering test will fail (apt-get install chromium)"; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+	  sudo apt-get install -y -q chromium >/dev/null || \
+	  { sudo apt-get update -q >/dev/null && sudo apt-get install -y -q chromium >/dev/null; } || \
+	  echo "could not install chromium; the report rendering test will fail (sudo apt-get install chromium)"; \
+	else \
+	  echo "note: chromium is not installed; the report rendering test will fail."; \
+	  echo "Install it with:  sudo apt-get install chromium   (or set FEDMOLE_SKIP_BROWSER=1 to skip that test)"; \
+	fi
+
 # A second `make demo` shows the finished run's results (and finishes an interrupted one) instead of retraining.
 demo: setup
 	@if [ -f runs/demo/config.yaml ]; then $(VENV)/bin/fedmole resume runs/demo; \
 	else $(VENV)/bin/fedmole run configs/demo.yaml --out runs/demo; fi
 
-test: setup
+test: setup chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench-perf: setup

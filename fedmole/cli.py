@@ -2,6 +2,7 @@
 
     fedmole run CONFIG [--set key=value ...] [--out RUN_DIR] [--overwrite]
     fedmole resume RUN_DIR [--config CONFIG] [--set key=value ...]
+    fedmole report RUN_DIR [RUN_DIR ...] [--out DIR] [--csv] [--rounds 1,3]
     fedmole data build wordnet [--force]
     fedmole data partition CONFIG [--set key=value ...]
 
@@ -99,6 +100,28 @@ def print_results(summary: dict, run_dir: Path) -> None:
         dp = summary["dp"]
         out.print(f"differential privacy: epsilon {dp['epsilon']:.2f} at delta {dp['delta']:g}")
     out.print(f"state_digest: {summary['state_digest']}  ·  {summary['wall_seconds']:.1f} s")
+
+
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="One or more run directories."),
+    out_dir: Path | None = typer.Option(None, "--out", help="Output directory (default: RUN_DIR/report for one "
+                                        "run, ./fedmole-report for several)."),
+    csv: bool = typer.Option(False, "--csv", help="Also write metrics.csv (every run, with a `run` column)."),
+    rounds: str | None = typer.Option(None, "--rounds", help="Rounds of the expert-assignment heatmaps, e.g. 1,3 "
+                                      "(default: first, middle and last)."),
+) -> None:
+    """Write report.html (self-contained, images embedded) and the figures as PNGs."""
+    from fedmole.reporting.report import write_report
+
+    chosen = None
+    if rounds is not None:
+        try:
+            chosen = [int(x) for x in rounds.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f'--rounds "{rounds}" must be round numbers separated by commas, e.g. 1,3') from None
+    path = write_report(run_dirs, out_dir, csv, chosen)
+    out.print(f"report: {path}")
 
 
 @data_app.command("build")

@@ -673,6 +673,33 @@ class OutputConfig(Section):
     progress: Literal["auto", "rich", "plain", "none"] = Field(
         "auto", description="progress display: rich bar on a terminal (auto), log lines (plain), or none"
     )
+    tensorboard: bool = Field(
+        False, description="also write the metrics and bytes per round as TensorBoard event files (run_dir/"
+        "tensorboard/, at the end of the run); needs the `tensorboard` package"
+    )
+
+    @field_validator("tensorboard")
+    @classmethod
+    def _tensorboard(cls, v: bool) -> bool:
+        import importlib.util
+
+        if v and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("TensorBoard event files need the `tensorboard` package, which is not installed; "
+                             "`pip install tensorboard==2.21.0` or set output.tensorboard=false")
+        return v
+
+
+class CommConfig(Section):
+    """Communication: every message's serialised bytes go to comm.jsonl (always); these keys compress
+    the transfer and cap it."""
+
+    dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="dtype floating tensors travel in, both ways (cast back on arrival); fp32 = no compression"
+    )
+    budget_mb: float | None = Field(
+        None, gt=0, description="cumulative training traffic cap in MB (10^6 bytes): the run stops cleanly before "
+        "a round whose worst-case bytes would exceed it (summary: stopped = comm budget); null = no cap"
+    )
 
 
 class CheckpointConfig(Section):
@@ -693,6 +720,7 @@ class Config(Section):
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     replies: RepliesConfig = Field(default_factory=RepliesConfig)
     dp: DPConfig = Field(default_factory=DPConfig)
+    comm: CommConfig = Field(default_factory=CommConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 

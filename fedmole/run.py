@@ -9,8 +9,11 @@ Round r (1-based):
      personalised evaluations arrive inside the training replies;
   5. metrics are appended and an atomic checkpoint is written.
 
-Run directory: config.yaml (resolved), partition.json, metrics.jsonl, summary.json, run.log,
-checkpoints/round_NNNN/ (written to a temporary directory, then renamed).
+Every message's serialised bytes are recorded in comm.jsonl (fedmole/comm.py); with `comm.budget_mb` a
+round whose worst-case traffic would pass the budget is not started and the run ends after the previous one.
+
+Run directory: config.yaml (resolved), partition.json, metrics.jsonl, metrics.csv, comm.jsonl, summary.json,
+run.log, checkpoints/round_NNNN/ (written to a temporary directory, then renamed).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from fedmole.adapters.state import state_digest
 from fedmole.algorithms.base import ClientState, Payload, Reply
 from fedmole.algorithms.validate import check_reply
+from fedmole.comm import MB, CommLog, specs_of, transfer
 from fedmole.config import Config, dump_config
 from fedmole.errors import UserError
 from fedmole.faults import plan_fault
@@ -129,7 +133,9 @@ class Federation:
         self.engine = engine
         self.progress = progress
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.comm = CommLog(run_dir / "comm.jsonl", cfg.comm.dtype, cfg.comm.budget_mb)
         self.wall_before, self.started = 0.0, time.time()
+        self.rounds_completed, self.last_checkpoint, self.stopped = 0, 0, None
 
     def wall_seconds(self) -> float:
         """Wall time of the run so far, earlier sessions (before a resume) included."""
@@ -158,20 +164,56 @@ class Federation:
                 log.warning("round %s: reply of client %s rejected: %s", rnd, cid, reason)
         return accepted, rejected
 
+    def _send(self, rnd: int, phase: str, plans: dict[int, Payload]) -> dict[int, Payload]:
+        """Record the payloads' bytes; return them as they arrive (after `comm.dtype` compression)."""
+        self.comm.log(rnd, phase, "down", {c: p.tensors for c, p in plans.items()})
+        cache: dict = {}
+        return {c: Payload(transfer(p.tensors, self.comm.dtype, cache), p.config) for c, p in plans.items()}
+
+    def _receive(self, rnd: int, phase: str, replies: dict[int, Reply]) -> dict[int, Reply]:
+        self.comm.log(rnd, phase, "up", {c: r.tensors for c, r in replies.items()})
+        for r in replies.values():
+            r.tensors = transfer(r.tensors, self.comm.dtype)
+        return replies
+
+    def _within_budget(self, rnd: int, plans: dict[int, Payload]) -> bool:
+        """Whether the round's worst case (exact download, largest allowed upload) fits the budget."""
+        if self.comm.budget_bytes is None:
+            return True
+        worst = self.comm.worst_case({c: specs_of(p.tensors) for c, p in plans.items()},
+                                     {c: self.strategy.reply_spec(c, p) for c, p in plans.items()})
+        if self.comm.fits(worst):
+            return True
+        spent = self.comm.train_bytes()
+        if rnd == 1:
+            raise UserError(f"comm.budget_mb={self.cfg.comm.budget_mb} is too small for a single round: round 1 "
+                            f"may need {worst / MB:.3f} MB; raise comm.budget_mb (comm.dtype=fp16 halves the traffic)")
+        log.warning("round %s not started: it may need %.3f MB and %.3f of the %s MB budget are spent; the run "
+                    "ends after round %s", rnd, worst / MB, spent / MB, self.cfg.comm.budget_mb, rnd - 1)
+        return False
+
     def evaluate_global(self, rnd: int) -> None:
         plans = self.strategy.configure_evaluate(rnd, list(range(self.cfg.federation.num_clients)))
         if not plans:
             return
-        replies, failures = self.engine.evaluate(rnd, plans)
+        replies, failures = self.engine.evaluate(rnd, self._send(rnd, "evaluate", plans))
+        replies = self._receive(rnd, "evaluate", replies)
         self.metrics.add([self._round_record(rnd, f"eval_{kind}", 1, cid) for cid, (kind, _) in sorted(failures.items())])
         self.metrics.log_evals(rnd, {c: r.evals for c, r in replies.items()})
 
-    def run_round(self, rnd: int) -> None:
+    def run_round(self, rnd: int) -> bool:
+        """Run round `rnd`; False when the communication budget does not allow it (nothing changed)."""
         cfg = self.cfg
         self.progress.round(rnd, cfg.federation.rounds)
         due = eval_due(cfg, rnd)
+        before = self.strategy.state_dict() if self.comm.budget_bytes is not None else None
         plans = self._plan(rnd, self.strategy.configure_train(rnd, sample_clients(cfg, rnd), due))
-        replies, failures = self.engine.train(rnd, plans)
+        if not self._within_budget(rnd, plans):
+            self.strategy.load_state_dict(*before)  # planning may have touched it (e.g. FedAMoLE's architecture)
+            self.stopped = "comm budget"
+            return False
+        replies, failures = self.engine.train(rnd, self._send(rnd, "train", plans))
+        replies = self._receive(rnd, "train", replies)
         accepted, rejected = self._accept(rnd, plans, replies)
         failures = {**failures, **rejected}
         if not accepted and failures and all(kind == "failed" for kind, _ in failures.values()):
@@ -198,9 +240,15 @@ class Federation:
         self.write_artifacts(rnd)
         if due:
             self.evaluate_global(rnd)
+        self.rounds_completed = rnd
         if rnd % cfg.checkpoint.every == 0 or rnd == cfg.federation.rounds:
-            save_checkpoint(self.run_dir, rnd, self.strategy, self.engine, self.metrics, cfg.checkpoint.keep_last,
-                            self.wall_seconds())
+            self.checkpoint(rnd)
+        return True
+
+    def checkpoint(self, rnd: int) -> None:
+        save_checkpoint(self.run_dir, rnd, self.strategy, self.engine, self.metrics, self.cfg.checkpoint.keep_last,
+                        self.wall_seconds())
+        self.last_checkpoint = rnd
 
     def epsilon(self, rnd: int, accepted: dict[int, Reply] | None = None) -> float:
         from fedmole.privacy import epsilon
@@ -215,12 +263,17 @@ class Federation:
                 fh.write(json.dumps({"round": rnd, **record}) + "\n")
 
     def run(self, start_round: int = 1) -> None:
+        self.comm.load()  # a resume has truncated comm.jsonl to the checkpoint's round
+        self.rounds_completed = self.last_checkpoint = start_round - 1
         if start_round == 1:
             self.write_artifacts(0)
             if self.cfg.eval.init:
                 self.evaluate_global(0)
         for rnd in range(start_round, self.cfg.federation.rounds + 1):
-            self.run_round(rnd)
+            if not self.run_round(rnd):
+                break
+        if self.rounds_completed > self.last_checkpoint:  # stopped early between two checkpoints
+            self.checkpoint(self.rounds_completed)
 
     def skips(self) -> dict[str, int]:
         counts = {kind: 0 for kind in FAILURE_KINDS}
@@ -297,7 +350,18 @@ def _execute(fed: Federation, start_round: int, wall_before: float) -> dict:
         fed.run(start_round)
     finally:
         fed.progress.close()
-    return write_summary(fed, fed.wall_seconds(), fed.engine.name)
+    summary = write_summary(fed, fed.wall_seconds(), fed.engine.name)
+    write_exports(fed)
+    return summary
+
+
+def write_exports(fed: Federation) -> None:
+    """metrics.csv, and TensorBoard event files when `output.tensorboard` is set."""
+    from fedmole.reporting.scalars import write_metrics_csv, write_tensorboard
+
+    write_metrics_csv(fed.metrics.records, fed.run_dir / "metrics.csv")
+    if fed.cfg.output.tensorboard:
+        write_tensorboard(fed.run_dir)
 
 
 def run_experiment(cfg: Config, run_dir: Path, progress_mode: str | None = None) -> dict:
@@ -387,13 +451,15 @@ def write_summary(fed: Federation, wall: float, engine_name: str) -> dict:
         "engine": engine_name,
         "metric": sel["metric"],
         "headline": strategy.headline,
-        "rounds_completed": cfg.federation.rounds,
+        "rounds_completed": fed.rounds_completed,
+        "stopped": fed.stopped,
         "selected_round": head["selected_round"] if head else None,
         "personalized": sel["personalized"],
         "global": sel["global"],
         "skipped": fed.skips(),
         "wall_seconds": round(wall, 2),
         "state_digest": state_digest(fed.final_state()),
+        "comm": fed.comm.totals(),
         **strategy.summary_extra(),
     }
     if cfg.dp.enabled:
