@@ -4,6 +4,9 @@
     fedmole resume RUN_DIR [--config CONFIG] [--set key=value ...]
     fedmole data build wordnet [--force]
     fedmole data partition CONFIG [--set key=value ...]
+    fedmole export RUN_DIR (--client ID | --global) --out DIR [--round N] [--merge]
+    fedmole eval RUN_DIR [--round N] [--split test|val] [--client ID]
+    fedmole generate DIR --prompt TEXT [--max-new-tokens N]   (or RUN_DIR --client ID)
 
 A user error (bad config, missing file, unknown model...) prints one message and exits with code 2.
 """
@@ -17,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedmole import cli_results
 from fedmole.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -127,6 +131,11 @@ def data_partition(
 
     cfg = load_config(config, set_)
     out.print(partition_table(manifest(load_federated_data(cfg), cfg.partition.by)))
+
+
+app.command("export")(cli_results.export_cmd)
+app.command("eval")(cli_results.eval_cmd)
+app.command("generate")(cli_results.generate_cmd)
 
 
 def main() -> None:
