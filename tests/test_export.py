@@ -26,7 +26,7 @@ from fedmole.cli import app
 from fedmole.config import validate_config
 from fedmole.errors import UserError
 from fedmole.export import export_run
-from fedmole.export.source import check_client
+from fedmole.export.source import check_client, resolve_round
 from fedmole.generate import format_prompt, generate
 from fedmole.models.tiny import tiny_llama, tiny_olmoe
 from fedmole.reeval import evaluate_run
@@ -221,6 +221,10 @@ def test_bad_run_dirs_clients_and_rounds_are_clear_user_errors(runs, tmp_path):
         export_run(runs["fedit"], tmp_path / "o", client=3)
     with pytest.raises(UserError, match=r"round 7 has no checkpoint .* checkpointed rounds: 1, 2"):
         export_run(runs["fedit"], tmp_path / "o", client=0, rnd=7)
+    selected = json.loads((runs["fedit"] / "summary.json").read_text())["selected_round"]
+    assert resolve_round(runs["fedit"], "selected") == selected and resolve_round(runs["fedit"], None) == 2
+    with pytest.raises(UserError, match="not a round number"):
+        resolve_round(runs["fedit"], "first")
     with pytest.raises(UserError, match="cannot be merged"):
         export_run(runs["fedamole"], tmp_path / "o", client=0, merge=True)
     with pytest.raises(UserError, match="no global model"):
