@@ -26,7 +26,7 @@ from fedmole.cli import app
 from fedmole.config import validate_config
 from fedmole.errors import UserError
 from fedmole.export import export_run
-from fedmole.export.source import check_client, resolve_round
+from fedmole.export.source import resolve_round
 from fedmole.generate import format_prompt, generate
 from fedmole.models.tiny import tiny_llama, tiny_olmoe
 from fedmole.reeval import evaluate_run
@@ -91,6 +91,7 @@ def runs(tmp_path_factory):
         "fedamole": _run(root, "fedamole", _config(data, {"name": "fedamole", "num_experts": 4, "expert_choices": 2,
                                                           "min_experts": 2, "max_experts": 4, "top_k": 2, "rank": 4,
                                                           "alpha": 8})),
+        "local": _run(root, "local", _config(data, {"name": "local", "rank": 4, "alpha": 8})),
         "flame": _run(root, "flame", _config(data, {"name": "flame", "experts": "pretrained", "rank": 4, "alpha": 8},
                                              model="tiny-olmoe", tiers={"per_client": [1, 2, 4]})),
     }
@@ -227,8 +228,6 @@ def test_bad_run_dirs_clients_and_rounds_are_clear_user_errors(runs, tmp_path):
         resolve_round(runs["fedit"], "first")
     with pytest.raises(UserError, match="cannot be merged"):
         export_run(runs["fedamole"], tmp_path / "o", client=0, merge=True)
-    with pytest.raises(UserError, match="no global model"):
-        check_client(validate_config({"algorithm": {"name": "local"}}), None, need_global=True)
     with pytest.raises(UserError, match="not a fedmole export"):
         fedmole.load_model(tmp_path / "empty")
     with pytest.raises(UserError, match="is a run directory"):
@@ -270,6 +269,19 @@ def test_eval_of_the_last_round_reproduces_the_recorded_metrics(runs):
     assert {r["split"] for r in val["records"]} == {"val"} and {r["client"] for r in val["records"]} == {1, None}
     assert _compare_with_recorded(val) >= 2 * 2
     assert (runs["fedit"] / "eval_round_2_val_client_1.json").is_file()
+
+
+def test_local_models_export_per_client_and_re_evaluate_exactly(runs, tmp_path, tiny_tok):
+    run, vocab = runs["local"], len(tiny_tok)
+    with pytest.raises(UserError, match="no global model"):
+        export_run(run, tmp_path / "g", client=None)
+    export_run(run, tmp_path / "c0", client=0)
+    model, _ = fedmole.load_model(tmp_path / "c0")
+    assert torch.equal(_logits(model, vocab), _logits(_reference(run, _client_tensors(run, 0), vocab), vocab))
+    result = evaluate_run(run)
+    assert result["models"] == ["personalized"]
+    assert all(r["recorded"] is not None for r in result["records"])
+    assert _compare_with_recorded(result) >= 3 * 2
 
 
 def test_eval_of_flame_reproduces_global_and_tierwise_and_adds_client_models(runs):

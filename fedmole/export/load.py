@@ -50,6 +50,9 @@ def load_model(path: str | Path, device: str | None = None, precision: str | Non
     from fedmole.models import resolve_device
     from fedmole.models import load_model as load_base_model
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no per-tensor loading bars
     path = Path(path)
     info = read_manifest(path)
     cfg = validate_config(info["config"])

@@ -17,6 +17,7 @@ nothing half-written under DIR.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -77,6 +78,10 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
 
 
 def _commit(tmp: Path, out: Path) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in tmp.rglob("*"):  # safetensors writes 0600 files; an export is meant to be shared like any file
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     tmp.rename(out)
