@@ -7,7 +7,7 @@ client states of the checkpoint, and evaluates with the run's own code path:
    `client.execute`, reseeded per (round, client, phase) exactly as in the run): the global model, FLAME's
    tier-wise `global_k{k}`, FDLoRA's fused personalised model; these equal what `metrics.jsonl` recorded
    for a round evaluated after aggregation;
-2. each client's own model (`fedmole export --client`'s model) when it differs from the global one:
+2. each client's own model (`fedmole export --client`'s model) unless step 1 evaluated that same model:
    labelled `personalized` where the checkpoint keeps exactly the model the run evaluated under that label
    (local, FedIT-FT), otherwise `client` (FedAMoLE: the aggregated experts of the client's architecture,
    HetLoRA/FlexLoRA: the global LoRA at the client's rank, FLAME: k_i with the client's rescaler).
@@ -44,7 +44,8 @@ def _check_partition(ckpt, clients) -> None:
 
 
 def _client_models(ckpt, strategy, runtime, ids: list[int], evals: dict[int, list[dict]]) -> None:
-    """Evaluate each client's own model where it differs from the global one and was not evaluated yet."""
+    """Evaluate each client's own model unless the plan evaluated it already (as the global model, or as
+    FDLoRA's personalised one)."""
     global_key = None
     if strategy.has_global:
         g = model_state(ckpt, strategy, None)
@@ -57,8 +58,8 @@ def _client_models(ckpt, strategy, runtime, ids: list[int], evals: dict[int, lis
             st = model_state(ckpt, strategy, c)
         except UserError:
             continue  # no model of its own in this checkpoint (it never trained)
-        if (state_digest(st.tensors), st.k) == global_key:
-            continue
+        if (state_digest(st.tensors), st.k) == global_key and any(e["model"] == GLOBAL for e in evals.get(c, [])):
+            continue  # the same model was just evaluated as the global one
         runtime.seed(ckpt.round, c, "evaluate")
         apply_state(runtime.adapters, st)
         evals.setdefault(c, []).extend(runtime.evaluate(c, label))

@@ -293,6 +293,16 @@ def test_eval_of_flame_reproduces_global_and_tierwise_and_adds_client_models(run
     assert clients == {c for c, k in enumerate(tiers) if k < 4}  # at k = K with s = 1 it is the global model
 
 
+def test_eval_of_fedamole_measures_every_clients_exported_model(runs):
+    """FedAMoLE evaluates before aggregation, so no checkpoint holds the recorded models; eval measures the
+    aggregated experts on each client's architecture (labelled `client`) and claims no recorded value."""
+    result = evaluate_run(runs["fedamole"], client=None)
+    assert result["models"] == ["client"]
+    losses = {r["client"]: r["value"] for r in result["records"] if r["metric"] == "loss"}
+    assert set(losses) == {0, 1, 2, None} and all(0 < v < 20 for v in losses.values())
+    assert all(r["recorded"] is None for r in result["records"])
+
+
 # ------------------------------------------------------------------------------------- generate
 def test_generate_streams_exactly_the_greedy_output(runs, tmp_path):
     out = tmp_path / "gen"
