@@ -51,7 +51,6 @@ def _write_data(path: Path) -> Path:
             label = (i // 3) % 3
             row = {"instruction": f"Part of speech of {w}?", "response": CHOICES[label], "task": "pos",
                    "choices": CHOICES, "label": label}
-        row["context"] = ""  # present: a re-loaded config.yaml names every column explicitly
         row.setdefault("choices", None)  # an empty choices cell: a generation example
         row.setdefault("label", None)
         row["domain"] = "d" + str(i % 4)
