@@ -46,7 +46,8 @@ def eval_cmd(
     from fedmole.reeval import evaluate_run, result_rows
 
     result = evaluate_run(run_dir, round_, split, client)
-    table = Table(title=f"{result['algorithm']} · round {result['round']} · {split} (re-evaluated; recorded = metrics.jsonl)")
+    table = Table(title=f"{result['algorithm']} · round {result['round']} · {split} "
+                        f"(re-evaluated; recorded = metrics.jsonl)")
     for col in ("model", "client", "score", "loss", "recorded score", "recorded loss"):
         table.add_column(col, justify="left" if col == "model" else "right")
     fmt = lambda v: "" if v is None else f"{v:.4f}"
@@ -65,7 +66,8 @@ def generate_cmd(
     client: int | None = typer.Option(None, "--client", help="With a run directory: this client's model."),
     round_: str | None = typer.Option(None, "--round", help=ROUND_HELP),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Tokens to generate at most."),
-    template: str = typer.Option("auto", "--template", help="auto (chat template if any, else the run's), chat, alpaca, plain, raw."),
+    template: str = typer.Option("auto", "--template",
+                                 help="auto (chat template if any, else the run's), chat, alpaca, plain, raw."),
     sample: bool = typer.Option(False, "--sample", help="Sample (temperature 0.7, top-p 0.9) instead of greedy."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda (default: the run's)."),
 ) -> None:

@@ -107,7 +107,8 @@ def evaluate_run(run_dir: str | Path, rnd: str | int | None = None, split: str =
     _client_models(ckpt, strategy, runtime, ids, evals)
 
     records = eval_records(ckpt.round, evals)
-    recorded = _recorded(ckpt.run_dir, ckpt.round, {(r["client"], r["model"], r["split"], r["metric"]) for r in records})
+    keys = {(r["client"], r["model"], r["split"], r["metric"]) for r in records}
+    recorded = _recorded(ckpt.run_dir, ckpt.round, keys)
     subset = len(ids) < cfg.federation.num_clients  # the run's means are over every client
     for r in records:
         mean_of_subset = subset and r["client"] is None

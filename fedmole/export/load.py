@@ -68,9 +68,13 @@ def load_model(path: str | Path, device: str | None = None, precision: str | Non
     else:
         model = load_base_model(cfg.model, precision or cfg.train.precision, device, vocab_size=len(tokenizer))
         if info["format"] == "peft":
+            import warnings
+
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, path)
+            with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5 (FutureWarning)
+                warnings.simplefilter("ignore", FutureWarning)
+                model = PeftModel.from_pretrained(model, path)
         else:
             _load_native(model, cfg, info, path)
     model.eval()

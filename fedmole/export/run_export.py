@@ -89,7 +89,8 @@ def _commit(tmp: Path, out: Path) -> None:
 
 def check_request(method: str, client: int | None, merge: bool) -> None:
     if method not in LORA_METHODS + NATIVE_METHODS:
-        raise UserError(f"export does not know algorithm {method}; exportable: {', '.join(LORA_METHODS + NATIVE_METHODS)}")
+        known = ", ".join(LORA_METHODS + NATIVE_METHODS)
+        raise UserError(f"export does not know algorithm {method}; exportable: {known}")
     if merge and method not in LORA_METHODS:
         raise UserError(f"--merge folds a LoRA into the base weights, but {method}'s experts are routed per token and "
                         f"cannot be merged; export without --merge and load with fedmole.load_model")
