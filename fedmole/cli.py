@@ -5,6 +5,9 @@
     fedmole report RUN_DIR [RUN_DIR ...] [--out DIR] [--csv] [--rounds 1,3]
     fedmole data build wordnet [--force]
     fedmole data partition CONFIG [--set key=value ...]
+    fedmole export RUN_DIR (--client ID | --global) --out DIR [--round N] [--merge]
+    fedmole eval RUN_DIR [--round N] [--split test|val] [--client ID]
+    fedmole generate DIR --prompt TEXT [--max-new-tokens N]   (or RUN_DIR --client ID)
 
 A user error (bad config, missing file, unknown model...) prints one message and exits with code 2.
 """
@@ -18,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedmole import cli_results
 from fedmole.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -150,6 +154,11 @@ def data_partition(
 
     cfg = load_config(config, set_)
     out.print(partition_table(manifest(load_federated_data(cfg), cfg.partition.by)))
+
+
+app.command("export")(cli_results.export_cmd)
+app.command("eval")(cli_results.eval_cmd)
+app.command("generate")(cli_results.generate_cmd)
 
 
 def main() -> None:

@@ -102,6 +102,18 @@ def test_explicitly_named_optional_column_must_exist():
         load(source="jsonl", path=str(DATA / "dolly.jsonl"), columns=ColumnMap(domain="topic"))
 
 
+def test_a_resolved_config_still_loads_files_without_the_optional_default_columns(tmp_path):
+    """config.yaml spells out every default (context, task, domain); resume and eval re-load it."""
+    from fedmole.config import dump_config, load_config, validate_config
+
+    path = tmp_path / "plain.jsonl"
+    path.write_text(json.dumps({"instruction": "q", "response": "a"}) + "\n")
+    dump_config(validate_config({"data": {"source": "jsonl", "path": str(path)}}), tmp_path / "config.yaml")
+    cfg = load_config(tmp_path / "config.yaml")
+    assert {"context", "task", "domain"} <= cfg.data.columns.model_fields_set
+    assert [(e.instruction, e.context, e.task) for e in load_examples(cfg.data, seed=0)] == [("q", "", "")]
+
+
 def test_label_outside_choices_is_a_user_error(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"instruction": "q", "choices": ["a", "b"], "label": 5}) + "\n")

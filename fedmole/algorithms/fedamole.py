@@ -37,6 +37,7 @@ from fedmole.adapters.state import key, parse_key
 from fedmole.algorithms import rsea
 from fedmole.algorithms.aggregate import client_weights
 from fedmole.algorithms.base import GLOBAL, PERSONALIZED, ClientProcedure, ClientState, Payload, Reply, Strategy
+from fedmole.errors import UserError
 
 EMBEDDINGS = ("t", "u")  # tensor names of the uploaded RSEA embeddings
 RNG_TAG = 0xA301  # stream of the random assignments
@@ -203,6 +204,17 @@ class Server(Strategy):
 
     def summary_extra(self):
         return {"architecture": {str(c): self.arch[c] for c in sorted(self.arch)}}
+
+    def export_state(self, cid=None, client_state=None):
+        """Client `cid`'s model: the aggregated shared expert, router and domain experts of the architecture it
+        was last dispatched (its locally trained copies are not kept: they are uploaded and averaged). The
+        global model (`cid` None) is the whole pool."""
+        if cid is None:
+            return dict(self.global_state)
+        if cid not in self.arch:
+            raise UserError(f"client {cid} has not been dispatched any experts up to this checkpoint (it took part "
+                            f"in no round yet), so it has no FedAMoLE model to export; choose another client")
+        return self._share(self.arch[cid])
 
     # -------------------------------------------------------------------------------- checkpoints
     def state_dict(self):

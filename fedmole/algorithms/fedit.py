@@ -6,7 +6,7 @@ global LoRA to that average with the configured server optimiser (`server_opt`: 
 FedAdagrad, FedAdam, FedYogi on the aggregated delta). `prox_mu` > 0 adds FedProx's proximal term on the
 clients. The global model is evaluated on every client's val/test split. With `personalize_by_finetune`
 (FedIT-FT) each client is also evaluated right after its local training, before aggregation: its personalised
-model.
+model, which the client keeps in its state (so `fedmole export --client` and `fedmole eval` can use it).
 """
 
 from __future__ import annotations
@@ -38,4 +38,7 @@ class Client(ClientProcedure):
         rt = self.runtime
         rt.adapters.load(payload.tensors)
         stats, evals = train_lora(self, cid, state, list(rt.adapters.parameters().values()), payload.config)
-        return Reply(rt.adapters.state(), rt.data(cid).num_train_examples, stats, evals)
+        trained = rt.adapters.state()
+        if self.cfg.algorithm.personalize_by_finetune:
+            state.tensors = dict(trained)  # FedIT-FT: the personalised model stays on the client
+        return Reply(trained, rt.data(cid).num_train_examples, stats, evals)

@@ -353,6 +353,21 @@ class Server(Strategy):
             plans[c] = Payload(self.global_state, {"round": rnd, "evaluations": evals})
         return plans
 
+    # export ---------------------------------------------------------------------------------------
+    def active_experts(self, cid: int | None = None) -> int:
+        """k of client `cid`'s model (its tier), or K for the global model."""
+        return self.K if cid is None else self.tiers[cid]
+
+    def export_state(self, cid=None, client_state=None):
+        """The global experts and routers with the model's rescaler: s = 1 for the global model (k = K);
+        for client `cid` (at k_i) its own learned rescaler, else its tier's (`tier_log_s`), else s = 1."""
+        log_s: dict[str, float] = {}
+        if cid is not None:
+            own = {k: float(v) for k, v in (client_state.tensors if client_state else {}).items() if is_rescaler(k)}
+            log_s = own or self.tier_log_s(self.tiers[cid]) or {}
+        rescaler = {k: torch.tensor([log_s.get(k, 0.0)]) for k in self.layers.rescaler_keys()}
+        return {**self.global_state, **rescaler}
+
     def summary_extra(self):
         flops_K = self.flops[self.K]["forward"]
         return {"flame": {

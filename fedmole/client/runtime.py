@@ -41,6 +41,7 @@ class ClientRuntime:
         self.clients: dict[int, EncodedClient] = {}
         self.on_step: Callable[[int, float], None] | None = None  # progress display hook
         self.crash_at: int | None = None  # injected fault: raise after this local step
+        self.eval_splits: tuple[str, ...] = ("val", "test")  # what `evaluate` covers unless told otherwise
 
     def add_clients(self, clients: list[ClientData]) -> None:
         for c in clients:
@@ -87,11 +88,12 @@ class ClientRuntime:
             self.on_step(step, loss)
 
     # -------------------------------------------------------------------------------------- evaluation
-    def evaluate(self, cid: int, model_label: str, splits: tuple[str, ...] = ("val", "test")) -> list[dict]:
-        """Evaluate the adapters currently loaded on the client's splits, labelled `model_label`."""
+    def evaluate(self, cid: int, model_label: str, splits: tuple[str, ...] | None = None) -> list[dict]:
+        """Evaluate the adapters currently loaded on the client's splits (default `eval_splits`), labelled
+        `model_label`."""
         data = self.data(cid)
         out = []
-        for split in splits:
+        for split in splits or self.eval_splits:
             metrics = evaluate_examples(
                 self.model, self.tokenizer, getattr(data, split), self.cfg.data, self.cfg.train.max_length,
                 self.cfg.eval, self.device,

@@ -161,14 +161,17 @@ def _text(value) -> str:
 
 # --------------------------------------------------------------------------------- generic mapping
 def map_columns(records: list[dict], cols: ColumnMap, origin: str, uid_prefix: str) -> list[Example]:
-    """Examples from rows via `data.columns`. Optional columns left at their defaults (context, task,
-    domain) may be absent; any column the user named must exist. With `choices` mapped, the gold index
+    """Examples from rows via `data.columns`. Optional columns under their default names (context, task,
+    domain) may be absent; any other column the user named must exist. With `choices` mapped, the gold index
     comes from `label` (an index, or the gold choice's text) or else from the `response` text; a row with
     an empty choices cell is a generation example."""
     required = [cols.instruction] + [c for c in (cols.choices, cols.label) if c is not None]
     if cols.choices is None or cols.label is None:
         required.append(cols.response)
-    required += [getattr(cols, k) for k in ("context", "task", "domain") if k in cols.model_fields_set]
+    # an optional column is required only when the user renamed it: a resolved config.yaml (run, resume,
+    # eval) spells out the default names too, and those may be absent
+    required += [getattr(cols, k) for k in ("context", "task", "domain")
+                 if k in cols.model_fields_set and getattr(cols, k) != ColumnMap.model_fields[k].default]
     required = [c for c in required if c is not None]
     examples = []
     for i, rec in enumerate(records):

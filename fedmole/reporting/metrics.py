@@ -42,25 +42,30 @@ class MetricsLog:
 
     def log_evals(self, rnd: int, per_client: dict[int, list[dict]]) -> None:
         """Per-client eval results plus, per (model, split, metric), their unweighted mean over clients."""
-        recs, groups = [], defaultdict(list)
-        for cid, evals in sorted(per_client.items()):
-            for e in evals:
-                for metric, value in e["metrics"].items():
-                    if metric == "n":
-                        continue
-                    recs.append({"round": rnd, "client": cid, "model": e["model"], "split": e["split"],
-                                 "metric": metric, "value": value})
-                    groups[(e["model"], e["split"], metric)].append(value)
-        for (model, split, metric), values in sorted(groups.items()):
-            recs.append({"round": rnd, "client": None, "model": model, "split": split, "metric": metric,
-                         "value": sum(values) / len(values)})
-        self.add(recs)
+        self.add(eval_records(rnd, per_client))
 
     def truncate(self, n_records: int) -> None:
         """Keep the first `n_records` records (used when resuming from a checkpoint)."""
         self.records = self.records[:n_records]
         text = "".join(json.dumps(r) + "\n" for r in self.records)
         self.path.write_text(text)
+
+
+def eval_records(rnd: int, per_client: dict[int, list[dict]]) -> list[dict]:
+    """Records of per-client eval results plus, per (model, split, metric), their unweighted mean over clients."""
+    recs, groups = [], defaultdict(list)
+    for cid, evals in sorted(per_client.items()):
+        for e in evals:
+            for metric, value in e["metrics"].items():
+                if metric == "n":
+                    continue
+                recs.append({"round": rnd, "client": cid, "model": e["model"], "split": e["split"],
+                             "metric": metric, "value": value})
+                groups[(e["model"], e["split"], metric)].append(value)
+    for (model, split, metric), values in sorted(groups.items()):
+        recs.append({"round": rnd, "client": None, "model": model, "split": split, "metric": metric,
+                     "value": sum(values) / len(values)})
+    return recs
 
 
 def _mean_by_round(records, model, split, metric) -> dict[int, float]:
