@@ -267,8 +267,12 @@ def build_runtime(cfg: Config, clients):
     return runtime
 
 
-def _setup(cfg: Config, run_dir: Path, progress_mode: str | None) -> Federation:
-    """Data, runtime, strategy, engine and progress display of a run (fresh or resumed)."""
+def _setup(cfg: Config, run_dir: Path, progress_mode: str | None, make_engine=None) -> Federation:
+    """Data, runtime, strategy, engine and progress display of a run (fresh or resumed).
+
+    `make_engine(cfg)` builds a remote engine (Flower): the clients then train elsewhere, so this process
+    loads the model and adapters only for the server's strategy and encodes no client data. Default: the
+    in-process engine, every client on this process's runtime."""
     from fedmole.algorithms import get_algorithm
     from fedmole.data.partition import manifest
     from fedmole.engines.inprocess import InProcessEngine
@@ -280,10 +284,10 @@ def _setup(cfg: Config, run_dir: Path, progress_mode: str | None) -> Federation:
         raise UserError(f"the data partition differs from the one this run started with ({saved}); the data "
                         f"files changed, so the run cannot be resumed exactly. Start a new run")
     atomic_write_text(saved, parts)
-    runtime = build_runtime(cfg, clients)
+    runtime = build_runtime(cfg, clients if make_engine is None else [])
     algo = get_algorithm(cfg.algorithm.name)
     strategy = algo.Server(cfg, runtime.adapters)
-    engine = InProcessEngine(algo.Client(cfg, runtime))
+    engine = InProcessEngine(algo.Client(cfg, runtime)) if make_engine is None else make_engine(cfg)
     total = cfg.federation.rounds * cfg.clients_per_round * cfg.train.local_steps
     progress = RunProgress(progress_mode or cfg.output.progress, total)
     runtime.on_step = progress.step
@@ -300,13 +304,14 @@ def _execute(fed: Federation, start_round: int, wall_before: float) -> dict:
     return write_summary(fed, fed.wall_seconds(), fed.engine.name)
 
 
-def run_experiment(cfg: Config, run_dir: Path, progress_mode: str | None = None) -> dict:
-    """Run a whole federation in-process and write the run directory; returns the summary."""
+def run_experiment(cfg: Config, run_dir: Path, progress_mode: str | None = None, make_engine=None) -> dict:
+    """Run a whole federation and write the run directory; returns the summary. The clients run in this
+    process unless `make_engine(cfg)` supplies another engine (see `_setup`)."""
     handler = _attach_log_file(run_dir)
     try:
         t0 = time.time()
         dump_config(cfg, run_dir / "config.yaml")
-        fed = _setup(cfg, run_dir, progress_mode)
+        fed = _setup(cfg, run_dir, progress_mode, make_engine)
         return _execute(fed, 1, time.time() - t0)
     finally:
         log.removeHandler(handler)
