@@ -172,8 +172,13 @@ def flower_write_app(
         raise UserError(f"{out_dir} already holds a pyproject.toml; choose another --out")
     from fedmole.engines.flower import write_app
 
-    path = write_app(cfg, out_dir, run_out)
-    out.print(f"Flower app: {path}\n  run it: flwr run {out_dir} local-simulation --run-config \"out='runs/NAME'\"")
+    path = write_app(cfg, out_dir, str(Path(run_out).resolve()) if run_out else "")
+    n = cfg.federation.num_clients
+    out.print(f"Flower app: {path}\n"
+              f"  simulate: flwr run {out_dir} local-simulation --run-config \"out='/abs/runs/NAME'\"\n"
+              f"  deploy:   flwr run {out_dir} FEDERATION --run-config \"out='/abs/runs/NAME' "
+              f"engine-name='flower-deploy'\"\n            with one SuperNode per client: "
+              f"--node-config 'partition-id=I num-partitions={n}'")
 
 
 def main() -> None:

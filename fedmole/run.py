@@ -292,6 +292,8 @@ def _setup(cfg: Config, run_dir: Path, progress_mode: str | None, make_engine=No
     progress = RunProgress(progress_mode or cfg.output.progress, total)
     runtime.on_step = progress.step
     engine.on_client = lambda phase, cid, rnd: progress.client_phase(phase, cid)
+    if hasattr(engine, "on_steps"):  # clients train elsewhere: count their steps when they reply
+        engine.on_steps = progress.client_done
     return Federation(cfg, run_dir, strategy, engine, progress)
 
 

@@ -110,7 +110,8 @@ class LocalGrid(Grid):
 
 
 def _records(run_dir):
-    return sorted(json.dumps(json.loads(x), sort_keys=True) for x in (run_dir / "metrics.jsonl").read_text().splitlines())
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return sorted(json.dumps(json.loads(x), sort_keys=True) for x in lines)
 
 
 def _flower_run(cfg, run_dir, grid):

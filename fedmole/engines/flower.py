@@ -286,7 +286,8 @@ class FlowerEngine:
         self.name = name
         self.deadline = cfg.federation.round_deadline
         self.states: dict[int, ClientState] = {}
-        self.on_client: Callable[[str, int, int], None] | None = None
+        self.on_client: Callable[[str, int, int], None] | None = None  # (phase, client, round) -> None
+        self.on_steps: Callable[[int, int], None] | None = None  # (client, local steps done) -> None
         timeout = cfg.flower.connect_timeout if connect_timeout is None else connect_timeout
         self.node_of = self.discover(timeout)
 
@@ -352,6 +353,8 @@ class FlowerEngine:
                 reply, failure = parse_reply(msg.content)
                 if reply is not None:
                     replies[cid] = reply
+                    if phase == TRAIN and self.on_steps is not None:
+                        self.on_steps(cid, int(plans[cid].config.get("steps", 0)))
                     continue
             failures[cid] = failure
             log.warning("round %s: client %s %s (%s): %s", rnd, cid, failure[0], phase, failure[1])
@@ -585,7 +588,7 @@ def write_app(cfg: Config, out_dir: str | Path, run_out: str = "", engine_name: 
         "#   flwr run . local-simulation --run-config \"out='runs/flower-1'\")",
         "[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
         "[project]", 'name = "fedmole-app"', 'version = "1.0.0"', 'description = "fedmole federation on Flower"',
-        'dependencies = ["fedmole"]', "",
+        'license = "Apache-2.0"', 'dependencies = ["fedmole"]', "",
         "[tool.hatch.build.targets.wheel]", 'packages = ["."]', "",
         "[tool.flwr.app]", 'publisher = "fedmole"', "",
         "[tool.flwr.app.components]", 'serverapp = "fedmole_app.server_app:app"',
