@@ -38,7 +38,7 @@ def data_file(tmp_path_factory):
 
 def _marked_processes(mark: str) -> list[int]:
     pids = []
-    for p in psutil.process_iter(["pid"]):
+    for p in psutil.process_iter():
         try:
             if p.environ().get("FEDMOLE_TEST_MARK") == mark:
                 pids.append(p.pid)
@@ -99,3 +99,24 @@ def test_fedit_with_injected_drops_and_crashes_through_flower_sim_equals_inproce
     assert sim["skipped"] == ref["skipped"]
     assert sim["state_digest"] == ref["state_digest"]
     assert _lines(sim_dir / "metrics.jsonl") == _lines(ref_dir / "metrics.jsonl")
+
+
+def test_an_error_in_the_server_app_surfaces_and_leaves_no_process(tmp_path, data_file):
+    run_dir = tmp_path / "taken"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("")  # the ServerApp refuses to overwrite a run
+    mark = uuid.uuid4().hex
+    script = ("import sys; from pathlib import Path\n"
+              "from fedmole.config import load_config\n"
+              "from fedmole.engines.flower import run_flower_sim\n"
+              "from fedmole.errors import UserError\n"
+              f"cfg = load_config({str(ROOT / 'configs' / 'smoke.yaml')!r}, {[*FAST, f'data.path={data_file}']!r})\n"
+              "try:\n"
+              f"    run_flower_sim(cfg, Path({str(run_dir)!r}), 'none')\n"
+              "except UserError as err:\n"
+              "    print('USER ERROR:', err); sys.exit(2)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FEDMOLE_TEST_MARK": mark, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "USER ERROR:" in proc.stdout and "already holds a run" in proc.stdout
+    assert _marked_processes(mark) == []
