@@ -88,12 +88,23 @@ def resume(
     config: Path | None = typer.Option(None, "--config", help="Config to check against the run's own."),
     set_: list[str] = typer.Option([], "--set", help="Overrides to check against the run's config."),
     progress: str | None = typer.Option(None, "--progress", help="auto, rich, plain or none."),
+    engine: str = typer.Option("inprocess", "--engine", help="inprocess or flower-sim (any engine's checkpoint)."),
 ) -> None:
     """Continue a run from its last complete checkpoint (exactly: same final state and metrics)."""
     from fedmole.run import resume_experiment
 
+    check_engine(engine)
     out.print(f"fedmole: resuming {run_dir}")
-    summary = resume_experiment(run_dir, config, set_, progress)
+    if engine == "flower-sim":
+        from fedmole.engines.flower import run_flower_sim
+        from fedmole.run import check_resumable
+
+        cfg = check_resumable(run_dir, config, set_)
+        summary = run_flower_sim(cfg, run_dir, progress, resume=True)
+    elif engine == "flower-deploy":
+        summary = run_deploy(None, run_dir)
+    else:
+        summary = resume_experiment(run_dir, config, set_, progress)
     print_results(summary, run_dir)
 
 
