@@ -1,7 +1,7 @@
 """The `fedmole` command line.
 
     fedmole run CONFIG [--set key=value ...] [--out RUN_DIR] [--overwrite] [--engine inprocess|flower-sim|flower-deploy]
-    fedmole resume RUN_DIR [--config CONFIG] [--set key=value ...]
+    fedmole resume RUN_DIR [--config CONFIG] [--set key=value ...] [--engine ENGINE]
     fedmole data build wordnet [--force]
     fedmole data partition CONFIG [--set key=value ...]
     fedmole flower app CONFIG --out DIR [--set key=value ...]
@@ -44,8 +44,9 @@ def check_engine(engine: str) -> str:
     return engine
 
 
-def run_deploy(cfg, run_dir: Path) -> dict:
-    """`--engine flower-deploy`: run the ServerApp against a running SuperLink (filled in by the deploy work)."""
+def run_deploy(cfg, run_dir: Path, resume: bool = False) -> dict:
+    """`--engine flower-deploy`: run the ServerApp against a running SuperLink; returns the summary. With
+    `resume`, `cfg` is the run's own config (`fedmole.run.check_resumable`) and the run continues."""
     raise UserError("--engine flower-deploy is not implemented yet; use --engine flower-sim, or write an app with "
                     "`fedmole flower app CONFIG --out DIR` and run it with `flwr run DIR <federation>`")
 
@@ -88,7 +89,7 @@ def resume(
     config: Path | None = typer.Option(None, "--config", help="Config to check against the run's own."),
     set_: list[str] = typer.Option([], "--set", help="Overrides to check against the run's config."),
     progress: str | None = typer.Option(None, "--progress", help="auto, rich, plain or none."),
-    engine: str = typer.Option("inprocess", "--engine", help="inprocess or flower-sim (any engine's checkpoint)."),
+    engine: str = typer.Option("inprocess", "--engine", help="inprocess, flower-sim or flower-deploy."),
 ) -> None:
     """Continue a run from its last complete checkpoint (exactly: same final state and metrics)."""
     from fedmole.run import resume_experiment
@@ -102,7 +103,9 @@ def resume(
         cfg = check_resumable(run_dir, config, set_)
         summary = run_flower_sim(cfg, run_dir, progress, resume=True)
     elif engine == "flower-deploy":
-        summary = run_deploy(None, run_dir)
+        from fedmole.run import check_resumable
+
+        summary = run_deploy(check_resumable(run_dir, config, set_), run_dir, resume=True)
     else:
         summary = resume_experiment(run_dir, config, set_, progress)
     print_results(summary, run_dir)

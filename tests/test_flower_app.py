@@ -274,3 +274,13 @@ def test_records_carry_every_tensor_dtype_bit_for_bit():
     assert list(back) == list(t)
     assert all(back[k].dtype == t[k].dtype and back[k].shape == t[k].shape and torch.equal(back[k], t[k]) for k in t)
     assert flower.tensors_of(flower.arrays({})) == {}
+
+
+def test_the_run_config_may_name_a_config_file_instead_of_holding_it(tmp_path):
+    path = tmp_path / "fed.yaml"
+    path.write_text("federation: {num_clients: 4}\ntrain: {lr: 0.5}\n")
+    from_file = flower.config_from_text(str(path))
+    assert from_file.federation.num_clients == 4 and from_file.train.lr == 0.5
+    assert flower.config_from_text(path.read_text()).to_dict() == from_file.to_dict()
+    with pytest.raises(UserError, match="does not exist"):
+        flower.config_from_text(str(tmp_path / "missing.yaml"))

@@ -22,6 +22,7 @@ import fedmole
 from fedmole.config import load_config
 from fedmole.run import run_experiment
 
+pytestmark = pytest.mark.slow  # each test starts Ray
 ROOT = Path(fedmole.__file__).resolve().parents[1]
 FAST = ["federation.num_clients=3", "federation.rounds=2", "train.local_steps=2", "eval.max_examples=2",
         "train.num_threads=1", "data.source=jsonl", "data.max_examples=null"]

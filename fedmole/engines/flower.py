@@ -104,6 +104,11 @@ def config_text(cfg: Config) -> str:
 
 
 def config_from_text(text: str) -> Config:
+    """The config from the run config's `config`: YAML text, or the path of a YAML file on this machine."""
+    if "\n" not in text.strip() and text.strip().endswith((".yaml", ".yml")):
+        from fedmole.config import load_config
+
+        return load_config(text.strip())
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
