@@ -69,6 +69,7 @@ class LocalGrid(Grid):
         self.silent, self.fresh, self.tmp = set(silent), fresh, str(tmp)
         self.num_partitions = n if num_partitions is None else num_partitions
         self.messages = 0
+        self.pending = {}  # message id -> reply not pulled yet
 
     def set_run(self, run):
         self._run = run
@@ -84,14 +85,10 @@ class LocalGrid(Grid):
         return list(self.nodes)
 
     def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
+        """Deliver each message to its node's ClientApp at once; replies wait until pulled."""
+        ids = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = mid = f"m{len(self.pending)}-{self.messages}"
             node = msg.metadata.dst_node_id
             cid = self.nodes[node]
             ctx = Context(run_id=5, node_id=node, state=RecordDict(), run_config={},
@@ -105,8 +102,15 @@ class LocalGrid(Grid):
             except Exception as err:  # what a SuperNode does with an exception in the ClientApp
                 reply = Message(Error(code=2, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
             if cid not in self.silent or msg.metadata.message_type == "query":
-                out.append(reply)
-        return out
+                self.pending[mid] = reply
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.pending.pop(mid) for mid in list(message_ids) if mid in self.pending]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise NotImplementedError  # the engine polls push/pull itself, so that it can be stopped
 
 
 def _records(run_dir):
@@ -234,6 +238,21 @@ def test_a_node_with_the_wrong_num_partitions_is_refused_with_the_numbers(tmp_pa
     grid = LocalGrid(2, flower.config_text(cfg), tmp_path, num_partitions=5)
     with pytest.raises(UserError, match=r"num-partitions=5 .* federation.num_clients=2"):
         flower.FlowerEngine(grid, cfg)
+
+
+def test_a_stopped_engine_stops_waiting_for_replies(tmp_path):
+    cfg = load_config(SMOKE, ["federation.num_clients=2", "federation.round_deadline=600"])
+    grid = LocalGrid(2, flower.config_text(cfg), tmp_path, silent={1})
+    engine = flower.FlowerEngine(grid, cfg)
+    engine.poll_interval = 0.01
+    import threading
+
+    threading.Timer(0.3, flower.STOP.set).start()  # as run_flower_sim does after Ctrl-C
+    try:
+        with pytest.raises(flower.EngineStopped):
+            engine.train(1, {1: flower.Payload({}, {"round": 1})})  # client 1 never replies
+    finally:
+        flower.STOP.clear()
 
 
 def test_client_states_round_trip_through_the_nodes(tmp_path):
