@@ -303,3 +303,13 @@ def test_the_run_config_may_name_a_config_file_instead_of_holding_it(tmp_path):
     assert flower.config_from_text(path.read_text()).to_dict() == from_file.to_dict()
     with pytest.raises(UserError, match="does not exist"):
         flower.config_from_text(str(tmp_path / "missing.yaml"))
+
+
+def test_simulation_resources_never_exceed_the_machine(monkeypatch):
+    """Asking Ray for more CPUs than exist leaves an empty actor pool and a simulation that never ends."""
+    monkeypatch.setattr(flower.os, "cpu_count", lambda: 2)
+    for actors, clients, expect in [(1, 4, 1), (8, 4, 2), (8, 1, 1), (2, 3, 2)]:
+        cfg = load_config(SMOKE, [f"flower.sim_actors={actors}", f"federation.num_clients={clients}"])
+        backend = flower.sim_backend_config(cfg)
+        assert backend["client_resources"]["num_cpus"] == 1
+        assert backend["init_args"]["num_cpus"] == expect <= 2
