@@ -219,7 +219,7 @@ def test_flame_over_flower_messages_with_a_fresh_process_per_message_equals_inpr
 def test_client_errors_and_missing_replies_become_recorded_failures(tmp_path, data_file):
     """Client 1's node raises (its data file does not exist), client 2's node never replies within the round
     deadline; the run completes on client 0 and records both, with the failure kinds of the in-process engine."""
-    cfg = _cfg(SMOKE, data_file, "federation.num_clients=3", "federation.rounds=1", "federation.round_deadline=30")
+    cfg = _cfg(SMOKE, data_file, "federation.num_clients=3", "federation.rounds=1", "federation.round_deadline=1")
     grid = LocalGrid(3, flower.config_text(cfg), tmp_path / "nodes", silent={2},
                      node_config={1: {"data-path": str(tmp_path / "missing.jsonl")}})
     summary = _flower_run(cfg, tmp_path / "run", grid)
