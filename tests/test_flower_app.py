@@ -313,3 +313,15 @@ def test_simulation_resources_never_exceed_the_machine(monkeypatch):
         backend = flower.sim_backend_config(cfg)
         assert backend["client_resources"]["num_cpus"] == 1
         assert backend["init_args"]["num_cpus"] == expect <= 2
+
+
+def test_a_node_partitions_the_data_once_and_reuses_it_from_disk(tmp_path, data_file, monkeypatch):
+    cfg = _cfg(SMOKE, data_file, "federation.num_clients=3")
+    first = flower.cached_partition(cfg, 2, None, tmp_path)
+    assert first == flower.own_partition(cfg, 2, None) and len(list(tmp_path.glob("partition-2-*.json"))) == 1
+    calls = []
+    monkeypatch.setattr(flower, "own_partition", lambda *a: calls.append(a) or first)
+    assert flower.cached_partition(cfg, 2, None, tmp_path) == first and calls == []  # read back, not recomputed
+    other = _cfg(SMOKE, data_file, "federation.num_clients=3", "partition.seed=9")
+    flower.cached_partition(other, 2, None, tmp_path)  # another partition config is another entry
+    assert len(calls) == 1

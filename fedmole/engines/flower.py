@@ -225,6 +225,38 @@ def own_partition(cfg: Config, cid: int, data_path: str | None):
     return load_federated_data(cfg)[cid]
 
 
+def _file_stamp(path: str | None) -> list:
+    p = Path(path) if path else None
+    if p is None or not p.is_file():
+        return [path]
+    st = p.stat()
+    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def cached_partition(cfg: Config, cid: int, data_path: str | None, root: Path):
+    """`own_partition`, stored once per node as JSON under `root`: in the deployment engine every message
+    runs in a fresh process, and re-reading and re-partitioning the data set (seconds for WordNet) would be
+    paid per message. The key covers everything the partition depends on, data files' size and mtime too."""
+    from fedmole.data.partition import ClientData
+    from fedmole.data.schema import Example
+
+    basis = {"data": cfg.data.model_dump(mode="json"), "partition": cfg.partition.model_dump(mode="json"),
+             "clients": cfg.federation.num_clients, "seed": cfg.partition_seed, "client": cid,
+             "shared": _file_stamp(cfg.data.path), "local": _file_stamp(data_path)}
+    key = hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:20]
+    path = root / f"partition-{cid}-{key}.json"
+    splits = ("train", "aux", "val", "test")
+    if path.is_file():
+        d = json.loads(path.read_text())
+        return ClientData(cid, *([Example.from_dict(e) for e in d[k]] for k in splits))
+    client = own_partition(cfg, cid, data_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({k: [e.to_dict() for e in getattr(client, k)] for k in splits}))
+    os.replace(tmp, path)
+    return client
+
+
 def client_procedure(settings: dict, context: Context, cid: int):
     """(cfg, procedure) of this process, built once per config; the node's client data is added once."""
     from fedmole.algorithms import get_algorithm
@@ -238,7 +270,8 @@ def client_procedure(settings: dict, context: Context, cid: int):
         _RUNTIMES[key] = (cfg, get_algorithm(cfg.algorithm.name).Client(cfg, runtime))
     cfg, procedure = _RUNTIMES[key]
     if cid not in procedure.runtime.clients:
-        procedure.runtime.add_clients([own_partition(cfg, cid, data_path)])
+        root = state_root(context, settings)
+        procedure.runtime.add_clients([cached_partition(cfg, cid, data_path, root)])
     return cfg, procedure
 
 
