@@ -1,13 +1,14 @@
 """The `fedmole` command line.
 
-    fedmole run CONFIG [--set key=value ...] [--out RUN_DIR] [--overwrite]
-    fedmole resume RUN_DIR [--config CONFIG] [--set key=value ...]
+    fedmole run CONFIG [--set key=value ...] [--out RUN_DIR] [--overwrite] [--engine inprocess|flower-sim|flower-deploy]
+    fedmole resume RUN_DIR [--config CONFIG] [--set key=value ...] [--engine ENGINE]
     fedmole report RUN_DIR [RUN_DIR ...] [--out DIR] [--csv] [--rounds 1,3]
     fedmole data build wordnet [--force]
     fedmole data partition CONFIG [--set key=value ...]
     fedmole export RUN_DIR (--client ID | --global) --out DIR [--round N] [--merge]
     fedmole eval RUN_DIR [--round N] [--split test|val] [--client ID]
     fedmole generate DIR --prompt TEXT [--max-new-tokens N]   (or RUN_DIR --client ID)
+    fedmole flower app CONFIG --out DIR [--set key=value ...]
 
 A user error (bad config, missing file, unknown model...) prints one message and exits with code 2.
 """
@@ -28,12 +29,31 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Federated fine-tuning of LLMs with mixtures of LoRA experts.")
 data_app = typer.Typer(no_args_is_help=True, help="Build datasets and inspect partitions.")
 app.add_typer(data_app, name="data")
+flower_app = typer.Typer(no_args_is_help=True, help="Flower apps of fedmole configs.")
+app.add_typer(flower_app, name="flower")
 
 # pipes and log files get a fixed, wide layout instead of rich's 80-column default
 out = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 SET_HELP = "Override a config value, e.g. --set train.lr=1e-4 (repeatable)."
+ENGINES = ("inprocess", "flower-sim", "flower-deploy")
+
+
+def check_engine(engine: str) -> str:
+    if engine not in ENGINES:
+        from fedmole.errors import did_you_mean
+
+        raise UserError(f'unknown engine "{engine}"{did_you_mean(engine, ENGINES)}; choose one of: '
+                        + ", ".join(ENGINES))
+    return engine
+
+
+def run_deploy(cfg, run_dir: Path, resume: bool = False) -> dict:
+    """`--engine flower-deploy`: run the ServerApp against a running SuperLink; returns the summary. With
+    `resume`, `cfg` is the run's own config (`fedmole.run.check_resumable`) and the run continues."""
+    raise UserError("--engine flower-deploy is not implemented yet; use --engine flower-sim, or write an app with "
+                    "`fedmole flower app CONFIG --out DIR` and run it with `flwr run DIR <federation>`")
 
 
 @app.command()
@@ -43,10 +63,12 @@ def run(
     out_dir: Path | None = typer.Option(None, "--out", help="Run directory (default: output.dir/<name>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
     progress: str | None = typer.Option(None, "--progress", help="auto, rich, plain or none."),
+    engine: str = typer.Option("inprocess", "--engine", help="inprocess, flower-sim or flower-deploy."),
 ) -> None:
     """Run a federated fine-tuning experiment."""
     from fedmole.config import load_config
 
+    check_engine(engine)
     cfg = load_config(config, set_)
     if progress is not None:
         cfg.output.progress = progress
@@ -55,7 +77,14 @@ def run(
     run_dir = prepare_run_dir(cfg, out_dir, config, overwrite)
     out.print(f"fedmole: {cfg.algorithm.name} on {cfg.model.name}, {cfg.federation.num_clients} clients, "
               f"{cfg.federation.rounds} rounds -> {run_dir}")
-    summary = run_experiment(cfg, run_dir)
+    if engine == "flower-sim":
+        from fedmole.engines.flower import run_flower_sim
+
+        summary = run_flower_sim(cfg, run_dir)
+    elif engine == "flower-deploy":
+        summary = run_deploy(cfg, run_dir)
+    else:
+        summary = run_experiment(cfg, run_dir)
     print_results(summary, run_dir)
 
 
@@ -65,12 +94,25 @@ def resume(
     config: Path | None = typer.Option(None, "--config", help="Config to check against the run's own."),
     set_: list[str] = typer.Option([], "--set", help="Overrides to check against the run's config."),
     progress: str | None = typer.Option(None, "--progress", help="auto, rich, plain or none."),
+    engine: str = typer.Option("inprocess", "--engine", help="inprocess, flower-sim or flower-deploy."),
 ) -> None:
     """Continue a run from its last complete checkpoint (exactly: same final state and metrics)."""
     from fedmole.run import resume_experiment
 
+    check_engine(engine)
     out.print(f"fedmole: resuming {run_dir}")
-    summary = resume_experiment(run_dir, config, set_, progress)
+    if engine == "flower-sim":
+        from fedmole.engines.flower import run_flower_sim
+        from fedmole.run import check_resumable
+
+        cfg = check_resumable(run_dir, config, set_)
+        summary = run_flower_sim(cfg, run_dir, progress, resume=True)
+    elif engine == "flower-deploy":
+        from fedmole.run import check_resumable
+
+        summary = run_deploy(check_resumable(run_dir, config, set_), run_dir, resume=True)
+    else:
+        summary = resume_experiment(run_dir, config, set_, progress)
     print_results(summary, run_dir)
 
 
@@ -159,6 +201,30 @@ def data_partition(
 app.command("export")(cli_results.export_cmd)
 app.command("eval")(cli_results.eval_cmd)
 app.command("generate")(cli_results.generate_cmd)
+
+
+@flower_app.command("app")
+def flower_write_app(
+    config: Path = typer.Argument(..., help="YAML config file."),
+    out_dir: Path = typer.Option(..., "--out", help="Directory to write the Flower app to."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    run_out: str = typer.Option("", "--run-out", help="Run directory the ServerApp writes (run config `out`)."),
+) -> None:
+    """Write a Flower app directory (pyproject.toml + components) for `flwr run DIR [FEDERATION]`."""
+    from fedmole.config import load_config
+
+    cfg = load_config(config, set_)
+    if out_dir.exists() and (out_dir / "pyproject.toml").exists():
+        raise UserError(f"{out_dir} already holds a pyproject.toml; choose another --out")
+    from fedmole.engines.flower import write_app
+
+    path = write_app(cfg, out_dir, str(Path(run_out).resolve()) if run_out else "")
+    n = cfg.federation.num_clients
+    out.print(f"Flower app: {path}\n"
+              f"  simulate: flwr run {out_dir} local-simulation --run-config \"out='/abs/runs/NAME'\"\n"
+              f"  deploy:   flwr run {out_dir} FEDERATION --run-config \"out='/abs/runs/NAME' "
+              f"engine-name='flower-deploy'\"\n            with one SuperNode per client: "
+              f"--node-config 'partition-id=I num-partitions={n}'")
 
 
 def main() -> None:

@@ -702,6 +702,18 @@ class CommConfig(Section):
     )
 
 
+class FlowerConfig(Section):
+    """The Flower engines (`fedmole run --engine flower-sim|flower-deploy`); ignored by the in-process engine."""
+
+    sim_actors: int = Field(
+        1, ge=1, description="flower-sim: ClientApp worker processes (Ray actors, one CPU each) running clients in "
+        "parallel; capped at the machine's cores and the number of clients. Each holds its own copy of the model"
+    )
+    connect_timeout: float = Field(
+        600.0, gt=0, description="seconds the ServerApp waits for one Flower node per client to connect"
+    )
+
+
 class CheckpointConfig(Section):
     every: int = Field(1, ge=1, description="checkpoint every N rounds (and always after the last)")
     keep_last: int | None = Field(2, ge=1, description="checkpoints to keep; null keeps all")
@@ -722,6 +734,7 @@ class Config(Section):
     dp: DPConfig = Field(default_factory=DPConfig)
     comm: CommConfig = Field(default_factory=CommConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    flower: FlowerConfig = Field(default_factory=FlowerConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     @field_validator("algorithm", mode="before")

@@ -320,8 +320,12 @@ def build_runtime(cfg: Config, clients):
     return runtime
 
 
-def _setup(cfg: Config, run_dir: Path, progress_mode: str | None) -> Federation:
-    """Data, runtime, strategy, engine and progress display of a run (fresh or resumed)."""
+def _setup(cfg: Config, run_dir: Path, progress_mode: str | None, make_engine=None) -> Federation:
+    """Data, runtime, strategy, engine and progress display of a run (fresh or resumed).
+
+    `make_engine(cfg)` builds a remote engine (Flower): the clients then train elsewhere, so this process
+    loads the model and adapters only for the server's strategy and encodes no client data. Default: the
+    in-process engine, every client on this process's runtime."""
     from fedmole.algorithms import get_algorithm
     from fedmole.data.partition import manifest
     from fedmole.engines.inprocess import InProcessEngine
@@ -333,14 +337,16 @@ def _setup(cfg: Config, run_dir: Path, progress_mode: str | None) -> Federation:
         raise UserError(f"the data partition differs from the one this run started with ({saved}); the data "
                         f"files changed, so the run cannot be resumed exactly. Start a new run")
     atomic_write_text(saved, parts)
-    runtime = build_runtime(cfg, clients)
+    runtime = build_runtime(cfg, clients if make_engine is None else [])
     algo = get_algorithm(cfg.algorithm.name)
     strategy = algo.Server(cfg, runtime.adapters)
-    engine = InProcessEngine(algo.Client(cfg, runtime))
+    engine = InProcessEngine(algo.Client(cfg, runtime)) if make_engine is None else make_engine(cfg)
     total = cfg.federation.rounds * cfg.clients_per_round * cfg.train.local_steps
     progress = RunProgress(progress_mode or cfg.output.progress, total)
     runtime.on_step = progress.step
     engine.on_client = lambda phase, cid, rnd: progress.client_phase(phase, cid)
+    if hasattr(engine, "on_steps"):  # clients train elsewhere: count their steps when they reply
+        engine.on_steps = progress.client_done
     return Federation(cfg, run_dir, strategy, engine, progress)
 
 
@@ -364,13 +370,14 @@ def write_exports(fed: Federation) -> None:
         write_tensorboard(fed.run_dir)
 
 
-def run_experiment(cfg: Config, run_dir: Path, progress_mode: str | None = None) -> dict:
-    """Run a whole federation in-process and write the run directory; returns the summary."""
+def run_experiment(cfg: Config, run_dir: Path, progress_mode: str | None = None, make_engine=None) -> dict:
+    """Run a whole federation and write the run directory; returns the summary. The clients run in this
+    process unless `make_engine(cfg)` supplies another engine (see `_setup`)."""
     handler = _attach_log_file(run_dir)
     try:
         t0 = time.time()
         dump_config(cfg, run_dir / "config.yaml")
-        fed = _setup(cfg, run_dir, progress_mode)
+        fed = _setup(cfg, run_dir, progress_mode, make_engine)
         return _execute(fed, 1, time.time() - t0)
     finally:
         log.removeHandler(handler)
@@ -404,12 +411,15 @@ def _truncate_artifacts(run_dir: Path, last_round: int) -> None:
         atomic_write_text(path, "".join(x + "\n" for x in lines))
 
 
-def resume_experiment(run_dir: Path, config_path: Path | None = None, overrides: list[str] | None = None,
-                      progress_mode: str | None = None) -> dict:
-    """Continue a run from its last complete checkpoint; the result equals the uninterrupted run."""
+def check_resumable(run_dir: Path, config_path: Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The config of the run in `run_dir`, after checking that it can be resumed with the requested config
+    (a UserError otherwise); cheap, so engines call it before starting anything."""
+    return _resume_configs(Path(run_dir), config_path, overrides)[0]
+
+
+def _resume_configs(run_dir: Path, config_path: Path | None, overrides: list[str] | None) -> tuple[Config, Config]:
     from fedmole.config import load_config
 
-    run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a fedmole run directory (no config.yaml); check the path")
     cfg = load_config(run_dir / "config.yaml")
@@ -420,17 +430,26 @@ def resume_experiment(run_dir: Path, config_path: Path | None = None, overrides:
     if diff:
         raise UserError("refusing to resume with a different config (the result would match neither run):\n  "
                         + "\n  ".join(diff) + "\nStart a new run with `fedmole run` to change settings")
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
+    if latest_checkpoint(run_dir) is None:
         raise UserError(f"{run_dir} has no complete checkpoint to resume from; start it again with "
                         f"`fedmole run CONFIG --out {run_dir} --overwrite`")
+    return cfg, requested
+
+
+def resume_experiment(run_dir: Path, config_path: Path | None = None, overrides: list[str] | None = None,
+                      progress_mode: str | None = None, make_engine=None) -> dict:
+    """Continue a run from its last complete checkpoint; the result equals the uninterrupted run.
+    `make_engine` as in `run_experiment` (the clients' states are loaded into whichever engine runs)."""
+    run_dir = Path(run_dir)
+    cfg, requested = _resume_configs(run_dir, config_path, overrides)
+    ckpt = latest_checkpoint(run_dir)
     handler = _attach_log_file(run_dir)
     try:
         meta, server_tensors, client_states = load_checkpoint(ckpt)
         if meta["round"] >= cfg.federation.rounds and (run_dir / "summary.json").is_file():
             return json.loads((run_dir / "summary.json").read_text())
         log.info("resuming %s after round %s", run_dir, meta["round"])
-        fed = _setup(cfg, run_dir, progress_mode or requested.output.progress)
+        fed = _setup(cfg, run_dir, progress_mode or requested.output.progress, make_engine)
         fed.strategy.load_state_dict(server_tensors, meta["server"])
         fed.engine.load_client_states(client_states)
         fed.metrics.truncate(meta["metrics_records"])
