@@ -295,6 +295,22 @@ def test_records_carry_every_tensor_dtype_bit_for_bit():
     assert flower.tensors_of(flower.arrays({})) == {}
 
 
+@pytest.mark.parametrize("transfer", ["fp16", "bf16"])
+def test_compressed_transfer_puts_half_the_bytes_on_the_wire_and_restores_dtypes(transfer):
+    from fedmole.comm import transfer as round_through
+
+    t = {"m/0/A": torch.randn(64, 8), "m/0/B": torch.randn(8, 64), "idx": torch.arange(3)}
+    sent = round_through(t, transfer)  # what the round loop hands the engine: already rounded, still fp32
+    record = flower.arrays(sent, transfer)
+    on_wire = {k: v for k, v in record.items()}
+    float_bytes = sum(a.numpy().nbytes for k, a in on_wire.items() if not k.startswith("idx"))
+    assert float_bytes == (64 * 8 * 2) * 2  # two 512-element tensors at 2 bytes each, not 4
+    back = flower.tensors_of(record)
+    assert list(back) == list(t)
+    assert all(back[k].dtype == t[k].dtype and torch.equal(back[k], sent[k]) for k in t)
+    assert not torch.equal(back["m/0/A"], t["m/0/A"])  # the values did go through the transfer dtype
+
+
 def test_the_run_config_may_name_a_config_file_instead_of_holding_it(tmp_path):
     path = tmp_path / "fed.yaml"
     path.write_text("federation: {num_clients: 4}\ntrain: {lr: 0.5}\n")

@@ -50,6 +50,7 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import load_file, save_file
 
 from fedmole.algorithms.base import ClientState, Payload, Reply
+from fedmole.comm import wire_dtype
 from fedmole.config import Config, validate_config
 from fedmole.errors import UserError
 
@@ -68,12 +69,18 @@ _VIEWS = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8, torch.f
 _BY_NAME = {str(d).removeprefix("torch."): d for d in _VIEWS}
 
 
-def arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+def arrays(tensors: dict[str, torch.Tensor], transfer: str = "fp32") -> ArrayRecord:
+    """Tensors as an ArrayRecord. With `comm.dtype` fp16/bf16 (`transfer`), floating tensors travel in that
+    dtype, named `key#dtype` with the dtype they are restored to on arrival (the round loop has already
+    rounded them through it, so the round trip is exact and the bytes on the wire are what comm.jsonl counts)."""
     if not tensors:
         return ArrayRecord()
     out = {}
     for k, v in tensors.items():
         v = v.detach().cpu().contiguous()
+        wire = wire_dtype(v.dtype, transfer)
+        if wire != v.dtype:
+            k, v = f"{k}#{str(v.dtype).removeprefix('torch.')}", v.to(wire)
         if v.dtype in _VIEWS:
             out[f"{k}@{str(v.dtype).removeprefix('torch.')}"] = v.view(_VIEWS[v.dtype])
         else:
@@ -88,9 +95,11 @@ def tensors_of(record: ArrayRecord | None) -> dict[str, torch.Tensor]:
     for k, v in record.to_torch_state_dict().items():
         name, _, dtype = k.rpartition("@")
         if name and dtype in _BY_NAME:
-            out[name] = v.view(_BY_NAME[dtype])
-        else:
-            out[k] = v
+            k, v = name, v.view(_BY_NAME[dtype])
+        name, _, restore = k.rpartition("#")
+        if name and hasattr(torch, restore) and isinstance(getattr(torch, restore), torch.dtype):
+            k, v = name, v.to(getattr(torch, restore))
+        out[k] = v
     return out
 
 
@@ -125,15 +134,15 @@ def _settings(context: Context, bound: dict | None) -> dict:
     return settings
 
 
-def payload_content(cid: int, payload: Payload) -> RecordDict:
-    return RecordDict({"arrays": arrays(payload.tensors),
+def payload_content(cid: int, payload: Payload, transfer: str = "fp32") -> RecordDict:
+    return RecordDict({"arrays": arrays(payload.tensors, transfer),
                        "config": ConfigRecord({"client": cid, "payload": json.dumps(payload.config)})})
 
 
-def reply_content(reply: Reply) -> RecordDict:
+def reply_content(reply: Reply, transfer: str = "fp32") -> RecordDict:
     numeric = {k: v for k, v in reply.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     body = {"num_examples": reply.num_examples, "metrics": reply.metrics, "evals": reply.evals, "extra": reply.extra}
-    return RecordDict({"arrays": arrays(reply.tensors),
+    return RecordDict({"arrays": arrays(reply.tensors, transfer),
                        "metrics": MetricRecord({**numeric, "num-examples": int(reply.num_examples)}),
                        "config": ConfigRecord({"reply": json.dumps(body)})})
 
@@ -311,7 +320,8 @@ def handle_message(msg: Message, context: Context, bound: dict | None = None) ->
     out = execute(procedure, kind, cid, payload, work)
     if out.commit:
         save_state(path, work)
-    content = reply_content(out.reply) if out.reply is not None else failure_content(*out.failure)
+    content = (reply_content(out.reply, cfg.comm.dtype) if out.reply is not None
+               else failure_content(*out.failure))
     return Message(content, reply_to=msg)
 
 
@@ -422,8 +432,8 @@ class FlowerEngine:
         if self.on_client is not None:
             for cid in plans:
                 self.on_client(phase, cid, rnd)
-        got = self._send(phase, str(rnd), {cid: payload_content(cid, p) for cid, p in plans.items()},
-                         self.deadline)
+        contents = {cid: payload_content(cid, p, self.cfg.comm.dtype) for cid, p in plans.items()}
+        got = self._send(phase, str(rnd), contents, self.deadline)
         for cid in plans:
             msg = got[cid]
             if msg is None:
