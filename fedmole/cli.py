@@ -1,10 +1,13 @@
 """The `fedmole` command line.
 
     fedmole run CONFIG [--set key=value ...] [--out RUN_DIR] [--overwrite] [--engine inprocess|flower-sim|flower-deploy]
+                       [--superlink HOST:PORT [--root-certificates CA_PEM]]    (flower-deploy)
     fedmole resume RUN_DIR [--config CONFIG] [--set key=value ...]
     fedmole data build wordnet [--force]
     fedmole data partition CONFIG [--set key=value ...]
     fedmole flower app CONFIG --out DIR [--set key=value ...]
+    fedmole flower certs --out DIR [--host IP_OR_NAME ...]
+    fedmole flower keys --out DIR [--name NAME ...]
 
 A user error (bad config, missing file, unknown model...) prints one message and exits with code 2.
 """
@@ -44,12 +47,6 @@ def check_engine(engine: str) -> str:
     return engine
 
 
-def run_deploy(cfg, run_dir: Path) -> dict:
-    """`--engine flower-deploy`: run the ServerApp against a running SuperLink (filled in by the deploy work)."""
-    raise UserError("--engine flower-deploy is not implemented yet; use --engine flower-sim, or write an app with "
-                    "`fedmole flower app CONFIG --out DIR` and run it with `flwr run DIR <federation>`")
-
-
 @app.command()
 def run(
     config: Path = typer.Argument(..., help="YAML config file."),
@@ -58,11 +55,21 @@ def run(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
     progress: str | None = typer.Option(None, "--progress", help="auto, rich, plain or none."),
     engine: str = typer.Option("inprocess", "--engine", help="inprocess, flower-sim or flower-deploy."),
+    superlink: str | None = typer.Option(None, "--superlink", help="flower-deploy: the SuperLink's HOST:PORT."),
+    root_certificates: Path | None = typer.Option(
+        None, "--root-certificates", help="flower-deploy: CA certificate (PEM) of the SuperLink's TLS certificate; "
+        "without it the connection is insecure (no TLS)."),
 ) -> None:
     """Run a federated fine-tuning experiment."""
     from fedmole.config import load_config
 
     check_engine(engine)
+    if engine == "flower-deploy":
+        from fedmole.engines.flower_deploy import check_superlink
+
+        check_superlink(superlink, root_certificates)
+    elif superlink is not None or root_certificates is not None:
+        raise UserError("--superlink and --root-certificates only apply to --engine flower-deploy")
     cfg = load_config(config, set_)
     if progress is not None:
         cfg.output.progress = progress
@@ -76,7 +83,9 @@ def run(
 
         summary = run_flower_sim(cfg, run_dir)
     elif engine == "flower-deploy":
-        summary = run_deploy(cfg, run_dir)
+        from fedmole.engines.flower_deploy import run_flower_deploy
+
+        summary = run_flower_deploy(cfg, run_dir, superlink, root_certificates, echo=lambda line: print(line, flush=True))
     else:
         summary = run_experiment(cfg, run_dir)
     print_results(summary, run_dir)
@@ -174,6 +183,43 @@ def flower_write_app(
 
     path = write_app(cfg, out_dir, run_out)
     out.print(f"Flower app: {path}\n  run it: flwr run {out_dir} local-simulation --run-config \"out='runs/NAME'\"")
+
+
+@flower_app.command("certs")
+def flower_certs(
+    out_dir: Path = typer.Option(..., "--out", help="Directory for ca.crt, ca.key, server.pem, server.key."),
+    host: list[str] = typer.Option([], "--host", help="IP address or DNS name SuperNodes use to reach the "
+                                   "SuperLink (repeatable); 127.0.0.1 and localhost are always included."),
+    days: int = typer.Option(365, "--days", help="Validity in days."),
+) -> None:
+    """Write a self-signed CA and a SuperLink TLS certificate signed by it (docs/deployment.md)."""
+    from fedmole.engines.flower_procs import make_certificates
+
+    if days < 1:
+        raise UserError(f"--days {days}: a certificate must be valid for at least 1 day")
+    if (out_dir / "server.pem").exists():
+        raise UserError(f"{out_dir} already holds server.pem; choose another --out or delete the old files")
+    # the SuperLink's own SuperExec reaches it on 127.0.0.1 (also when it listens on 0.0.0.0)
+    hosts = list(dict.fromkeys([*host, "127.0.0.1", "localhost"]))
+    c = make_certificates(out_dir, hosts, days)
+    out.print(f"CA certificate: {c.ca}  (give it to every SuperNode and to `flwr`: --root-certificates)\n"
+              f"SuperLink certificate: {c.cert}, key: {c.key}  (for {', '.join(hosts)}; keep the keys private)")
+
+
+@flower_app.command("keys")
+def flower_keys(
+    out_dir: Path = typer.Option(..., "--out", help="Directory for the key pairs."),
+    name: list[str] = typer.Option(["supernode"], "--name", help="Key pair name, one per SuperNode (repeatable)."),
+) -> None:
+    """Write EC key pairs for SuperNode authentication (NAME private, NAME.pub for `flwr supernode register`)."""
+    from fedmole.engines.flower_procs import make_auth_keys
+
+    for n in name:
+        if (out_dir / n).exists():
+            raise UserError(f"{out_dir / n} already exists; choose another --name or --out")
+        private, public = make_auth_keys(out_dir, n)
+        out.print(f"{n}: private {private} (flower-supernode --auth-supernode-private-key), public {public} "
+                  f"(flwr supernode register)")
 
 
 def main() -> None:
