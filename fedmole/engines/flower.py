@@ -75,8 +75,13 @@ def tensors_of(record: ArrayRecord | None) -> dict[str, torch.Tensor]:
 
 
 def config_text(cfg: Config) -> str:
-    """The resolved config as YAML text: what travels in the run config under `config`."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The config as YAML text: what travels in the run config under `config`. Only the keys that were set
+    are written (some checks depend on what the user named, e.g. optional data columns), unless that would
+    lose a value set on the object after loading; then the whole resolved config."""
+    text = yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True), sort_keys=False)
+    if validate_config(yaml.safe_load(text) or {}).to_dict() != cfg.to_dict():
+        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return text
 
 
 def config_from_text(text: str) -> Config:
@@ -569,8 +574,8 @@ def write_app(cfg: Config, out_dir: str | Path, run_out: str = "", engine_name: 
     pkg = out / "fedmole_app"
     pkg.mkdir(parents=True, exist_ok=True)
     (pkg / "__init__.py").write_text('"""fedmole Flower app (written by `fedmole flower app`)."""\n')
-    (pkg / "server_app.py").write_text("from fedmole.engines.flower import server_app as app  # noqa: F401\n")
-    (pkg / "client_app.py").write_text("from fedmole.engines.flower import client_app as app  # noqa: F401\n")
+    for side in ("server", "client"):  # a plain assignment: Flower finds `app` by reading the file
+        (pkg / f"{side}_app.py").write_text(f"from fedmole.engines import flower\n\napp = flower.{side}_app\n")
     (out / "fedmole.yaml").write_text(config_text(cfg))  # for reading; the run config below is what runs
     run_config = {"config": config_text(cfg), "out": run_out, "overwrite": False, "state-dir": "",
                   "engine-name": engine_name, "progress": "plain", **(extra_run_config or {})}

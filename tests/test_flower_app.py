@@ -1,0 +1,259 @@
+"""The Flower engine without Ray: the app writer, the CLI's engine choice, and the FlowerEngine + ClientApp
+over an in-memory Grid that calls the real ClientApp for each message (optionally in a 'fresh process':
+the per-process runtime cache is emptied before every message, as in Flower's deployment engine)."""
+
+import importlib
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import load_file
+
+import fedmole
+from fedmole.algorithms.base import ClientState
+from fedmole.config import load_config
+from fedmole.engines import flower
+from fedmole.errors import UserError
+from fedmole.run import latest_checkpoint, resume_experiment, run_experiment
+
+ROOT = Path(fedmole.__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+FLAME = ROOT / "configs" / "smoke_flame.yaml"
+FAST = ["eval.max_examples=2", "partition.min_size=10", "train.local_steps=2", "train.num_threads=1",
+        "federation.rounds=2"]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """A small JSONL data set: loads in milliseconds, so rebuilding a client per message stays cheap."""
+    path = tmp_path_factory.mktemp("data") / "words.jsonl"
+    rows = [{"instruction": f"Define the word w{i}.", "context": "", "response": f"thing number {i % 17}",
+             "task": "definition", "domain": f"d{i % 3}"} for i in range(150)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(base, data_file, *overrides):
+    return load_config(base, [*FAST, "data.source=jsonl", f"data.path={data_file}", "data.max_examples=null",
+                              "partition.scheme=iid", *overrides])
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Flower stamps instruction messages with the identity of the ServerApp task; outside a Flower runtime
+    the test plays that task."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 5, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+class LocalGrid(Grid):
+    """A Grid whose nodes are the real fedmole ClientApp called in this process. `node_config` adds per-client
+    node settings; clients in `silent` never reply (as past a deadline); `fresh` empties the runtime cache
+    before every message."""
+
+    def __init__(self, n, config_text, tmp, node_config=None, silent=(), fresh=False, num_partitions=None):
+        self.app = flower.make_client_app({"config": config_text})
+        self.nodes = {100 + 7 * c: c for c in range(n)}  # node ids unlike client ids
+        self.node_config = node_config or {}
+        self.silent, self.fresh, self.tmp = set(silent), fresh, str(tmp)
+        self.num_partitions = n if num_partitions is None else num_partitions
+        self.messages = 0
+
+    def set_run(self, run):
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id, message_type, group_id=group_id)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            cid = self.nodes[node]
+            ctx = Context(run_id=5, node_id=node, state=RecordDict(), run_config={},
+                          node_config={"partition-id": cid, "num-partitions": self.num_partitions,
+                                       "state-dir": self.tmp, **self.node_config.get(cid, {})})
+            if self.fresh:
+                flower._RUNTIMES.clear()
+            self.messages += 1
+            try:
+                reply = self.app(msg, ctx)
+            except Exception as err:  # what a SuperNode does with an exception in the ClientApp
+                reply = Message(Error(code=2, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+            if cid not in self.silent or msg.metadata.message_type == "query":
+                out.append(reply)
+        return out
+
+
+def _records(run_dir):
+    return sorted(json.dumps(json.loads(x), sort_keys=True) for x in (run_dir / "metrics.jsonl").read_text().splitlines())
+
+
+def _flower_run(cfg, run_dir, grid):
+    run_dir.mkdir()
+    return run_experiment(cfg, run_dir, "none", make_engine=lambda c: flower.FlowerEngine(grid, c, "flower-local"))
+
+
+# ------------------------------------------------------------------------------------------ the app
+def test_app_writer_writes_a_flower_app_whose_components_import_and_carry_the_config(tmp_path, monkeypatch):
+    from flwr.cli.config_utils import load_and_validate
+
+    cfg = load_config(SMOKE, ["federation.num_clients=3", "train.lr=0.25"])
+    path = flower.write_app(cfg, tmp_path / "app", run_out="runs/x")
+    doc = tomllib.loads(path.read_text())
+    comps = doc["tool"]["flwr"]["app"]["components"]
+    assert comps == {"serverapp": "fedmole_app.server_app:app", "clientapp": "fedmole_app.client_app:app"}
+    run_config = doc["tool"]["flwr"]["app"]["config"]
+    assert run_config["out"] == "runs/x"
+    assert flower.config_from_text(run_config["config"]).to_dict() == cfg.to_dict()
+    fed = doc["tool"]["flwr"]["federations"]
+    assert fed["default"] == "local-simulation"
+    assert fed["local-simulation"]["options"]["num-supernodes"] == 3
+    assert fed["local-simulation"]["options"]["backend"]["client-resources"]["num-cpus"] == 1
+    # Flower's own validation of the project (it imports both components from the app directory)
+    conf, warnings = load_and_validate(path, check_module=True)  # raises on an invalid app
+    assert conf["tool"]["flwr"]["app"]["components"] == comps
+    monkeypatch.syspath_prepend(str(tmp_path / "app"))
+    assert isinstance(importlib.import_module("fedmole_app.server_app").app, ServerApp)
+    assert isinstance(importlib.import_module("fedmole_app.client_app").app, ClientApp)
+
+
+def test_cli_writes_the_app_and_refuses_to_overwrite_it(tmp_path):
+    env_path = {"PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "fedmole.cli", "flower", "app", str(SMOKE), "--out", str(tmp_path / "app")]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**_env(), **env_path})
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (tmp_path / "app" / "pyproject.toml").is_file()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**_env(), **env_path})
+    assert again.returncode == 2 and "already holds a pyproject.toml" in again.stderr
+
+
+def _env():
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def test_unknown_engine_is_a_clear_error_before_anything_runs(tmp_path):
+    run_dir = tmp_path / "r"
+    proc = subprocess.run([sys.executable, "-m", "fedmole.cli", "run", str(SMOKE), "--engine", "flwr-sim",
+                           "--out", str(run_dir)], capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode == 2
+    err = " ".join(proc.stderr.split())
+    assert 'unknown engine "flwr-sim"' in err and 'did you mean "flower-sim"' in err
+    assert "inprocess, flower-sim, flower-deploy" in err and "Traceback" not in proc.stderr
+    assert not run_dir.exists()
+
+
+# ------------------------------------------------------------------------- engine over a local grid
+def test_flame_over_flower_messages_with_a_fresh_process_per_message_equals_inprocess(tmp_path, data_file):
+    """FLAME keeps per-client state (data cursor, rescalers); here every message rebuilds the client runtime and
+    reads the state from the node's disk, and the run still equals the in-process one bit for bit."""
+    cfg = _cfg(FLAME, data_file, "federation.num_clients=3", "tiers.per_client=[1,2,4]", "checkpoint.keep_last=null")
+    ref_dir = tmp_path / "inprocess"
+    ref_dir.mkdir()
+    ref = run_experiment(cfg, ref_dir, "none")
+    grid = LocalGrid(3, flower.config_text(cfg), tmp_path / "nodes", fresh=True)
+    got = _flower_run(cfg, tmp_path / "flower", grid)
+    assert got["engine"] == "flower-local" and ref["engine"] == "inprocess"
+    assert got["state_digest"] == ref["state_digest"]
+    assert _records(tmp_path / "flower") == _records(ref_dir)
+    for name in ("round_0001", "round_0002"):  # checkpoints gather every client's state from its node
+        a, b = ref_dir / "checkpoints" / name, tmp_path / "flower" / "checkpoints" / name
+        ta, tb = load_file(a / "clients.safetensors"), load_file(b / "clients.safetensors")
+        assert ta.keys() == tb.keys() and len(ta) > 0
+        assert all(torch.equal(ta[k], tb[k]) for k in ta)
+        meta_a, meta_b = (json.loads((x / "state.json").read_text())["clients"] for x in (a, b))
+        assert meta_a == meta_b and meta_a["2"]["cursor"]["pos"] > 0
+    # the node-local state file is what the last checkpoint holds
+    on_disk = flower.read_state(tmp_path / "nodes" / "run-5" / "client-2.safetensors")
+    assert on_disk.meta == meta_b["2"] and torch.equal(on_disk.tensors[next(iter(on_disk.tensors))],
+                                                       tb[f"2::{next(iter(on_disk.tensors))}"])
+
+    # a Flower checkpoint resumes (in-process) to the uninterrupted result
+    run_dir = tmp_path / "flower"
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints" / "round_0002")
+    (run_dir / "summary.json").unlink()
+    assert latest_checkpoint(run_dir).name == "round_0001"
+    assert resume_experiment(run_dir)["state_digest"] == ref["state_digest"]
+
+
+def test_client_errors_and_missing_replies_become_recorded_failures(tmp_path, data_file):
+    """Client 1's node raises (its data file does not exist), client 2's node never replies within the round
+    deadline; the run completes on client 0 and records both, with the failure kinds of the in-process engine."""
+    cfg = _cfg(SMOKE, data_file, "federation.num_clients=3", "federation.rounds=1", "federation.round_deadline=30")
+    grid = LocalGrid(3, flower.config_text(cfg), tmp_path / "nodes", silent={2},
+                     node_config={1: {"data-path": str(tmp_path / "missing.jsonl")}})
+    summary = _flower_run(cfg, tmp_path / "run", grid)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    facts = {(r["metric"], r["client"]): r["value"] for r in recs if r["round"] == 1 and r["split"] == "round"}
+    assert facts[("client_failed", 1)] == 1 and facts[("client_late", 2)] == 1
+    assert facts[("clients_replied", None)] == 1 and ("round_skipped", None) not in facts
+    assert facts[("eval_failed", 1)] == 1 and facts[("eval_late", 2)] == 1  # the global evaluation too
+    assert summary["skipped"]["failed"] == 1 and summary["skipped"]["late"] == 1
+    assert {r["client"] for r in recs if r["split"] == "train"} == {0}
+    assert "missing.jsonl" in (tmp_path / "run" / "run.log").read_text()
+
+
+def test_a_node_with_the_wrong_num_partitions_is_refused_with_the_numbers(tmp_path):
+    cfg = load_config(SMOKE, ["federation.num_clients=2"])
+    grid = LocalGrid(2, flower.config_text(cfg), tmp_path, num_partitions=5)
+    with pytest.raises(UserError, match=r"num-partitions=5 .* federation.num_clients=2"):
+        flower.FlowerEngine(grid, cfg)
+
+
+def test_client_states_round_trip_through_the_nodes(tmp_path):
+    cfg = load_config(SMOKE, ["federation.num_clients=3"])
+    grid = LocalGrid(3, flower.config_text(cfg), tmp_path)
+    engine = flower.FlowerEngine(grid, cfg)
+    assert engine.node_of == {0: 100, 1: 107, 2: 114}
+    assert engine.client_states() == {}
+    states = {0: ClientState({"a/b": torch.arange(6.0).reshape(2, 3)}, {"cursor": [1, 4]}),
+              2: ClientState({}, {"cursor": [0, 2]})}
+    engine.load_client_states(states)
+    engine.states = {}  # forget the local copy: what comes back is read from the nodes' files
+    got = engine.client_states()
+    assert sorted(got) == [0, 2] and got[0].meta == {"cursor": [1, 4]} and got[2].meta == {"cursor": [0, 2]}
+    assert torch.equal(got[0].tensors["a/b"], states[0].tensors["a/b"]) and got[2].tensors == {}
+    engine.load_client_states({2: states[2]})  # client 0 has no state any more
+    assert sorted(engine.client_states()) == [2]
+
+
+def test_a_node_local_data_file_is_the_clients_whole_data(tmp_path, data_file):
+    cfg = _cfg(SMOKE, data_file, "federation.num_clients=2")
+    own = tmp_path / "mine.jsonl"
+    own.write_text("".join(json.dumps({"instruction": f"Local question {i}?", "response": "yes"}) + "\n"
+                           for i in range(40)))
+    client = flower.own_partition(cfg, 1, str(own))
+    texts = [ex.instruction for split in (client.train, client.aux, client.val, client.test) for ex in split]
+    assert client.client_id == 1 and len(texts) == 40 and all(t.startswith("Local question") for t in texts)
+    shared = flower.own_partition(cfg, 1, None)  # without data-path: this client's share of the shared data set
+    assert all(ex.instruction.startswith("Define the word") for ex in shared.train)
+    with pytest.raises(UserError, match="data-path=.*nope.jsonl is not a file"):
+        flower.own_partition(cfg, 1, str(tmp_path / "nope.jsonl"))
