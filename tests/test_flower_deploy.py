@@ -11,6 +11,8 @@ import json
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from fedmole.errors import UserError
 
 ROOT = Path(fedmole.__file__).resolve().parents[1]
 PYTHONPATH = ROOT  # the fedmole the Flower processes import: this checkout's
+SMOKE = ROOT / "configs" / "smoke_fedamole.yaml"
 RUN_TIMEOUT = 900  # seconds; generous for a loaded 2-core machine, and a failure (not a timing assert) if hit
 
 # FedAMoLE on the tiny Llama with 2 clients (one WordNet task each): 4 experts per module, 2 per client
@@ -37,7 +40,7 @@ TWO_CLIENTS = [
 
 
 def _cfg(*overrides):
-    return load_config(ROOT / "configs" / "smoke_fedamole.yaml", [*TWO_CLIENTS, *overrides])
+    return load_config(SMOKE, [*TWO_CLIENTS, *overrides])
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -131,7 +134,7 @@ def test_deploy_two_supernodes_runs_fedamole_like_inprocess(tmp_path):
 def test_deploy_with_tls_and_supernode_authentication(tmp_path):
     certs = make_certificates(tmp_path / "certs", hosts=["127.0.0.1"])
     keys = [make_auth_keys(tmp_path / "keys", f"node{i}") for i in range(3)]
-    cfg = _cfg("federation.rounds=1")  # the transport is what differs from the test above; one round shows it
+    overrides = [*TWO_CLIENTS, "federation.rounds=1"]  # the transport differs from the test above; one round shows it
     with FlowerProcesses(tmp_path / "flower", certs=certs, pythonpath=PYTHONPATH) as fl:
         fl.start_superlink(supernode_auth=True)
         host, port = fl.address.split(":")
@@ -147,7 +150,14 @@ def test_deploy_with_tls_and_supernode_authentication(tmp_path):
             assert "registered successfully" in fl.register_supernode(keys[i][1]).stdout
             fl.start_supernode(i, 2, state_dir=tmp_path / f"state-{i}", auth_key=keys[i][0])
         intruder = fl.start_supernode(1, 2, auth_key=keys[2][0], wait=False)  # a key nobody registered
-        summary = run_flower_deploy(cfg, tmp_path / "run", fl.address, certs.ca, timeout=RUN_TIMEOUT, echo=None)
+        # through the command line, as an operator runs it
+        cmd = [sys.executable, "-m", "fedmole.cli", "run", str(SMOKE), *[a for o in overrides for a in ("--set", o)],
+               "--engine", "flower-deploy", "--superlink", fl.address, "--root-certificates", str(certs.ca),
+               "--out", str(tmp_path / "run")]
+        done = subprocess.run(cmd, env=fl.env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "state_digest" in done.stdout  # the results table was printed
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
         assert intruder.popen.wait(timeout=120) != 0  # refused by the SuperLink, it gave up
         assert "could not establish a connection" in intruder.log.read_text()
     _assert_all_stopped(fl)

@@ -17,7 +17,11 @@ Then where the difference goes:
 - `round_2_overhead`: flower-sim's round 2 minus in-process round 2, and the part of it explained by
   serialisation.
 
-    python -m benchmarks.perf.flower [--rounds 2] [--steps 1] [--actors 1] [--model smollm2-135m]
+    python -m benchmarks.perf.flower [--rounds 2] [--steps 1] [--actors 1] [--repeats 1] [--model smollm2-135m]
+
+With `--repeats N` the engines run alternately (A B, B A, ...) and medians are reported, so drift in the
+machine's load hits both alike; the 1-minute load average before each run is recorded (on a shared machine
+a single pair of runs is noisy).
 
 Writes the result under "flower" in benchmarks/results/perf.json. CPU heavy: minutes on 2 cores.
 """
@@ -76,6 +80,27 @@ def run_engine(engine: str, cfg, root: Path) -> dict:
             "round_2": rounds[0] if rounds else None, "state_digest": summary["state_digest"]}
 
 
+def run_alternately(cfg, repeats: int) -> dict[str, dict]:
+    """Each engine `repeats` times, alternating the order; per engine the median of every timing."""
+    import os
+    import statistics
+
+    samples: dict[str, list[dict]] = {"inprocess": [], "flower-sim": []}
+    with tempfile.TemporaryDirectory(prefix="bench-flower-") as tmp:
+        for i in range(repeats):
+            order = list(samples) if i % 2 == 0 else list(samples)[::-1]
+            for engine in order:
+                load = os.getloadavg()[0]
+                samples[engine].append({**run_engine(engine, cfg, Path(tmp) / f"{i}"), "load_1min_before": load})
+    out = {}
+    for engine, runs in samples.items():
+        keys = ("wall", "run_wall", "outside_run", "setup_and_round_1", "round_2")
+        out[engine] = {k: statistics.median(r[k] for r in runs) for k in keys}
+        out[engine]["state_digest"] = runs[0]["state_digest"]
+        out[engine]["runs"] = runs
+    return out
+
+
 def model_load_seconds(cfg) -> float:
     """Build one client's runtime the way a ClientApp process does: tokenizer, base model, adapters."""
     from fedmole.run import build_runtime
@@ -119,21 +144,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--actors", type=int, default=1, help="flower-sim Ray actors (capped at the cores)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per engine, alternating the order")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = _config(args)
-    with tempfile.TemporaryDirectory(prefix="bench-flower-") as tmp:
-        engines = {e: run_engine(e, cfg, Path(tmp)) for e in ("inprocess", "flower-sim")}
+    engines = run_alternately(cfg, args.repeats)
     load = model_load_seconds(cfg)
     ser = serialisation(cfg)
     ip, fl = engines["inprocess"], engines["flower-sim"]
     result = {
         "config": f"{args.model}, fedamole, 4 clients, {args.rounds} rounds x {args.steps} local steps, "
-                  f"1 torch thread, {args.actors} Ray actor(s)",
+                  f"1 torch thread, {args.actors} Ray actor(s), median of {args.repeats} alternating run(s) each",
         "engines": engines,
         "ratio_wall": fl["wall"] / ip["wall"],
         "ratio_round_2": fl["round_2"] / ip["round_2"] if ip["round_2"] else None,
-        "same_state_digest": ip["state_digest"] == fl["state_digest"],
+        "same_state_digest": len({r["state_digest"] for e in engines.values() for r in e["runs"]}) == 1,
         "where_the_difference_goes": {
             "total_extra_wall": fl["wall"] - ip["wall"],
             "startup_outside_run": fl["outside_run"] - ip["outside_run"],

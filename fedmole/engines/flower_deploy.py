@@ -2,7 +2,7 @@
 
 The SuperLink and the SuperNodes (one per client, `--node-config 'partition-id=i num-partitions=n'`) are
 already running, possibly on other machines (docs/deployment.md). This launcher writes the Flower app of the
-config (`fedmole.engines.flower.write_app`) into the run directory, points a private FLWR_HOME at the SuperLink
+config (`fedmole.engines.flower.write_app`) into a temporary directory, points a private FLWR_HOME at the SuperLink
 (TLS when a CA certificate is given), submits the app with `flwr run APP fedmole --stream` and waits for the
 run to end. The ServerApp runs on the SuperLink's machine and writes the run directory there (`out` in the
 run config is this run directory's absolute path): on one machine, or with a shared file system, the summary is
@@ -53,10 +53,8 @@ def run_flower_deploy(cfg: Config, run_dir: Path, superlink: str | None, root_ce
 
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    app_dir = Path(tempfile.mkdtemp(prefix="fedmole-app-"))
-    write_app(cfg, app_dir, str(run_dir), ENGINE_NAME)
-    _assign_components(app_dir)
-    with FlowerProcesses(Path(tempfile.mkdtemp(prefix="fedmole-deploy-"))) as fl:
+    with tempfile.TemporaryDirectory(prefix="fedmole-app-") as app_dir, FlowerProcesses() as fl:
+        write_app(cfg, app_dir, str(run_dir), ENGINE_NAME)
         fl.connect(address, ca)
         try:
             result = fl.run_app(app_dir, timeout=timeout or 10 ** 7, echo=echo, check=False)
@@ -71,15 +69,6 @@ def run_flower_deploy(cfg: Config, run_dir: Path, superlink: str | None, root_ce
             raise RuntimeError(f"the Flower run on {address} did not complete: {where}. If the SuperLink runs on "
                                f"another machine, the run directory is there ({run_dir}). Last output:\n{detail}")
     return json.loads(summary.read_text())
-
-
-def _assign_components(app_dir: Path) -> None:
-    """`flwr run` checks statically (AST) that each component module *assigns* `app`; an `import ... as app`
-    fails that check, so the component modules are written as assignments."""
-    for name in ("server_app", "client_app"):
-        path = app_dir / "fedmole_app" / f"{name}.py"
-        if path.is_file() and not re.search(r"^app\s*=", path.read_text(), re.M):
-            path.write_text(f"from fedmole.engines import flower\n\napp = flower.{name}\n")
 
 
 def _stop_runs(fl: FlowerProcesses) -> None:
