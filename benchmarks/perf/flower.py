@@ -10,8 +10,11 @@ SmolLM2-135M-Instruct, FedAMoLE, 4 clients (one WordNet task each), the same con
 
 Then where the difference goes:
 
-- `model_load_per_process`: building the client runtime (tokenizer + SmolLM2 + adapters) once, which every
-  ClientApp process (Ray actor) pays once more than the in-process engine, where server and clients share it;
+- `imports_per_process` and `model_load_per_process`: starting a Python process with torch/transformers/flwr
+  and building the client runtime (tokenizer + SmolLM2 + adapters), which every ClientApp process (Ray actor)
+  pays once more than the in-process engine, where server and clients share one runtime;
+- `data_load_per_client`: loading and partitioning the data set, which a ClientApp does for each client it
+  first serves (the in-process engine does it once for all clients);
 - `serialisation`: one round's payloads and replies turned into Flower records and protobuf bytes and back
   (what every message costs on top of the in-process engine, which passes tensors by reference), with sizes;
 - `round_2_overhead`: flower-sim's round 2 minus in-process round 2, and the part of it explained by
@@ -110,6 +113,27 @@ def model_load_seconds(cfg) -> float:
     return time.perf_counter() - t
 
 
+def data_load_seconds(cfg) -> float:
+    """Load and partition the config's data set once: what a ClientApp does for each client it first serves
+    (`fedmole.engines.flower.own_partition` loads the whole data set and keeps that client's part)."""
+    from fedmole.run import load_federated_data
+
+    t = time.perf_counter()
+    load_federated_data(cfg)
+    return time.perf_counter() - t
+
+
+def import_seconds() -> float:
+    """Cold start of a Python process that imports what a ClientApp needs (torch, transformers, flwr, fedmole)."""
+    import subprocess
+    import sys
+
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, transformers, flwr, fedmole.engines.flower, "
+                    "fedmole.algorithms.fedamole"], check=True)
+    return time.perf_counter() - t
+
+
 def serialisation(cfg) -> dict:
     """One round's messages through Flower records + protobuf bytes and back: seconds and megabytes."""
     from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
@@ -150,6 +174,8 @@ def main() -> None:
     cfg = _config(args)
     engines = run_alternately(cfg, args.repeats)
     load = model_load_seconds(cfg)
+    data = data_load_seconds(cfg)
+    imports = import_seconds()
     ser = serialisation(cfg)
     ip, fl = engines["inprocess"], engines["flower-sim"]
     result = {
@@ -164,6 +190,9 @@ def main() -> None:
             "startup_outside_run": fl["outside_run"] - ip["outside_run"],
             "setup_and_round_1_extra": fl["setup_and_round_1"] - ip["setup_and_round_1"],
             "model_load_per_process": load,
+            "imports_per_process": imports,
+            "data_load_per_client": data,
+            "data_load_all_clients": data * cfg.federation.num_clients,
             "serialisation": ser,
             "round_2_overhead": (fl["round_2"] - ip["round_2"]) if ip["round_2"] else None,
         },
@@ -178,7 +207,10 @@ def main() -> None:
           f"{result['ratio_round_2']:.2f}x; same state_digest: {result['same_state_digest']}")
     print(f"extra wall {w['total_extra_wall']:.1f} s = start-up/shutdown outside the run "
           f"{w['startup_outside_run']:.1f} s + setup & round 1 {w['setup_and_round_1_extra']:.1f} s "
-          f"(one model load per ClientApp process: {load:.1f} s) + later rounds")
+          f"+ later rounds")
+    print(f"  per ClientApp process: imports {imports:.1f} s, model load {load:.1f} s; per client it first serves: "
+          f"data load + partition {data:.1f} s (x {cfg.federation.num_clients} clients = "
+          f"{data * cfg.federation.num_clients:.1f} s)")
     print(f"serialisation per round: {ser['seconds_per_round']:.2f} s for {ser['messages']} messages "
           f"({ser['mb_down_per_round']:.1f} MB down, {ser['mb_up_per_round']:.1f} MB up); round-2 overhead "
           f"{w['round_2_overhead']:.1f} s")
