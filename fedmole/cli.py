@@ -2,7 +2,7 @@
 
     fedmole run CONFIG [--set key=value ...] [--out RUN_DIR] [--overwrite] [--engine inprocess|flower-sim|flower-deploy]
                        [--superlink HOST:PORT [--root-certificates CA_PEM]]    (flower-deploy)
-    fedmole resume RUN_DIR [--config CONFIG] [--set key=value ...]
+    fedmole resume RUN_DIR [--config CONFIG] [--set key=value ...] [--engine ENGINE]
     fedmole data build wordnet [--force]
     fedmole data partition CONFIG [--set key=value ...]
     fedmole flower app CONFIG --out DIR [--set key=value ...]
@@ -47,6 +47,30 @@ def check_engine(engine: str) -> str:
     return engine
 
 
+SUPERLINK_HELP = "flower-deploy: the SuperLink's HOST:PORT."
+ROOT_CERTS_HELP = ("flower-deploy: CA certificate (PEM) of the SuperLink's TLS certificate; without it the connection "
+                   "is insecure (no TLS).")
+
+
+def check_deploy_options(engine: str, superlink: str | None, root_certificates: Path | None) -> None:
+    """--superlink / --root-certificates: required and checked for flower-deploy, refused otherwise."""
+    if engine == "flower-deploy":
+        from fedmole.engines.flower_deploy import check_superlink
+
+        check_superlink(superlink, root_certificates)
+    elif superlink is not None or root_certificates is not None:
+        raise UserError("--superlink and --root-certificates only apply to --engine flower-deploy")
+
+
+def run_deploy(cfg, run_dir: Path, superlink: str, root_certificates: Path | None, resume: bool = False) -> dict:
+    """`--engine flower-deploy`: run the ServerApp against a running SuperLink; returns the summary. With
+    `resume`, `cfg` is the run's own config (`fedmole.run.check_resumable`) and the run continues."""
+    from fedmole.engines.flower_deploy import run_flower_deploy
+
+    return run_flower_deploy(cfg, run_dir, superlink, root_certificates, resume=resume,
+                             echo=lambda line: print(line, flush=True))
+
+
 @app.command()
 def run(
     config: Path = typer.Argument(..., help="YAML config file."),
@@ -55,21 +79,14 @@ def run(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
     progress: str | None = typer.Option(None, "--progress", help="auto, rich, plain or none."),
     engine: str = typer.Option("inprocess", "--engine", help="inprocess, flower-sim or flower-deploy."),
-    superlink: str | None = typer.Option(None, "--superlink", help="flower-deploy: the SuperLink's HOST:PORT."),
-    root_certificates: Path | None = typer.Option(
-        None, "--root-certificates", help="flower-deploy: CA certificate (PEM) of the SuperLink's TLS certificate; "
-        "without it the connection is insecure (no TLS)."),
+    superlink: str | None = typer.Option(None, "--superlink", help=SUPERLINK_HELP),
+    root_certificates: Path | None = typer.Option(None, "--root-certificates", help=ROOT_CERTS_HELP),
 ) -> None:
     """Run a federated fine-tuning experiment."""
     from fedmole.config import load_config
 
     check_engine(engine)
-    if engine == "flower-deploy":
-        from fedmole.engines.flower_deploy import check_superlink
-
-        check_superlink(superlink, root_certificates)
-    elif superlink is not None or root_certificates is not None:
-        raise UserError("--superlink and --root-certificates only apply to --engine flower-deploy")
+    check_deploy_options(engine, superlink, root_certificates)
     cfg = load_config(config, set_)
     if progress is not None:
         cfg.output.progress = progress
@@ -83,9 +100,7 @@ def run(
 
         summary = run_flower_sim(cfg, run_dir)
     elif engine == "flower-deploy":
-        from fedmole.engines.flower_deploy import run_flower_deploy
-
-        summary = run_flower_deploy(cfg, run_dir, superlink, root_certificates, echo=lambda line: print(line, flush=True))
+        summary = run_deploy(cfg, run_dir, superlink, root_certificates)
     else:
         summary = run_experiment(cfg, run_dir)
     print_results(summary, run_dir)
@@ -97,12 +112,29 @@ def resume(
     config: Path | None = typer.Option(None, "--config", help="Config to check against the run's own."),
     set_: list[str] = typer.Option([], "--set", help="Overrides to check against the run's config."),
     progress: str | None = typer.Option(None, "--progress", help="auto, rich, plain or none."),
+    engine: str = typer.Option("inprocess", "--engine", help="inprocess, flower-sim or flower-deploy."),
+    superlink: str | None = typer.Option(None, "--superlink", help=SUPERLINK_HELP),
+    root_certificates: Path | None = typer.Option(None, "--root-certificates", help=ROOT_CERTS_HELP),
 ) -> None:
     """Continue a run from its last complete checkpoint (exactly: same final state and metrics)."""
     from fedmole.run import resume_experiment
 
+    check_engine(engine)
+    check_deploy_options(engine, superlink, root_certificates)
     out.print(f"fedmole: resuming {run_dir}")
-    summary = resume_experiment(run_dir, config, set_, progress)
+    if engine == "flower-sim":
+        from fedmole.engines.flower import run_flower_sim
+        from fedmole.run import check_resumable
+
+        cfg = check_resumable(run_dir, config, set_)
+        summary = run_flower_sim(cfg, run_dir, progress, resume=True)
+    elif engine == "flower-deploy":
+        from fedmole.run import check_resumable
+
+        summary = run_deploy(check_resumable(run_dir, config, set_), run_dir, superlink, root_certificates,
+                             resume=True)
+    else:
+        summary = resume_experiment(run_dir, config, set_, progress)
     print_results(summary, run_dir)
 
 
@@ -181,8 +213,13 @@ def flower_write_app(
         raise UserError(f"{out_dir} already holds a pyproject.toml; choose another --out")
     from fedmole.engines.flower import write_app
 
-    path = write_app(cfg, out_dir, run_out)
-    out.print(f"Flower app: {path}\n  run it: flwr run {out_dir} local-simulation --run-config \"out='runs/NAME'\"")
+    path = write_app(cfg, out_dir, str(Path(run_out).resolve()) if run_out else "")
+    n = cfg.federation.num_clients
+    out.print(f"Flower app: {path}\n"
+              f"  simulate: flwr run {out_dir} local-simulation --run-config \"out='/abs/runs/NAME'\"\n"
+              f"  deploy:   flwr run {out_dir} FEDERATION --run-config \"out='/abs/runs/NAME' "
+              f"engine-name='flower-deploy'\"\n            with one SuperNode per client: "
+              f"--node-config 'partition-id=I num-partitions={n}'")
 
 
 @flower_app.command("certs")

@@ -292,6 +292,8 @@ def _setup(cfg: Config, run_dir: Path, progress_mode: str | None, make_engine=No
     progress = RunProgress(progress_mode or cfg.output.progress, total)
     runtime.on_step = progress.step
     engine.on_client = lambda phase, cid, rnd: progress.client_phase(phase, cid)
+    if hasattr(engine, "on_steps"):  # clients train elsewhere: count their steps when they reply
+        engine.on_steps = progress.client_done
     return Federation(cfg, run_dir, strategy, engine, progress)
 
 
@@ -345,12 +347,15 @@ def _truncate_artifacts(run_dir: Path, last_round: int) -> None:
         atomic_write_text(path, "".join(x + "\n" for x in lines))
 
 
-def resume_experiment(run_dir: Path, config_path: Path | None = None, overrides: list[str] | None = None,
-                      progress_mode: str | None = None) -> dict:
-    """Continue a run from its last complete checkpoint; the result equals the uninterrupted run."""
+def check_resumable(run_dir: Path, config_path: Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The config of the run in `run_dir`, after checking that it can be resumed with the requested config
+    (a UserError otherwise); cheap, so engines call it before starting anything."""
+    return _resume_configs(Path(run_dir), config_path, overrides)[0]
+
+
+def _resume_configs(run_dir: Path, config_path: Path | None, overrides: list[str] | None) -> tuple[Config, Config]:
     from fedmole.config import load_config
 
-    run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a fedmole run directory (no config.yaml); check the path")
     cfg = load_config(run_dir / "config.yaml")
@@ -361,17 +366,26 @@ def resume_experiment(run_dir: Path, config_path: Path | None = None, overrides:
     if diff:
         raise UserError("refusing to resume with a different config (the result would match neither run):\n  "
                         + "\n  ".join(diff) + "\nStart a new run with `fedmole run` to change settings")
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
+    if latest_checkpoint(run_dir) is None:
         raise UserError(f"{run_dir} has no complete checkpoint to resume from; start it again with "
                         f"`fedmole run CONFIG --out {run_dir} --overwrite`")
+    return cfg, requested
+
+
+def resume_experiment(run_dir: Path, config_path: Path | None = None, overrides: list[str] | None = None,
+                      progress_mode: str | None = None, make_engine=None) -> dict:
+    """Continue a run from its last complete checkpoint; the result equals the uninterrupted run.
+    `make_engine` as in `run_experiment` (the clients' states are loaded into whichever engine runs)."""
+    run_dir = Path(run_dir)
+    cfg, requested = _resume_configs(run_dir, config_path, overrides)
+    ckpt = latest_checkpoint(run_dir)
     handler = _attach_log_file(run_dir)
     try:
         meta, server_tensors, client_states = load_checkpoint(ckpt)
         if meta["round"] >= cfg.federation.rounds and (run_dir / "summary.json").is_file():
             return json.loads((run_dir / "summary.json").read_text())
         log.info("resuming %s after round %s", run_dir, meta["round"])
-        fed = _setup(cfg, run_dir, progress_mode or requested.output.progress)
+        fed = _setup(cfg, run_dir, progress_mode or requested.output.progress, make_engine)
         fed.strategy.load_state_dict(server_tensors, meta["server"])
         fed.engine.load_client_states(client_states)
         fed.metrics.truncate(meta["metrics_records"])

@@ -110,7 +110,8 @@ class LocalGrid(Grid):
 
 
 def _records(run_dir):
-    return sorted(json.dumps(json.loads(x), sort_keys=True) for x in (run_dir / "metrics.jsonl").read_text().splitlines())
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return sorted(json.dumps(json.loads(x), sort_keys=True) for x in lines)
 
 
 def _flower_run(cfg, run_dir, grid):
@@ -202,6 +203,13 @@ def test_flame_over_flower_messages_with_a_fresh_process_per_message_equals_inpr
     (run_dir / "summary.json").unlink()
     assert latest_checkpoint(run_dir).name == "round_0001"
     assert resume_experiment(run_dir)["state_digest"] == ref["state_digest"]
+    # and through Flower, on nodes that start empty: the engine writes the checkpointed states to them
+    shutil.rmtree(run_dir / "checkpoints" / "round_0002")
+    (run_dir / "summary.json").unlink()
+    fresh_nodes = LocalGrid(3, flower.config_text(cfg), tmp_path / "new-nodes", fresh=True)
+    again = resume_experiment(run_dir, make_engine=lambda c: flower.FlowerEngine(fresh_nodes, c, "flower-local"))
+    assert again["engine"] == "flower-local" and again["state_digest"] == ref["state_digest"]
+    assert _records(run_dir) == _records(ref_dir)
 
 
 def test_client_errors_and_missing_replies_become_recorded_failures(tmp_path, data_file):
@@ -257,3 +265,22 @@ def test_a_node_local_data_file_is_the_clients_whole_data(tmp_path, data_file):
     assert all(ex.instruction.startswith("Define the word") for ex in shared.train)
     with pytest.raises(UserError, match="data-path=.*nope.jsonl is not a file"):
         flower.own_partition(cfg, 1, str(tmp_path / "nope.jsonl"))
+
+
+def test_records_carry_every_tensor_dtype_bit_for_bit():
+    t = {"m/0/A": torch.randn(2, 3), "m/0/B": torch.randn(3, 4)[:, :2], "half": torch.randn(5).bfloat16(),
+         "idx": torch.arange(3), "mask": torch.tensor([True, False]), "f16": torch.randn(2).half()}
+    back = flower.tensors_of(flower.arrays(t))
+    assert list(back) == list(t)
+    assert all(back[k].dtype == t[k].dtype and back[k].shape == t[k].shape and torch.equal(back[k], t[k]) for k in t)
+    assert flower.tensors_of(flower.arrays({})) == {}
+
+
+def test_the_run_config_may_name_a_config_file_instead_of_holding_it(tmp_path):
+    path = tmp_path / "fed.yaml"
+    path.write_text("federation: {num_clients: 4}\ntrain: {lr: 0.5}\n")
+    from_file = flower.config_from_text(str(path))
+    assert from_file.federation.num_clients == 4 and from_file.train.lr == 0.5
+    assert flower.config_from_text(path.read_text()).to_dict() == from_file.to_dict()
+    with pytest.raises(UserError, match="does not exist"):
+        flower.config_from_text(str(tmp_path / "missing.yaml"))

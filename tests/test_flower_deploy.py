@@ -8,6 +8,7 @@ test started, and every process those spawned, is checked to be gone afterwards.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import ssl
@@ -104,26 +105,34 @@ def test_flower_deploy_rejects_a_bad_superlink_before_loading_anything(address, 
 
 
 # ------------------------------------------------------------------------------------- end to end
-def test_deploy_two_supernodes_runs_fedamole_like_inprocess(tmp_path):
+def test_deploy_two_supernodes_runs_fedamole_like_inprocess_and_resumes(tmp_path):
     from fedmole.run import prepare_run_dir, run_experiment
 
-    cfg = _cfg("federation.rounds=2")
+    cfg = _cfg("federation.rounds=2", "checkpoint.every=1")
+    run_dir = tmp_path / "run"
     with FlowerProcesses(tmp_path / "flower", pythonpath=PYTHONPATH) as fl:
         fl.start_superlink()
         for i in range(2):
             fl.start_supernode(i, 2, state_dir=tmp_path / f"state-{i}")
-        summary = run_flower_deploy(cfg, tmp_path / "run", fl.address, timeout=RUN_TIMEOUT, echo=None)
+        summary = run_flower_deploy(cfg, run_dir, fl.address, timeout=RUN_TIMEOUT, echo=None)
+        records = _records(run_dir)
+        # interrupted after round 1 (its checkpoint is the last one): resuming on the nodes ends the same
+        shutil.rmtree(run_dir / "checkpoints" / "round_0002")
+        (run_dir / "summary.json").unlink()
+        resumed = run_flower_deploy(cfg, run_dir, fl.address, timeout=RUN_TIMEOUT, echo=None, resume=True)
         assert all(p.alive() for p in fl.procs if p.role != "flwr")  # nothing died on the way
     _assert_all_stopped(fl)
 
     assert summary["engine"] == "flower-deploy" and summary["rounds_completed"] == 2
-    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
-    records = _records(tmp_path / "run")
     assert [_round_value(records, r, "clients_replied") for r in (1, 2)] == [[2], [2]]
     assert set(summary["personalized"]["per_client"]) == {"0", "1"}
     # each node's state lives in its own node-local state dir
     assert list((tmp_path / "state-0").rglob("client-0.safetensors"))
     assert list((tmp_path / "state-1").rglob("client-1.safetensors"))
+    assert resumed["state_digest"] == summary["state_digest"]
+    assert resumed["personalized"] == summary["personalized"]
+    # the same records (replies of one round may arrive in another order)
+    assert sorted(map(json.dumps, _records(run_dir))) == sorted(map(json.dumps, records))
 
     # the same config in-process ends in the same global state
     ref = run_experiment(cfg, prepare_run_dir(cfg, tmp_path / "ref", None, False))

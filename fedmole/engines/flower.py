@@ -62,16 +62,35 @@ _CRASHED_CODES = {8}  # CLIENT_APP_CRASHED
 
 
 # ------------------------------------------------------------------------------------------ records
+# dtypes numpy (and so ArrayRecord) cannot hold travel bit for bit as an integer view, named `key@dtype`
+_VIEWS = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8, torch.float8_e5m2: torch.uint8}
+_BY_NAME = {str(d).removeprefix("torch."): d for d in _VIEWS}
+
+
 def arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
     if not tensors:
         return ArrayRecord()
-    return ArrayRecord(torch_state_dict={k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        if v.dtype in _VIEWS:
+            out[f"{k}@{str(v.dtype).removeprefix('torch.')}"] = v.view(_VIEWS[v.dtype])
+        else:
+            out[k] = v
+    return ArrayRecord(torch_state_dict=out)
 
 
 def tensors_of(record: ArrayRecord | None) -> dict[str, torch.Tensor]:
     if record is None or len(record) == 0:
         return {}
-    return dict(record.to_torch_state_dict())
+    out = {}
+    for k, v in record.to_torch_state_dict().items():
+        name, _, dtype = k.rpartition("@")
+        if name and dtype in _BY_NAME:
+            out[name] = v.view(_BY_NAME[dtype])
+        else:
+            out[k] = v
+    return out
 
 
 def config_text(cfg: Config) -> str:
@@ -85,6 +104,11 @@ def config_text(cfg: Config) -> str:
 
 
 def config_from_text(text: str) -> Config:
+    """The config from the run config's `config`: YAML text, or the path of a YAML file on this machine."""
+    if "\n" not in text.strip() and text.strip().endswith((".yaml", ".yml")):
+        from fedmole.config import load_config
+
+        return load_config(text.strip())
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -286,7 +310,8 @@ class FlowerEngine:
         self.name = name
         self.deadline = cfg.federation.round_deadline
         self.states: dict[int, ClientState] = {}
-        self.on_client: Callable[[str, int, int], None] | None = None
+        self.on_client: Callable[[str, int, int], None] | None = None  # (phase, client, round) -> None
+        self.on_steps: Callable[[int, int], None] | None = None  # (client, local steps done) -> None
         timeout = cfg.flower.connect_timeout if connect_timeout is None else connect_timeout
         self.node_of = self.discover(timeout)
 
@@ -352,6 +377,8 @@ class FlowerEngine:
                 reply, failure = parse_reply(msg.content)
                 if reply is not None:
                     replies[cid] = reply
+                    if phase == TRAIN and self.on_steps is not None:
+                        self.on_steps(cid, int(plans[cid].config.get("steps", 0)))
                     continue
             failures[cid] = failure
             log.warning("round %s: client %s %s (%s): %s", rnd, cid, failure[0], phase, failure[1])
@@ -399,17 +426,20 @@ class FlowerEngine:
 
 def server_main(grid: Grid, context: Context, bound: dict | None = None) -> dict:
     """The ServerApp: a fedmole run (same files as an in-process run) with the clients on Flower nodes."""
-    from fedmole.run import prepare_run_dir, run_experiment
+    from fedmole.run import prepare_run_dir, resume_experiment, run_experiment
 
     settings = _settings(context, bound)
     cfg = config_from_text(settings["config"])
     if not settings.get("out"):
         raise UserError("the Flower run config has no `out` key (the run directory); pass --run-config "
                         "\"out='runs/NAME'\"")
-    run_dir = prepare_run_dir(cfg, settings["out"], None, bool(settings.get("overwrite", False)))
     name = settings.get("engine-name", "flower-sim")
-    return run_experiment(cfg, run_dir, settings.get("progress"),
-                          make_engine=lambda c: FlowerEngine(grid, c, name))
+    make_engine = lambda c: FlowerEngine(grid, c, name)  # noqa: E731
+    if settings.get("resume"):  # continue the run in `out` from its last checkpoint (its own config)
+        return resume_experiment(Path(settings["out"]), progress_mode=settings.get("progress"),
+                                 make_engine=make_engine)
+    run_dir = prepare_run_dir(cfg, settings["out"], None, bool(settings.get("overwrite", False)))
+    return run_experiment(cfg, run_dir, settings.get("progress"), make_engine=make_engine)
 
 
 def make_server_app(bound: dict | None = None) -> ServerApp:
@@ -516,9 +546,10 @@ def sim_backend_config(cfg: Config) -> dict:
             "init_args": {"num_cpus": actors, "num_gpus": 1 if gpus else 0, "include_dashboard": False}}
 
 
-def run_flower_sim(cfg: Config, run_dir: Path, progress_mode: str | None = None) -> dict:
+def run_flower_sim(cfg: Config, run_dir: Path, progress_mode: str | None = None, resume: bool = False) -> dict:
     """Run the federation on Flower's simulation engine (Ray) in this process; every process it started is
-    stopped by PID at the end, also on error or Ctrl-C. Returns the summary (written to run_dir)."""
+    stopped by PID at the end, also on error or Ctrl-C. Returns the summary (written to run_dir).
+    `resume`: continue the run in `run_dir` from its last checkpoint (`cfg` must be that run's config)."""
     from flwr.simulation import run_simulation
 
     saved_env = {k: os.environ.get(k) for k in [*FLOWER_ENV, "FLWR_HOME", "OMP_NUM_THREADS"]}
@@ -528,7 +559,7 @@ def run_flower_sim(cfg: Config, run_dir: Path, progress_mode: str | None = None)
     os.environ["FLWR_HOME"] = home
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     bound = {"config": config_text(cfg), "out": str(run_dir), "overwrite": False, "state-dir": state_dir,
-             "engine-name": "flower-sim", "progress": progress_mode or cfg.output.progress}
+             "engine-name": "flower-sim", "progress": progress_mode or cfg.output.progress, "resume": resume}
     try:
         with ProcessTracker():
             try:
@@ -585,7 +616,7 @@ def write_app(cfg: Config, out_dir: str | Path, run_out: str = "", engine_name: 
         "#   flwr run . local-simulation --run-config \"out='runs/flower-1'\")",
         "[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
         "[project]", 'name = "fedmole-app"', 'version = "1.0.0"', 'description = "fedmole federation on Flower"',
-        'dependencies = ["fedmole"]', "",
+        'license = "Apache-2.0"', 'dependencies = ["fedmole"]', "",
         "[tool.hatch.build.targets.wheel]", 'packages = ["."]', "",
         "[tool.flwr.app]", 'publisher = "fedmole"', "",
         "[tool.flwr.app.components]", 'serverapp = "fedmole_app.server_app:app"',

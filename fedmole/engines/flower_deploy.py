@@ -43,8 +43,9 @@ def check_superlink(address: str | None, root_certificates: str | Path | None) -
 
 
 def run_flower_deploy(cfg: Config, run_dir: Path, superlink: str | None, root_certificates: str | Path | None = None,
-                      timeout: float | None = None, echo=print) -> dict:
-    """Run `cfg` on the SuperLink at `superlink` and return the summary written to `run_dir`.
+                      timeout: float | None = None, echo=print, resume: bool = False) -> dict:
+    """Run `cfg` on the SuperLink at `superlink` and return the summary written to `run_dir`. With `resume`,
+    the ServerApp continues the run in `run_dir` from its last checkpoint (`cfg` is that run's config).
 
     `timeout` (seconds, None = no limit) bounds the whole `flwr run`; on timeout, error or Ctrl-C the `flwr`
     process is stopped (the run on the SuperLink is then stopped with `flwr stop`)."""
@@ -54,7 +55,7 @@ def run_flower_deploy(cfg: Config, run_dir: Path, superlink: str | None, root_ce
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedmole-app-") as app_dir, FlowerProcesses() as fl:
-        write_app(cfg, app_dir, str(run_dir), ENGINE_NAME)
+        write_app(cfg, app_dir, str(run_dir), ENGINE_NAME, {"resume": True} if resume else None)
         fl.connect(address, ca)
         try:
             result = fl.run_app(app_dir, timeout=timeout or 10 ** 7, echo=echo, check=False)

@@ -62,6 +62,11 @@ class RunProgress:
         self.steps += 1
         self._update(f"client {self.client} · step {step} · loss {loss:.4f}", advance=1)
 
+    def client_done(self, client: int, steps: int) -> None:
+        """A client that trains in another process (Flower) finished `steps` local steps."""
+        self.steps += steps
+        self._update(f"client {client} · done", advance=steps)
+
     def message(self, text: str) -> None:
         if self.mode != "none":
             self.console.print(text, highlight=False)
