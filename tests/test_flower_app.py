@@ -69,6 +69,7 @@ class LocalGrid(Grid):
         self.silent, self.fresh, self.tmp = set(silent), fresh, str(tmp)
         self.num_partitions = n if num_partitions is None else num_partitions
         self.messages = 0
+        self.pending = {}  # message id -> reply not pulled yet
 
     def set_run(self, run):
         self._run = run
@@ -84,14 +85,10 @@ class LocalGrid(Grid):
         return list(self.nodes)
 
     def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
+        """Deliver each message to its node's ClientApp at once; replies wait until pulled."""
+        ids = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = mid = f"m{len(self.pending)}-{self.messages}"
             node = msg.metadata.dst_node_id
             cid = self.nodes[node]
             ctx = Context(run_id=5, node_id=node, state=RecordDict(), run_config={},
@@ -105,8 +102,15 @@ class LocalGrid(Grid):
             except Exception as err:  # what a SuperNode does with an exception in the ClientApp
                 reply = Message(Error(code=2, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
             if cid not in self.silent or msg.metadata.message_type == "query":
-                out.append(reply)
-        return out
+                self.pending[mid] = reply
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.pending.pop(mid) for mid in list(message_ids) if mid in self.pending]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise NotImplementedError  # the engine polls push/pull itself, so that it can be stopped
 
 
 def _records(run_dir):
@@ -215,7 +219,7 @@ def test_flame_over_flower_messages_with_a_fresh_process_per_message_equals_inpr
 def test_client_errors_and_missing_replies_become_recorded_failures(tmp_path, data_file):
     """Client 1's node raises (its data file does not exist), client 2's node never replies within the round
     deadline; the run completes on client 0 and records both, with the failure kinds of the in-process engine."""
-    cfg = _cfg(SMOKE, data_file, "federation.num_clients=3", "federation.rounds=1", "federation.round_deadline=30")
+    cfg = _cfg(SMOKE, data_file, "federation.num_clients=3", "federation.rounds=1", "federation.round_deadline=1")
     grid = LocalGrid(3, flower.config_text(cfg), tmp_path / "nodes", silent={2},
                      node_config={1: {"data-path": str(tmp_path / "missing.jsonl")}})
     summary = _flower_run(cfg, tmp_path / "run", grid)
@@ -234,6 +238,21 @@ def test_a_node_with_the_wrong_num_partitions_is_refused_with_the_numbers(tmp_pa
     grid = LocalGrid(2, flower.config_text(cfg), tmp_path, num_partitions=5)
     with pytest.raises(UserError, match=r"num-partitions=5 .* federation.num_clients=2"):
         flower.FlowerEngine(grid, cfg)
+
+
+def test_a_stopped_engine_stops_waiting_for_replies(tmp_path):
+    cfg = load_config(SMOKE, ["federation.num_clients=2", "federation.round_deadline=600"])
+    grid = LocalGrid(2, flower.config_text(cfg), tmp_path, silent={1})
+    engine = flower.FlowerEngine(grid, cfg)
+    engine.poll_interval = 0.01
+    import threading
+
+    threading.Timer(0.3, flower.STOP.set).start()  # as run_flower_sim does after Ctrl-C
+    try:
+        with pytest.raises(flower.EngineStopped):
+            engine.train(1, {1: flower.Payload({}, {"round": 1})})  # client 1 never replies
+    finally:
+        flower.STOP.clear()
 
 
 def test_client_states_round_trip_through_the_nodes(tmp_path):
@@ -284,3 +303,25 @@ def test_the_run_config_may_name_a_config_file_instead_of_holding_it(tmp_path):
     assert flower.config_from_text(path.read_text()).to_dict() == from_file.to_dict()
     with pytest.raises(UserError, match="does not exist"):
         flower.config_from_text(str(tmp_path / "missing.yaml"))
+
+
+def test_simulation_resources_never_exceed_the_machine(monkeypatch):
+    """Asking Ray for more CPUs than exist leaves an empty actor pool and a simulation that never ends."""
+    monkeypatch.setattr(flower.os, "cpu_count", lambda: 2)
+    for actors, clients, expect in [(1, 4, 1), (8, 4, 2), (8, 1, 1), (2, 3, 2)]:
+        cfg = load_config(SMOKE, [f"flower.sim_actors={actors}", f"federation.num_clients={clients}"])
+        backend = flower.sim_backend_config(cfg)
+        assert backend["client_resources"]["num_cpus"] == 1
+        assert backend["init_args"]["num_cpus"] == expect <= 2
+
+
+def test_a_node_partitions_the_data_once_and_reuses_it_from_disk(tmp_path, data_file, monkeypatch):
+    cfg = _cfg(SMOKE, data_file, "federation.num_clients=3")
+    first = flower.cached_partition(cfg, 2, None, tmp_path)
+    assert first == flower.own_partition(cfg, 2, None) and len(list(tmp_path.glob("partition-2-*.json"))) == 1
+    calls = []
+    monkeypatch.setattr(flower, "own_partition", lambda *a: calls.append(a) or first)
+    assert flower.cached_partition(cfg, 2, None, tmp_path) == first and calls == []  # read back, not recomputed
+    other = _cfg(SMOKE, data_file, "federation.num_clients=3", "partition.seed=9")
+    flower.cached_partition(other, 2, None, tmp_path)  # another partition config is another entry
+    assert len(calls) == 1

@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -224,6 +225,38 @@ def own_partition(cfg: Config, cid: int, data_path: str | None):
     return load_federated_data(cfg)[cid]
 
 
+def _file_stamp(path: str | None) -> list:
+    p = Path(path) if path else None
+    if p is None or not p.is_file():
+        return [path]
+    st = p.stat()
+    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def cached_partition(cfg: Config, cid: int, data_path: str | None, root: Path):
+    """`own_partition`, stored once per node as JSON under `root`: in the deployment engine every message
+    runs in a fresh process, and re-reading and re-partitioning the data set (seconds for WordNet) would be
+    paid per message. The key covers everything the partition depends on, data files' size and mtime too."""
+    from fedmole.data.partition import ClientData
+    from fedmole.data.schema import Example
+
+    basis = {"data": cfg.data.model_dump(mode="json"), "partition": cfg.partition.model_dump(mode="json"),
+             "clients": cfg.federation.num_clients, "seed": cfg.partition_seed, "client": cid,
+             "shared": _file_stamp(cfg.data.path), "local": _file_stamp(data_path)}
+    key = hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:20]
+    path = root / f"partition-{cid}-{key}.json"
+    splits = ("train", "aux", "val", "test")
+    if path.is_file():
+        d = json.loads(path.read_text())
+        return ClientData(cid, *([Example.from_dict(e) for e in d[k]] for k in splits))
+    client = own_partition(cfg, cid, data_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({k: [e.to_dict() for e in getattr(client, k)] for k in splits}))
+    os.replace(tmp, path)
+    return client
+
+
 def client_procedure(settings: dict, context: Context, cid: int):
     """(cfg, procedure) of this process, built once per config; the node's client data is added once."""
     from fedmole.algorithms import get_algorithm
@@ -237,7 +270,8 @@ def client_procedure(settings: dict, context: Context, cid: int):
         _RUNTIMES[key] = (cfg, get_algorithm(cfg.algorithm.name).Client(cfg, runtime))
     cfg, procedure = _RUNTIMES[key]
     if cid not in procedure.runtime.clients:
-        procedure.runtime.add_clients([own_partition(cfg, cid, data_path)])
+        root = state_root(context, settings)
+        procedure.runtime.add_clients([cached_partition(cfg, cid, data_path, root)])
     return cfg, procedure
 
 
@@ -301,6 +335,13 @@ def make_client_app(bound: dict | None = None) -> ClientApp:
 
 
 # ------------------------------------------------------------------------------------ server side
+STOP = threading.Event()  # set: every FlowerEngine of this process stops waiting (Ctrl-C, simulation ended)
+
+
+class EngineStopped(RuntimeError):
+    """The Flower run was stopped while the server waited for replies."""
+
+
 class FlowerEngine:
     """The engine interface of `InProcessEngine` on top of a Flower `Grid`."""
 
@@ -312,16 +353,33 @@ class FlowerEngine:
         self.states: dict[int, ClientState] = {}
         self.on_client: Callable[[str, int, int], None] | None = None  # (phase, client, round) -> None
         self.on_steps: Callable[[int, int], None] | None = None  # (client, local steps done) -> None
+        self.poll_interval = 0.1  # seconds between polls for replies
         timeout = cfg.flower.connect_timeout if connect_timeout is None else connect_timeout
         self.node_of = self.discover(timeout)
 
     # ------------------------------------------------------------------------------ transport
+    def _exchange(self, msgs: list[Message], timeout: float | None) -> list[Message]:
+        """`Grid.send_and_receive`, but it gives up when `STOP` is set (so a stopped simulation's server
+        thread ends instead of waiting forever)."""
+        ids = {i for i in self.grid.push_messages(msgs) if i}
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while ids:
+            if STOP.is_set():
+                raise EngineStopped("the Flower run was stopped while waiting for replies")
+            got = list(self.grid.pull_messages(ids))
+            replies += got
+            ids -= {r.metadata.reply_to_message_id for r in got}
+            if not ids or (end is not None and time.monotonic() >= end):
+                break
+            time.sleep(self.poll_interval)
+        return replies
+
     def _send(self, message_type: str, group: str, contents: dict[int, RecordDict], timeout: float | None):
         """Send one message per client; returns {client: reply message or None (no reply in time)}."""
         msgs = [Message(content, self.node_of[cid], message_type, group_id=group)
                 for cid, content in contents.items()]
-        replies = list(self.grid.send_and_receive(msgs, timeout=timeout)) if msgs else []
-        by_node = {r.metadata.src_node_id: r for r in replies}
+        by_node = {r.metadata.src_node_id: r for r in self._exchange(msgs, timeout)} if msgs else {}
         return {cid: by_node.get(self.node_of[cid]) for cid in contents}
 
     def discover(self, timeout: float) -> dict[int, int]:
@@ -332,13 +390,14 @@ class FlowerEngine:
             nodes = sorted(self.grid.get_node_ids())
             if len(nodes) >= n or time.monotonic() - start > timeout:
                 break
-            time.sleep(1.0)
+            if STOP.wait(1.0):
+                raise EngineStopped("the Flower run was stopped while waiting for nodes")
         if len(nodes) < n:
             raise UserError(f"only {len(nodes)} Flower nodes connected within {timeout:.0f} s but the config has "
                             f"federation.num_clients={n}; start one SuperNode per client")
         hello = RecordDict({"config": ConfigRecord({"action": HELLO})})
         msgs = [Message(RecordDict(hello), node, QUERY, group_id="hello") for node in nodes]
-        replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
+        replies = self._exchange(msgs, timeout)
         node_of: dict[int, int] = {}
         for r in replies:
             node = r.metadata.src_node_id
@@ -468,8 +527,6 @@ class ProcessTracker:
     are re-parented later are still known), and stops the survivors by PID at the end."""
 
     def __init__(self, interval: float = 0.5):
-        import threading
-
         import psutil
 
         self._me = psutil.Process()
@@ -560,12 +617,14 @@ def run_flower_sim(cfg: Config, run_dir: Path, progress_mode: str | None = None,
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     bound = {"config": config_text(cfg), "out": str(run_dir), "overwrite": False, "state-dir": state_dir,
              "engine-name": "flower-sim", "progress": progress_mode or cfg.output.progress, "resume": resume}
+    STOP.clear()
     try:
         with ProcessTracker():
             try:
                 run_simulation(server_app=make_server_app(bound), client_app=make_client_app(bound),
                                num_supernodes=cfg.federation.num_clients, backend_config=sim_backend_config(cfg))
             finally:
+                STOP.set()  # after Ctrl-C the ServerApp thread would otherwise wait for replies forever
                 import ray
 
                 if ray.is_initialized():
