@@ -612,6 +612,9 @@ def run_flower_sim(cfg: Config, run_dir: Path, progress_mode: str | None = None,
     saved_env = {k: os.environ.get(k) for k in [*FLOWER_ENV, "FLWR_HOME", "OMP_NUM_THREADS"]}
     home = tempfile.mkdtemp(prefix="fedmole-flwr-")
     state_dir = tempfile.mkdtemp(prefix="fedmole-state-")
+    ray_dir = tempfile.mkdtemp(prefix="fedmole-ray-")  # Ray's session files, removed with the others
+    backend = sim_backend_config(cfg)
+    backend["init_args"]["_temp_dir"] = ray_dir
     os.environ.update(FLOWER_ENV)
     os.environ["FLWR_HOME"] = home
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -622,7 +625,7 @@ def run_flower_sim(cfg: Config, run_dir: Path, progress_mode: str | None = None,
         with ProcessTracker():
             try:
                 run_simulation(server_app=make_server_app(bound), client_app=make_client_app(bound),
-                               num_supernodes=cfg.federation.num_clients, backend_config=sim_backend_config(cfg))
+                               num_supernodes=cfg.federation.num_clients, backend_config=backend)
             finally:
                 STOP.set()  # after Ctrl-C the ServerApp thread would otherwise wait for replies forever
                 import ray
@@ -637,8 +640,8 @@ def run_flower_sim(cfg: Config, run_dir: Path, progress_mode: str | None = None,
                 os.environ[k] = v
         import shutil
 
-        shutil.rmtree(home, ignore_errors=True)
-        shutil.rmtree(state_dir, ignore_errors=True)
+        for tmp in (home, state_dir, ray_dir):
+            shutil.rmtree(tmp, ignore_errors=True)
     summary = run_dir / "summary.json"
     if not summary.is_file():
         raise RuntimeError(f"the Flower simulation ended without writing {summary}; see {run_dir / 'run.log'}")
