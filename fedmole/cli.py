@@ -1,6 +1,7 @@
 """The `fedmole` command line.
 
     fedmole run CONFIG [--set key=value ...] [--out RUN_DIR] [--overwrite] [--engine inprocess|flower-sim|flower-deploy]
+                       [--superlink HOST:PORT [--root-certificates CA_PEM]]    (flower-deploy)
     fedmole resume RUN_DIR [--config CONFIG] [--set key=value ...] [--engine ENGINE]
     fedmole report RUN_DIR [RUN_DIR ...] [--out DIR] [--csv] [--rounds 1,3]
     fedmole data build wordnet [--force]
@@ -9,6 +10,8 @@
     fedmole eval RUN_DIR [--round N] [--split test|val] [--client ID]
     fedmole generate DIR --prompt TEXT [--max-new-tokens N]   (or RUN_DIR --client ID)
     fedmole flower app CONFIG --out DIR [--set key=value ...]
+    fedmole flower certs --out DIR [--host IP_OR_NAME ...]
+    fedmole flower keys --out DIR [--name NAME ...]
 
 A user error (bad config, missing file, unknown model...) prints one message and exits with code 2.
 """
@@ -49,11 +52,28 @@ def check_engine(engine: str) -> str:
     return engine
 
 
-def run_deploy(cfg, run_dir: Path, resume: bool = False) -> dict:
+SUPERLINK_HELP = "flower-deploy: the SuperLink's HOST:PORT."
+ROOT_CERTS_HELP = ("flower-deploy: CA certificate (PEM) of the SuperLink's TLS certificate; without it the connection "
+                   "is insecure (no TLS).")
+
+
+def check_deploy_options(engine: str, superlink: str | None, root_certificates: Path | None) -> None:
+    """--superlink / --root-certificates: required and checked for flower-deploy, refused otherwise."""
+    if engine == "flower-deploy":
+        from fedmole.engines.flower_deploy import check_superlink
+
+        check_superlink(superlink, root_certificates)
+    elif superlink is not None or root_certificates is not None:
+        raise UserError("--superlink and --root-certificates only apply to --engine flower-deploy")
+
+
+def run_deploy(cfg, run_dir: Path, superlink: str, root_certificates: Path | None, resume: bool = False) -> dict:
     """`--engine flower-deploy`: run the ServerApp against a running SuperLink; returns the summary. With
     `resume`, `cfg` is the run's own config (`fedmole.run.check_resumable`) and the run continues."""
-    raise UserError("--engine flower-deploy is not implemented yet; use --engine flower-sim, or write an app with "
-                    "`fedmole flower app CONFIG --out DIR` and run it with `flwr run DIR <federation>`")
+    from fedmole.engines.flower_deploy import run_flower_deploy
+
+    return run_flower_deploy(cfg, run_dir, superlink, root_certificates, resume=resume,
+                             echo=lambda line: print(line, flush=True))
 
 
 @app.command()
@@ -64,11 +84,14 @@ def run(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
     progress: str | None = typer.Option(None, "--progress", help="auto, rich, plain or none."),
     engine: str = typer.Option("inprocess", "--engine", help="inprocess, flower-sim or flower-deploy."),
+    superlink: str | None = typer.Option(None, "--superlink", help=SUPERLINK_HELP),
+    root_certificates: Path | None = typer.Option(None, "--root-certificates", help=ROOT_CERTS_HELP),
 ) -> None:
     """Run a federated fine-tuning experiment."""
     from fedmole.config import load_config
 
     check_engine(engine)
+    check_deploy_options(engine, superlink, root_certificates)
     cfg = load_config(config, set_)
     if progress is not None:
         cfg.output.progress = progress
@@ -82,7 +105,7 @@ def run(
 
         summary = run_flower_sim(cfg, run_dir)
     elif engine == "flower-deploy":
-        summary = run_deploy(cfg, run_dir)
+        summary = run_deploy(cfg, run_dir, superlink, root_certificates)
     else:
         summary = run_experiment(cfg, run_dir)
     print_results(summary, run_dir)
@@ -95,11 +118,14 @@ def resume(
     set_: list[str] = typer.Option([], "--set", help="Overrides to check against the run's config."),
     progress: str | None = typer.Option(None, "--progress", help="auto, rich, plain or none."),
     engine: str = typer.Option("inprocess", "--engine", help="inprocess, flower-sim or flower-deploy."),
+    superlink: str | None = typer.Option(None, "--superlink", help=SUPERLINK_HELP),
+    root_certificates: Path | None = typer.Option(None, "--root-certificates", help=ROOT_CERTS_HELP),
 ) -> None:
     """Continue a run from its last complete checkpoint (exactly: same final state and metrics)."""
     from fedmole.run import resume_experiment
 
     check_engine(engine)
+    check_deploy_options(engine, superlink, root_certificates)
     out.print(f"fedmole: resuming {run_dir}")
     if engine == "flower-sim":
         from fedmole.engines.flower import run_flower_sim
@@ -110,7 +136,8 @@ def resume(
     elif engine == "flower-deploy":
         from fedmole.run import check_resumable
 
-        summary = run_deploy(check_resumable(run_dir, config, set_), run_dir, resume=True)
+        summary = run_deploy(check_resumable(run_dir, config, set_), run_dir, superlink, root_certificates,
+                             resume=True)
     else:
         summary = resume_experiment(run_dir, config, set_, progress)
     print_results(summary, run_dir)
@@ -225,6 +252,43 @@ def flower_write_app(
               f"  deploy:   flwr run {out_dir} FEDERATION --run-config \"out='/abs/runs/NAME' "
               f"engine-name='flower-deploy'\"\n            with one SuperNode per client: "
               f"--node-config 'partition-id=I num-partitions={n}'")
+
+
+@flower_app.command("certs")
+def flower_certs(
+    out_dir: Path = typer.Option(..., "--out", help="Directory for ca.crt, ca.key, server.pem, server.key."),
+    host: list[str] = typer.Option([], "--host", help="IP address or DNS name SuperNodes use to reach the "
+                                   "SuperLink (repeatable); 127.0.0.1 and localhost are always included."),
+    days: int = typer.Option(365, "--days", help="Validity in days."),
+) -> None:
+    """Write a self-signed CA and a SuperLink TLS certificate signed by it (docs/deployment.md)."""
+    from fedmole.engines.flower_procs import make_certificates
+
+    if days < 1:
+        raise UserError(f"--days {days}: a certificate must be valid for at least 1 day")
+    if (out_dir / "server.pem").exists():
+        raise UserError(f"{out_dir} already holds server.pem; choose another --out or delete the old files")
+    # the SuperLink's own SuperExec reaches it on 127.0.0.1 (also when it listens on 0.0.0.0)
+    hosts = list(dict.fromkeys([*host, "127.0.0.1", "localhost"]))
+    c = make_certificates(out_dir, hosts, days)
+    out.print(f"CA certificate: {c.ca}  (give it to every SuperNode and to `flwr`: --root-certificates)\n"
+              f"SuperLink certificate: {c.cert}, key: {c.key}  (for {', '.join(hosts)}; keep the keys private)")
+
+
+@flower_app.command("keys")
+def flower_keys(
+    out_dir: Path = typer.Option(..., "--out", help="Directory for the key pairs."),
+    name: list[str] = typer.Option(["supernode"], "--name", help="Key pair name, one per SuperNode (repeatable)."),
+) -> None:
+    """Write EC key pairs for SuperNode authentication (NAME private, NAME.pub for `flwr supernode register`)."""
+    from fedmole.engines.flower_procs import make_auth_keys
+
+    for n in name:
+        if (out_dir / n).exists():
+            raise UserError(f"{out_dir / n} already exists; choose another --name or --out")
+        private, public = make_auth_keys(out_dir, n)
+        out.print(f"{n}: private {private} (flower-supernode --auth-supernode-private-key), public {public} "
+                  f"(flwr supernode register)")
 
 
 def main() -> None:
