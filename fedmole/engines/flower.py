@@ -584,21 +584,9 @@ class ProcessTracker:
         return out
 
     def stop_all(self, grace: float = 5.0) -> None:
-        import psutil
+        from fedmole.engines.flower_procs import terminate_then_kill
 
-        procs = self.alive()
-        for p in procs:
-            try:
-                p.terminate()
-            except psutil.Error:
-                pass
-        _, left = psutil.wait_procs(procs, timeout=grace)
-        for p in left:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(left, timeout=grace)
+        terminate_then_kill(self.alive(), grace)
 
 
 def sim_backend_config(cfg: Config) -> dict:

@@ -95,7 +95,24 @@ def flower_env(flwr_home: Path, pythonpath: Path | None = None, extra: dict | No
     return env
 
 
+def terminate_then_kill(procs: list, grace: float = 5.0) -> None:
+    """SIGTERM every process, SIGKILL those still alive after `grace` seconds, and reap them."""
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
 # ------------------------------------------------------------------------------------------------ TLS
+
 @dataclass(frozen=True)
 class Certificates:
     """PEM files: the CA certificate every client trusts, and the server's certificate and private key."""
@@ -419,18 +436,7 @@ class FlowerProcesses:
     def _terminate(self, procs: list[Proc], grace: float = 5.0) -> None:
         victims = [p for proc in procs for p in self.tree(proc)]
         self.seen.update(victims)
-        for p in victims:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(victims, timeout=grace)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
+        terminate_then_kill(victims, grace)
         for proc in procs:
             try:
                 proc.popen.wait(timeout=5)
