@@ -166,6 +166,8 @@ def print_results(summary: dict, run_dir: Path) -> None:
             per.add_row(cid, f"{value:.2f}")
         out.print(per)
     out.print(f"run directory: {run_dir}  (summary.json, metrics.jsonl, partition.json, checkpoints/)")
+    if summary.get("stopped"):
+        out.print(f"stopped early ({summary['stopped']}) after round {summary['rounds_completed']}")
     skipped = {k: v for k, v in summary.get("skipped", {}).items() if v}
     if skipped:
         out.print("skipped: " + ", ".join(f"{k} {v}" for k, v in skipped.items()) + "  (details in run.log)")

@@ -3,6 +3,8 @@
 import json
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,3 +177,20 @@ def test_local_training_communicates_nothing(runs):
     recs = _comm(run_dir)
     assert len(recs) == 3 * 2 and all(x["bytes"] == 0 and x["tensors"] == 0 for x in recs)
     assert summary["comm"]["bytes"] == 0
+
+
+def test_the_shipped_budget_config_stops_cleanly_under_its_cap_through_the_cli(tmp_path):
+    """configs/comm_budget.yaml does what its header says: fp16 on the wire, training traffic never past
+    0.5 MB, a clean early stop reported by the CLI, TensorBoard files written."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "fedmole.cli", "run", str(ROOT / "configs" / "comm_budget.yaml"),
+                           "--out", str(out), "--progress", "none"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] == "comm budget" and 1 <= summary["rounds_completed"] < 10
+    assert f"stopped early (comm budget) after round {summary['rounds_completed']}" in proc.stdout
+    recs = _comm(out)
+    assert {r["dtype"] for r in recs} == {"fp16"}
+    assert 0 < sum(r["bytes"] for r in recs if r["phase"] == "train") <= 0.5 * MB
+    assert max(r["round"] for r in recs) == summary["rounds_completed"]
+    assert any((out / "tensorboard").rglob("events.out.tfevents.*"))

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +136,11 @@ def test_resolved_config_file_round_trips_every_key(tmp_path):
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
     assert again.algorithm.rank == 4 and again.algorithm.personalize_by_finetune is True
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    """Each file in configs/ passes validation (and each method's cross-checks) as shipped."""
+    cfg = load_config(path)
+    assert cfg.federation.num_clients >= 1 and cfg.algorithm.name
