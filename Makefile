@@ -61,10 +61,11 @@ chromium:
 	  echo "Install it with:  sudo apt-get install chromium   (or set FEDMOLE_SKIP_BROWSER=1 to skip that test)"; \
 	fi
 
-# A second `make demo` shows the finished run's results (and finishes an interrupted one) instead of retraining.
+# A second `make demo` shows the finished run's results (and finishes an interrupted one from its last
+# checkpoint) instead of retraining; a run interrupted before its first checkpoint starts again.
 demo: setup
-	@if [ -f runs/demo/config.yaml ]; then $(VENV)/bin/fedmole resume runs/demo; \
-	else $(VENV)/bin/fedmole run configs/demo.yaml --out runs/demo; fi
+	@if ls runs/demo/checkpoints/round_*/state.json >/dev/null 2>&1; then $(VENV)/bin/fedmole resume runs/demo; \
+	else $(VENV)/bin/fedmole run configs/demo.yaml --out runs/demo --overwrite; fi
 
 test: setup chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -15,6 +15,13 @@ class UserError(Exception):
     exit_code = 2
 
 
+class RunFailed(UserError):
+    """A run that could not complete for a reason outside fedmole's code (a remote engine failed, its output
+    is elsewhere); printed as one message with what to look at, exit code 1."""
+
+    exit_code = 1
+
+
 def did_you_mean(word: str, choices) -> str:
     """' (did you mean "x"?)' when `word` is close to one of `choices`, else ''."""
     match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)

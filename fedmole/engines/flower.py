@@ -52,7 +52,7 @@ from safetensors.torch import load_file, save_file
 from fedmole.algorithms.base import ClientState, Payload, Reply
 from fedmole.comm import wire_dtype
 from fedmole.config import Config, validate_config
-from fedmole.errors import UserError
+from fedmole.errors import RunFailed, UserError
 
 log = logging.getLogger("fedmole")
 
@@ -642,25 +642,19 @@ def run_flower_sim(cfg: Config, run_dir: Path, progress_mode: str | None = None,
             shutil.rmtree(tmp, ignore_errors=True)
     summary = run_dir / "summary.json"
     if not summary.is_file():
-        raise RuntimeError(f"the Flower simulation ended without writing {summary}; see {run_dir / 'run.log'}")
+        raise RunFailed(f"the Flower simulation ended without writing {summary}; see {run_dir / 'run.log'}")
     return json.loads(summary.read_text())
 
 
 # ------------------------------------------------------------------------------------- app writer
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
 def write_app(cfg: Config, out_dir: str | Path, run_out: str = "", engine_name: str = "flower",
               extra_run_config: dict | None = None) -> Path:
     """Write a standard Flower app directory for `cfg`: pyproject.toml (components, run config carrying the
     fedmole config, a local-simulation federation) and a two-line `fedmole_app` package whose `app` objects
     are fedmole's ServerApp and ClientApp. Operators then use `flwr run DIR [FEDERATION]`.
     Returns the path of the pyproject.toml."""
+    from fedmole.engines.flower_procs import toml_value
+
     out = Path(out_dir)
     pkg = out / "fedmole_app"
     pkg.mkdir(parents=True, exist_ok=True)
@@ -681,7 +675,7 @@ def write_app(cfg: Config, out_dir: str | Path, run_out: str = "", engine_name: 
         "[tool.flwr.app]", 'publisher = "fedmole"', "",
         "[tool.flwr.app.components]", 'serverapp = "fedmole_app.server_app:app"',
         'clientapp = "fedmole_app.client_app:app"', "",
-        "[tool.flwr.app.config]", *[f"{k} = {_toml_value(v)}" for k, v in run_config.items()], "",
+        "[tool.flwr.app.config]", *[f"{k} = {toml_value(v)}" for k, v in run_config.items()], "",
         "[tool.flwr.federations]", 'default = "local-simulation"', "",
         "[tool.flwr.federations.local-simulation]", f"options.num-supernodes = {n}",
         "options.backend.client-resources.num-cpus = 1", "options.backend.client-resources.num-gpus = 0.0", "",

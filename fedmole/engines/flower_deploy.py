@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from fedmole.config import Config
-from fedmole.errors import UserError
+from fedmole.errors import RunFailed, UserError
 from fedmole.engines.flower_procs import FlowerProcesses
 
 ENGINE_NAME = "flower-deploy"
@@ -55,6 +55,8 @@ def run_flower_deploy(cfg: Config, run_dir: Path, superlink: str | None, root_ce
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedmole-app-") as app_dir, FlowerProcesses() as fl:
+        summary = run_dir / "summary.json"
+        before = summary.stat().st_mtime_ns if summary.is_file() else None  # a summary from an earlier session
         write_app(cfg, app_dir, str(run_dir), ENGINE_NAME, {"resume": True} if resume else None)
         fl.connect(address, ca)
         try:
@@ -62,12 +64,12 @@ def run_flower_deploy(cfg: Config, run_dir: Path, superlink: str | None, root_ce
         except BaseException:
             _stop_runs(fl)
             raise
-        summary = run_dir / "summary.json"
-        if result.returncode != 0 or not summary.is_file():
+        written = summary.is_file() and summary.stat().st_mtime_ns != before
+        if result.returncode != 0 or not written:
             detail = "\n".join(result.stdout.splitlines()[-25:])
             where = (f"{summary} was not written" if result.returncode == 0 else
                      f"`flwr run` failed with code {result.returncode}")
-            raise RuntimeError(f"the Flower run on {address} did not complete: {where}. If the SuperLink runs on "
+            raise RunFailed(f"the Flower run on {address} did not complete: {where}. If the SuperLink runs on "
                                f"another machine, the run directory is there ({run_dir}). Last output:\n{detail}")
     return json.loads(summary.read_text())
 
