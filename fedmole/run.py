@@ -425,11 +425,20 @@ def _resume_configs(run_dir: Path, config_path: Path | None, overrides: list[str
     cfg = load_config(run_dir / "config.yaml")
     requested = load_config(config_path or run_dir / "config.yaml", overrides or [])
     ignore = {"output"}  # where and how progress is shown may change; nothing that affects results
-    diff = config_diff({k: v for k, v in cfg.to_dict().items() if k not in ignore},
-                       {k: v for k, v in requested.to_dict().items() if k not in ignore})
+    old_d = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
+    new_d = {k: v for k, v in requested.to_dict().items() if k not in ignore}
+    # the traffic cap only decides where a run stops, not what its rounds compute: a run stopped by its
+    # budget continues with a larger one (the new cap is written to config.yaml)
+    old_d["comm"] = {**old_d["comm"], "budget_mb": None}
+    new_d["comm"] = {**new_d["comm"], "budget_mb": None}
+    diff = config_diff(old_d, new_d)
     if diff:
         raise UserError("refusing to resume with a different config (the result would match neither run):\n  "
                         + "\n  ".join(diff) + "\nStart a new run with `fedmole run` to change settings")
+    if requested.comm.budget_mb != cfg.comm.budget_mb:
+        log.info("resume: comm.budget_mb %s -> %s", cfg.comm.budget_mb, requested.comm.budget_mb)
+        cfg.comm.budget_mb = requested.comm.budget_mb
+        dump_config(cfg, run_dir / "config.yaml")
     if latest_checkpoint(run_dir) is None:
         raise UserError(f"{run_dir} has no complete checkpoint to resume from; start it again with "
                         f"`fedmole run CONFIG --out {run_dir} --overwrite`")

@@ -153,6 +153,14 @@ def test_budget_stops_cleanly_after_the_last_round_that_fits(runs):
     assert {k: v for k, v in resumed.items() if k != "wall_seconds"} == \
         {k: v for k, v in summary.items() if k != "wall_seconds"}
     assert files == {n: (run_dir / n).read_text() for n in files}
+    # a larger budget continues the run to its end: exactly the uninterrupted run
+    with pytest.raises(UserError, match="train.lr"):
+        resume_experiment(run_dir, overrides=["train.lr=0.5"], progress_mode="none")
+    done = resume_experiment(run_dir, overrides=["comm.budget_mb=1000"], progress_mode="none")
+    assert "stopped" not in done or done["stopped"] is None
+    assert done["state_digest"] == full_summary["state_digest"]
+    assert done["global"] == full_summary["global"] and done["comm"]["bytes"] == full_summary["comm"]["bytes"]
+    assert load_config(run_dir / "config.yaml").comm.budget_mb == 1000
 
 
 def test_budget_smaller_than_one_round_is_a_user_error(runs):
