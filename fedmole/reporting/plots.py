@@ -22,8 +22,17 @@ def _fig(ncols: int = 1, nrows: int = 1, width: float = 5.5, height: float = 3.6
     return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, **kw)
 
 
-def _rounds_axis(ax) -> None:
+def _rounds_axis(ax, grid: bool = False, legend: bool = False) -> None:
+    """Integer round ticks; optionally the light grid and the small legend every per-round figure uses."""
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if grid:
+        ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+
+
+def _mean_line(ax, x, y) -> None:
+    ax.plot(x, y, "k-o", lw=2.2, ms=4, label="mean over clients")
 
 
 def _series(records, model, split, metric, client):
@@ -47,11 +56,9 @@ def metric_curves(run, model: str) -> Figure | None:
         for cid in _clients(run.metrics, model, split, metric):
             ax.plot(*_series(run.metrics, model, split, metric, cid), lw=0.8, alpha=0.45)
         x, y = _series(run.metrics, model, split, metric, None)
-        ax.plot(x, y, "k-o", lw=2.2, ms=4, label="mean over clients")
+        _mean_line(ax, x, y)
         ax.set(title=f"{model} · {split}", xlabel="round", ylabel=metric)
-        _rounds_axis(ax)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _rounds_axis(ax, grid=True, legend=True)
     fig.tight_layout()
     return fig
 
@@ -69,11 +76,9 @@ def train_loss(run) -> Figure | None:
         for r, v in zip(x, y):
             per_round[r].append(v)
     rounds = sorted(per_round)
-    ax.plot(rounds, [np.mean(per_round[r]) for r in rounds], "k-o", lw=2.2, ms=4, label="mean over clients")
+    _mean_line(ax, rounds, [np.mean(per_round[r]) for r in rounds])
     ax.set(title="local training loss", xlabel="round", ylabel="loss")
-    _rounds_axis(ax)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _rounds_axis(ax, grid=True, legend=True)
     fig.tight_layout()
     return fig
 
@@ -125,8 +130,7 @@ def experts_per_client(run) -> Figure | None:
         ax.plot(xs, ys, "-o", ms=3, label=f"client {cid}")
     ax.set(title="experts per client (mean over modules)", xlabel="round (0 = initial assignment)",
            ylabel="domain experts held")
-    _rounds_axis(ax)
-    ax.grid(alpha=0.3)
+    _rounds_axis(ax, grid=True)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
@@ -260,8 +264,7 @@ def bytes_per_round(run) -> Figure | None:
             ax.bar(rounds, vals, bottom=bottom, label=name)
             bottom += vals
     ax.set(title=f"bytes per round ({run.comm[0]['dtype']} transfer)", xlabel="round", ylabel="MB")
-    _rounds_axis(ax)
-    ax.legend(fontsize=8)
+    _rounds_axis(ax, legend=True)
     fig.tight_layout()
     return fig
 
@@ -278,9 +281,7 @@ def compare_curves(runs, model: str, split: str) -> Figure | None:
         ax.plot(x, y, "-o", ms=3, label=run.name)
     metrics = sorted({run.metric for run, _ in drawn})
     ax.set(title=f"{model} · {split} (mean over clients)", xlabel="round", ylabel=" / ".join(metrics))
-    _rounds_axis(ax)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _rounds_axis(ax, grid=True, legend=True)
     fig.tight_layout()
     return fig
 
@@ -298,8 +299,6 @@ def compare_bytes(runs) -> Figure | None:
         rounds = sorted(per)
         ax.plot(rounds, np.cumsum([per[r] for r in rounds]) / 1e6, "-o", ms=3, label=run.name)
     ax.set(title="cumulative communication", xlabel="round", ylabel="MB")
-    _rounds_axis(ax)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _rounds_axis(ax, grid=True, legend=True)
     fig.tight_layout()
     return fig
