@@ -34,13 +34,9 @@ CLIENT = "client"
 
 
 def _check_partition(ckpt, clients) -> None:
-    from fedmole.data.partition import manifest
+    from fedmole.run import check_partition
 
-    saved = ckpt.run_dir / "partition.json"
-    parts = json.dumps(manifest(clients, ckpt.cfg.partition.by), indent=1)
-    if saved.is_file() and saved.read_text() != parts:
-        raise UserError(f"the data partition differs from the one this run used ({saved}); the data files "
-                        f"changed, so a re-evaluation would not measure the same examples")
+    check_partition(ckpt.cfg, clients, ckpt.run_dir, "a re-evaluation would not measure the same examples")
 
 
 def _client_models(ckpt, strategy, runtime, ids: list[int], evals: dict[int, list[dict]]) -> None:

@@ -303,6 +303,19 @@ def load_federated_data(cfg: Config):
     return partition(examples, cfg.partition, cfg.federation.num_clients, cfg.partition_seed)
 
 
+def check_partition(cfg: Config, clients, run_dir: Path, consequence: str) -> str:
+    """The partition manifest of `clients` as partition.json text; a UserError naming `consequence` when the
+    run directory's partition.json (if any) differs, i.e. the data files changed since the run started."""
+    from fedmole.data.partition import manifest
+
+    parts = json.dumps(manifest(clients, cfg.partition.by), indent=1)
+    saved = run_dir / "partition.json"
+    if saved.is_file() and saved.read_text() != parts:
+        raise UserError(f"the data partition differs from the one this run started with ({saved}); the data "
+                        f"files changed, so {consequence}")
+    return parts
+
+
 def build_runtime(cfg: Config, clients):
     """Tokenizer + frozen base model + the method's adapters + every client's encoded data."""
     from fedmole.algorithms import get_algorithm
@@ -327,16 +340,11 @@ def _setup(cfg: Config, run_dir: Path, progress_mode: str | None, make_engine=No
     loads the model and adapters only for the server's strategy and encodes no client data. Default: the
     in-process engine, every client on this process's runtime."""
     from fedmole.algorithms import get_algorithm
-    from fedmole.data.partition import manifest
     from fedmole.engines.inprocess import InProcessEngine
 
     clients = load_federated_data(cfg)
-    parts = json.dumps(manifest(clients, cfg.partition.by), indent=1)
-    saved = run_dir / "partition.json"
-    if saved.exists() and saved.read_text() != parts:
-        raise UserError(f"the data partition differs from the one this run started with ({saved}); the data "
-                        f"files changed, so the run cannot be resumed exactly. Start a new run")
-    atomic_write_text(saved, parts)
+    parts = check_partition(cfg, clients, run_dir, "the run cannot be resumed exactly. Start a new run")
+    atomic_write_text(run_dir / "partition.json", parts)
     runtime = build_runtime(cfg, clients if make_engine is None else [])
     algo = get_algorithm(cfg.algorithm.name)
     strategy = algo.Server(cfg, runtime.adapters)

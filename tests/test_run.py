@@ -101,3 +101,21 @@ def test_existing_run_directory_is_refused_without_overwrite(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
     assert (tmp_path / "r" / "summary.json").read_text() == "{}"
+
+
+def test_a_changed_partition_is_refused_with_its_consequence(tmp_path):
+    """Resume and re-evaluation share one check: a run directory whose partition.json no longer matches the
+    data is refused, and an unchanged one passes and yields the same text."""
+    from fedmole.errors import UserError
+    from fedmole.run import check_partition, load_federated_data
+
+    cfg = load_config(SMOKE, ["data.max_examples=600", "federation.num_clients=4"])
+    clients = load_federated_data(cfg)
+    text = check_partition(cfg, clients, tmp_path, "nothing")  # no partition.json yet: accepted
+    (tmp_path / "partition.json").write_text(text)
+    assert check_partition(cfg, clients, tmp_path, "nothing") == text
+    changed = json.loads(text)
+    changed["clients"][0]["sizes"]["train"] += 1
+    (tmp_path / "partition.json").write_text(json.dumps(changed, indent=1))
+    with pytest.raises(UserError, match="data partition differs.*so the run cannot be resumed"):
+        check_partition(cfg, clients, tmp_path, "the run cannot be resumed")
