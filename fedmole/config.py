@@ -228,13 +228,21 @@ class RankTierLoRAConfig(AlgorithmConfig, LoRAKeys):
             tier_rank_map(self.rank, K, sorted({*cfg.tiers.levels, *(k for k in cfg.tiers.per_client or [] if k <= K)}))
 
 
+class TierEvalKeys(Section):
+    tier_eval: Literal["own", "none"] = Field(
+        "own", description="also evaluate each client below the highest tier on the model it can run: the "
+        "global LoRA at its own rank r_i (the model `fedmole export --client` writes), labelled global_k{k_i} "
+        "like FLAME's tier-wise evaluation (own), or only the global model (none)"
+    )
+
+
 class FFALoRAConfig(AlgorithmConfig, LoRAKeys, WeightingKeys, FinetuneEvalKeys, ProxKeys, ServerOptKeys):
     """FFA-LoRA: A frozen at the seeded shared initialisation; only B is trained and averaged."""
 
     name: Literal["ffa_lora"] = "ffa_lora"
 
 
-class HetLoRAConfig(RankTierLoRAConfig, FinetuneEvalKeys, ProxKeys, ServerOptKeys):
+class HetLoRAConfig(RankTierLoRAConfig, TierEvalKeys, FinetuneEvalKeys, ProxKeys, ServerOptKeys):
     """HetLoRA: tier ranks, truncation on dispatch, zero-padding + norm-weighted aggregation, optional self-pruning."""
 
     name: Literal["hetlora"] = "hetlora"
@@ -255,7 +263,7 @@ class HetLoRAConfig(RankTierLoRAConfig, FinetuneEvalKeys, ProxKeys, ServerOptKey
             )
 
 
-class FlexLoRAConfig(RankTierLoRAConfig, WeightingKeys, FinetuneEvalKeys, ProxKeys, ServerOptKeys):
+class FlexLoRAConfig(RankTierLoRAConfig, TierEvalKeys, WeightingKeys, FinetuneEvalKeys, ProxKeys, ServerOptKeys):
     """FlexLoRA: tier ranks, average of the scaled products B_i A_i, redistribution by truncated SVD."""
 
     name: Literal["flexlora"] = "flexlora"

@@ -18,7 +18,7 @@ from fedmole.adapters import inject
 from fedmole.adapters.merged import MergedLoRALinear
 from fedmole.algorithms.aggregate import weighted_mean
 from fedmole.algorithms.base import ClientProcedure, ClientState, Payload, Reply
-from fedmole.algorithms.lora_common import RankTierServer, train_lora
+from fedmole.algorithms.lora_common import RankTierServer, evaluate_tiers, train_lora
 from fedmole.algorithms.lora_ops import (
     from_pairs, lora_only, lora_pairs, merged_key, resize_rank, scaled_product, svd_factors, zero_merged_state,
 )
@@ -87,6 +87,9 @@ class Server(RankTierServer):
 
 
 class Client(ClientProcedure):
+    def evaluate(self, cid: int, payload: Payload, state: ClientState) -> Reply:
+        return evaluate_tiers(self, cid, payload)
+
     def train(self, cid: int, payload: Payload, state: ClientState) -> Reply:
         rt = self.runtime
         rt.adapters.load(payload.tensors)  # LoRA factors at rank r_i, no merged ΔW

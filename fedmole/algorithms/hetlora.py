@@ -29,7 +29,7 @@ import torch
 from fedmole.algorithms.aggregate import weighted_mean
 from fedmole.algorithms.base import ClientProcedure, ClientState, Payload, Reply
 from fedmole.algorithms.fedit import build_adapters
-from fedmole.algorithms.lora_common import RankTierServer, train_lora
+from fedmole.algorithms.lora_common import RankTierServer, evaluate_tiers, train_lora
 from fedmole.algorithms.lora_ops import from_pairs, lora_pairs, product_norm, resize_rank
 
 __all__ = ["Server", "Client", "build_adapters", "aggregate"]
@@ -108,6 +108,9 @@ class Server(RankTierServer):
 
 
 class Client(ClientProcedure):
+    def evaluate(self, cid: int, payload: Payload, state: ClientState) -> Reply:
+        return evaluate_tiers(self, cid, payload)
+
     def train(self, cid: int, payload: Payload, state: ClientState) -> Reply:
         rt, a = self.runtime, self.cfg.algorithm
         rt.adapters.load(payload.tensors)

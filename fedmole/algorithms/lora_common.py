@@ -14,15 +14,16 @@ import torch
 from torch import nn
 
 from fedmole.algorithms.aggregate import client_weights
-from fedmole.algorithms.base import GLOBAL, PERSONALIZED, ClientProcedure, ClientState, Reply, Strategy
+from fedmole.algorithms.base import GLOBAL, PERSONALIZED, ClientProcedure, ClientState, Payload, Reply, Strategy
 from fedmole.algorithms.fedprox import proximal_hook
-from fedmole.algorithms.rank_tiers import client_ranks
+from fedmole.algorithms.rank_tiers import client_tiers
 from fedmole.algorithms.server_opt import ServerOptimizer
 from fedmole.config import FinetuneEvalKeys, ServerOptKeys
 
 Tensors = dict[str, torch.Tensor]
 
 OPT_PREFIX = "server_opt::"  # server-optimiser moments inside the checkpointed server tensors
+TIER_PREFIX = "tier::"  # the client's own-rank model inside an evaluation payload (`tier_eval: own`)
 
 
 class LoRAServer(Strategy):
@@ -58,17 +59,46 @@ class LoRAServer(Strategy):
 
 class RankTierServer(LoRAServer):
     """A LoRA server whose clients train at their tier ranks r_i = rank * k_i / K (`rank_tiers`); every round
-    records each client's rank (`metric: rank`), and the summary lists them."""
+    records each client's rank (`metric: rank`), and the summary lists them. With `tier_eval: own` a client
+    below the highest tier also evaluates the model it can run, its `export_state` (the global LoRA at its
+    rank), labelled `global_k{k_i}` as FLAME's tier-wise evaluation is; the payload carries it after
+    `TIER_PREFIX`, and `evaluate_tiers` is the client half."""
 
     def __init__(self, cfg, adapters):
         super().__init__(cfg, adapters)
-        self.ranks = client_ranks(cfg, adapters.model)
+        self.tiers, self.K, self.ranks = client_tiers(cfg, adapters.model)
 
     def round_records(self, rnd):
         return [{"client": c, "metric": "rank", "value": r} for c, r in enumerate(self.ranks)]
 
     def summary_extra(self):
         return {"ranks": {str(c): r for c, r in enumerate(self.ranks)}}
+
+    def configure_evaluate(self, rnd, clients):
+        plans = super().configure_evaluate(rnd, clients)
+        if getattr(self.cfg.algorithm, "tier_eval", "none") == "none":
+            return plans
+        own: dict[int, Tensors] = {}  # rank -> the model at that rank, built once per round
+        for c, plan in plans.items():
+            if self.tiers[c] >= self.K:
+                continue
+            if self.ranks[c] not in own:
+                own[self.ranks[c]] = {TIER_PREFIX + k: v for k, v in self.export_state(c).items()}
+            plans[c] = Payload({**plan.tensors, **own[self.ranks[c]]},
+                               {**plan.config, "tier_label": f"{GLOBAL}_k{self.tiers[c]}"})
+        return plans
+
+
+def evaluate_tiers(proc: ClientProcedure, cid: int, payload: Payload) -> Reply:
+    """Client half of `RankTierServer.configure_evaluate`: the global model, then the own-rank model."""
+    rt = proc.runtime
+    rt.adapters.load({k: v for k, v in payload.tensors.items() if not k.startswith(TIER_PREFIX)})
+    evals = rt.evaluate(cid, GLOBAL)
+    label = payload.config.get("tier_label")
+    if label:
+        rt.adapters.load({k[len(TIER_PREFIX):]: v for k, v in payload.tensors.items() if k.startswith(TIER_PREFIX)})
+        evals += rt.evaluate(cid, label)
+    return Reply(evals=evals)
 
 
 def train_lora(

@@ -42,8 +42,8 @@ def tier_rank_map(rank: int, K: int, values: list[int]) -> dict[int, int]:
     return {k: rank * k // K for k in values}
 
 
-def client_ranks(cfg: Config, model) -> list[int]:
-    """LoRA rank r_i per client id 0..num_clients-1."""
+def client_tiers(cfg: Config, model) -> tuple[list[int], int, list[int]]:
+    """(tier value k_i per client id 0..num_clients-1, the highest level K, LoRA rank r_i per client)."""
     K_model = model_tier_k(cfg, model)
     tiers = assign_tiers(cfg, K_model)
     K = tier_levels(cfg, K_model)[0]
@@ -51,4 +51,9 @@ def client_ranks(cfg: Config, model) -> list[int]:
         ranks = tier_rank_map(cfg.algorithm.rank, K, sorted(set(tiers)))
     except ValueError as err:
         raise UserError(str(err)) from None
-    return [ranks[k] for k in tiers]
+    return tiers, K, [ranks[k] for k in tiers]
+
+
+def client_ranks(cfg: Config, model) -> list[int]:
+    """LoRA rank r_i per client id 0..num_clients-1."""
+    return client_tiers(cfg, model)[2]
