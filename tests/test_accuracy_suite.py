@@ -42,3 +42,21 @@ def test_runner_and_report_end_to_end(tmp_path):
     md = (tmp_path / "docs" / "accuracy_micro.md").read_text()
     assert "Scenario `task`" in md and "fedamole" in md
     assert (tmp_path / "docs" / "accuracy_micro.png").stat().st_size > 1000
+
+
+def test_tier_scenario_reports_every_method_at_every_budget(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.accuracy", "--preset", "micro", "--scenarios", "tiers",
+         "--methods", "flame", "hetlora", "--runs-dir", str(tmp_path / "runs"), "--results", str(tmp_path),
+         "--docs", str(tmp_path / "docs"), "--jobs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "accuracy_micro.json").read_text())
+    assert res["jobs"] == 2 and {r["method"] for r in res["runs"]} == {"flame", "hetlora"}
+    # one client per tier (8, 4, 2, 1): each lower tier's own model is evaluated, by both methods
+    for method in ("flame", "hetlora"):
+        assert set(res["budgets"]["tiers"][method]) == {"4", "2", "1"}
+        run = next(r for r in res["runs"] if r["method"] == method)
+        summary = json.loads((tmp_path / "runs" / "micro" / "tiers" / method / "seed42" / "summary.json").read_text())
+        assert run["budgets"]["1"] == summary["other_models"]["global_k1"]["mean"]
+    md = (tmp_path / "docs" / "accuracy_micro.md").read_text()
+    assert "Score by compute budget" in md and "| flame |" in md and "k = 1" in md

@@ -2,11 +2,12 @@
 
     python -m benchmarks.accuracy [--preset cpu|gpu|micro] [--scenarios task dir0.1 dir1.0 tiers]
                                   [--methods ...] [--runs-dir runs/accuracy] [--report-only]
-                                  [--set KEY=VALUE ...]
+                                  [--jobs N] [--set KEY=VALUE ...]
 
 Each run is a real `fedmole run` in its own process, in runs/accuracy/<preset>/<scenario>/<method>/seed<N>.
 The suite is resumable: a finished run (summary.json present) is kept, an interrupted one is resumed
-with `fedmole resume`. Results: benchmarks/results/accuracy_<preset>.json, docs/results/accuracy_<preset>.md
+with `fedmole resume`. `--jobs N` runs N at a time (default: the preset's, 2 for `cpu`, whose runs use 1 torch
+thread each). Results: benchmarks/results/accuracy_<preset>.json, docs/results/accuracy_<preset>.md
 and docs/results/accuracy_<preset>.png.
 """
 
@@ -18,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.accuracy.report import collect, write_report
@@ -52,6 +54,7 @@ def main() -> int:
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "results")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the preset's)")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for every run, e.g. train.num_threads=1 on a busy machine")
     args = ap.parse_args()
@@ -59,18 +62,23 @@ def main() -> int:
     plan = [r for r in runs(args.preset, args.scenarios) if not args.methods or r["method"] in args.methods]
     root = args.runs_dir / args.preset
     failed, started = [], time.perf_counter()
+    jobs = max(1, args.jobs or PRESETS[args.preset].get("jobs", 1))
     if not args.report_only:
-        for i, run in enumerate(plan, 1):
+        def one(item):
+            i, run = item
             run_dir = root / run["scenario"] / run["method"] / f"seed{run['seed']}"
             ok, secs = run_one(run, run_dir, args.extra)
             status = "ok" if ok else "FAILED"
             print(f"[{i}/{len(plan)}] {run['scenario']:7s} {run['method']:18s} seed {run['seed']}: {status} "
                   f"({secs:.0f} s, {time.perf_counter() - started:.0f} s total)", flush=True)
-            if not ok:
-                failed.append(run)
+            return None if ok else run
+
+        with ThreadPoolExecutor(jobs) as pool:
+            failed = [r for r in pool.map(one, enumerate(plan, 1)) if r is not None]
     results = collect(plan, root)
     results["preset"] = args.preset
     results["extra_overrides"] = args.extra
+    results["jobs"] = jobs
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"accuracy_{args.preset}.json"

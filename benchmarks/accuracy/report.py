@@ -27,7 +27,11 @@ def collect(plan: list[dict], root: Path) -> dict:
         rows.append({"scenario": run["scenario"], "method": run["method"], "seed": run["seed"],
                      "model": s["headline"], "metric": s["metric"], "test": head["mean"],
                      "test_last": head["last_mean"], "selected_round": head["selected_round"],
-                     "wall_seconds": s["wall_seconds"], "state_digest": s["state_digest"]})
+                     "wall_seconds": s["wall_seconds"], "state_digest": s["state_digest"],
+                     # tier-wise models (FLAME, HetLoRA, FlexLoRA: each client at its own budget k)
+                     "budgets": {label.removeprefix("global_k"): m["mean"]
+                                 for label, m in (s.get("other_models") or {}).items()
+                                 if label.startswith("global_k") and m}})
     table: dict[str, dict[str, dict]] = {}
     for scen in SCENARIOS:
         for method in SCENARIOS[scen]["methods"]:
@@ -36,6 +40,12 @@ def collect(plan: list[dict], root: Path) -> dict:
                 table.setdefault(scen, {})[method] = {
                     "mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                     "n": len(vals)}
+    budgets: dict[str, dict[str, dict[str, float]]] = {}  # scenario -> method -> k -> mean over seeds
+    for r in rows:
+        for k, v in r["budgets"].items():
+            budgets.setdefault(r["scenario"], {}).setdefault(r["method"], {}).setdefault(k, []).append(v)
+    budgets = {s: {m: {k: statistics.mean(v) for k, v in ks.items()} for m, ks in ms.items()}
+               for s, ms in budgets.items()}
     gains = {}
     for scen, methods in table.items():
         kind = _kind(scen)
@@ -45,7 +55,7 @@ def collect(plan: list[dict], root: Path) -> dict:
             best = max(base, key=base.get)
             gains[scen] = {"method": HEADLINE[kind], "best_baseline": best,
                            "relative_gain_pct": 100 * (ours["mean"] - base[best]) / base[best] if base[best] else None}
-    return {"runs": rows, "table": table, "gains": gains,
+    return {"runs": rows, "table": table, "gains": gains, "budgets": budgets,
             "compute_seconds": round(sum(r["wall_seconds"] for r in rows), 1)}
 
 
@@ -64,6 +74,7 @@ def write_report(results: dict, docs: Path, preset: str) -> None:
             lines += ["", f"Relative gain of {g['method']} over the best baseline ({g['best_baseline']}): "
                           f"{g['relative_gain_pct']:+.2f} %"]
         lines.append("")
+        lines += _budget_table(scen, methods, results.get("budgets", {}).get(scen, {}))
     gains = [g["relative_gain_pct"] for s, g in results["gains"].items()
              if _kind(s) == "personal" and g["relative_gain_pct"] is not None]
     if gains:
@@ -72,6 +83,34 @@ def write_report(results: dict, docs: Path, preset: str) -> None:
     lines += [f"Compute: {results['compute_seconds'] / 60:.1f} minutes of run wall time in total.", ""]
     (docs / f"accuracy_{preset}.md").write_text("\n".join(lines))
     _plot(results, docs / f"accuracy_{preset}.png")
+
+
+def _budget_table(scen: str, methods: dict, budgets: dict) -> list[str]:
+    """Tier scenario: each method's score at every budget: the global model at full compute (all clients) and
+    each lower tier's model on that tier's clients (`global_k{k}`), with FLAME's gain over the best baseline."""
+    ks = sorted({k for m in budgets.values() for k in m}, key=int, reverse=True)
+    if not ks:
+        return []
+    lines = [f"Score by compute budget (`{scen}`): full compute = the global model on every client; k = the model "
+             "a tier-k client runs, on that tier's clients.", "",
+             "| method | full compute | " + " | ".join(f"k = {k}" for k in ks) + " |",
+             "|---|---|" + "---|" * len(ks)]
+    for method, v in methods.items():
+        b = budgets.get(method, {})
+        lines.append(f"| {method} | {v['mean']:.2f} | " + " | ".join(f"{b[k]:.2f}" if k in b else "–" for k in ks) + " |")
+    head, base = HEADLINE["tiers"], [m for m in BASELINES["tiers"] if m in methods]
+    if head in methods and base:
+        cols = [("full compute", {m: methods[m]["mean"] for m in [head, *base]})]
+        cols += [(f"k = {k}", {m: budgets[m][k] for m in [head, *base] if k in budgets.get(m, {})}) for k in ks]
+        gains = []
+        for name, vals in cols:
+            others = {m: x for m, x in vals.items() if m != head}
+            if head in vals and others:
+                best = max(others, key=others.get)
+                pct = 100 * (vals[head] - others[best]) / others[best] if others[best] else float("nan")
+                gains.append(f"{name}: {pct:+.1f} % (vs {best})")
+        lines += ["", f"Gain of {head} over the best rank baseline per budget: " + "; ".join(gains)]
+    return lines + [""]
 
 
 def _plot(results: dict, path: Path) -> None:
