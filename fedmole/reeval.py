@@ -4,10 +4,11 @@ It rebuilds the run's data partition, base model and adapters from `config.yaml`
 client states of the checkpoint, and evaluates with the run's own code path:
 
 1. the method's evaluation plan (`Strategy.configure_evaluate` run through the in-process engine and
-   `client.execute`, reseeded per (round, client, phase) exactly as in the run): the global model, FLAME's
-   tier-wise `global_k{k}`, FDLoRA's fused personalised model; these equal what `metrics.jsonl` recorded
-   for a round evaluated after aggregation;
-2. each client's own model (`fedmole export --client`'s model) unless step 1 evaluated that same model:
+   `client.execute`, reseeded per (round, client, phase) exactly as in the run): the global model, the
+   tier-wise `global_k{k}` (FLAME, HetLoRA, FlexLoRA), FDLoRA's fused personalised model; these equal what
+   `metrics.jsonl` recorded for a round evaluated after aggregation;
+2. each client's own model (`fedmole export --client`'s model) unless it is the global model step 1 evaluated
+   or FDLoRA's personalised one (a lower-tier HetLoRA/FlexLoRA client's is its `global_k{k}` model again):
    labelled `personalized` where the checkpoint keeps exactly the model the run evaluated under that label
    (local, FedIT-FT), otherwise `client` (FedAMoLE: the aggregated experts of the client's architecture,
    HetLoRA/FlexLoRA: the global LoRA at the client's rank, FLAME: k_i with the client's rescaler).
