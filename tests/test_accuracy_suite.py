@@ -60,3 +60,15 @@ def test_tier_scenario_reports_every_method_at_every_budget(tmp_path):
         assert run["budgets"]["1"] == summary["other_models"]["global_k1"]["mean"]
     md = (tmp_path / "docs" / "accuracy_micro.md").read_text()
     assert "Score by compute budget" in md and "| flame |" in md and "k = 1" in md
+    assert f"the suite took {res['wall_seconds'] / 60:.1f} minutes with 2 run(s) at a time" in md
+
+    # --report-only rewrites the tables but keeps how the runs were made (wall time, jobs)
+    (tmp_path / "docs" / "accuracy_micro.md").unlink()
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.accuracy", "--preset", "micro", "--scenarios", "tiers", "--report-only",
+         "--runs-dir", str(tmp_path / "runs"), "--results", str(tmp_path), "--docs", str(tmp_path / "docs")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((tmp_path / "accuracy_micro.json").read_text())
+    assert (again["wall_seconds"], again["jobs"], again["table"]) == (res["wall_seconds"], 2, res["table"])
+    assert (tmp_path / "docs" / "accuracy_micro.md").read_text() == md

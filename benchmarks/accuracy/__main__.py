@@ -75,13 +75,16 @@ def main() -> int:
 
         with ThreadPoolExecutor(jobs) as pool:
             failed = [r for r in pool.map(one, enumerate(plan, 1)) if r is not None]
+    out = args.results / f"accuracy_{args.preset}.json"
     results = collect(plan, root)
     results["preset"] = args.preset
-    results["extra_overrides"] = args.extra
-    results["jobs"] = jobs
-    results["wall_seconds"] = round(time.perf_counter() - started, 1)
+    if args.report_only and out.is_file():
+        # tables only: keep how the runs were made (overrides, jobs, wall time) from the invocation that ran them
+        before = json.loads(out.read_text())
+        results.update({k: before[k] for k in ("extra_overrides", "jobs", "wall_seconds") if k in before})
+    else:
+        results.update(extra_overrides=args.extra, jobs=jobs, wall_seconds=round(time.perf_counter() - started, 1))
     args.results.mkdir(parents=True, exist_ok=True)
-    out = args.results / f"accuracy_{args.preset}.json"
     out.write_text(json.dumps(results, indent=1))
     write_report(results, args.docs, args.preset)
     print(f"wrote {out} and {args.docs}/accuracy_{args.preset}.md")

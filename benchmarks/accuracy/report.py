@@ -80,7 +80,9 @@ def write_report(results: dict, docs: Path, preset: str) -> None:
     if gains:
         lines += [f"Average relative gain of FedAMoLE over the best baseline across personalisation scenarios: "
                   f"{statistics.mean(gains):+.2f} %", ""]
-    lines += [f"Compute: {results['compute_seconds'] / 60:.1f} minutes of run wall time in total.", ""]
+    lines += [f"Compute: {results['compute_seconds'] / 60:.1f} minutes of run wall time in total"
+              + (f"; the suite took {results['wall_seconds'] / 60:.1f} minutes with {results['jobs']} run(s) at a time."
+                 if results.get("wall_seconds") and results.get("jobs") else "."), ""]
     (docs / f"accuracy_{preset}.md").write_text("\n".join(lines))
     _plot(results, docs / f"accuracy_{preset}.png")
 
@@ -122,7 +124,9 @@ def _plot(results: dict, path: Path) -> None:
     scen = list(results["table"])
     if not scen:
         return
-    fig, axes = plt.subplots(1, len(scen), figsize=(4.2 * len(scen), 3.8), squeeze=False)
+    budgets = {s: b for s, b in results.get("budgets", {}).items() if b}
+    fig, axes = plt.subplots(1, len(scen) + len(budgets), figsize=(4.2 * (len(scen) + len(budgets)), 3.8),
+                             squeeze=False)
     for ax, s in zip(axes[0], scen):
         order = list(PERSONAL_METHODS if s != "tiers" else TIER_METHODS)
         methods = [m for m in order if m in results["table"][s]]
@@ -134,6 +138,17 @@ def _plot(results: dict, path: Path) -> None:
         ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
         ax.set_title(s)
         ax.set_ylabel("test score")
+    for ax, (s, by_method) in zip(axes[0][len(scen):], budgets.items()):
+        ks = sorted({k for b in by_method.values() for k in b}, key=int, reverse=True)
+        xs = ["full", *[f"k={k}" for k in ks]]
+        for m in TIER_METHODS:
+            if m in by_method and m in results["table"][s]:
+                ys = [results["table"][s][m]["mean"], *[by_method[m].get(k, float("nan")) for k in ks]]
+                ax.plot(xs, ys, marker="o", label=m, linewidth=2.5 if m == "flame" else 1.2)
+        ax.set_title(f"{s}: score by compute budget")
+        ax.set_xlabel("budget (model a tier-k client runs)")
+        ax.set_ylabel("test score")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
