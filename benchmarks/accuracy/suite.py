@@ -7,7 +7,9 @@ Scenarios (issue 9), all on WordNet 3.0 with SmolLM2-135M-Instruct:
   setting (Dirichlet over Dolly's 8 categories).
 - `tiers`: compute tiers {8, 4, 2, 1} (uniform mix, the same seeded tiers for every method), Dirichlet
   over domains with alpha 1.0: FLAME (dense LoRA-expert variant on SmolLM2), its ablations, HetLoRA and
-  FlexLoRA at ranks r * k_i / 8.
+  FlexLoRA at ranks r * k_i / 8 (the cpu and micro presets: one client per tier). Besides the global model at
+  full compute, every method evaluates each lower-tier client on the model it can run (`global_k{k}`), and
+  the report compares the methods per budget.
 
 Every run reports the test score of the method's headline model at the round selected on validation.
 For the personalisation scenarios the comparison is between personalised models (FedIT-FT, local,
