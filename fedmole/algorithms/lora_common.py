@@ -18,7 +18,7 @@ from fedmole.algorithms.base import GLOBAL, PERSONALIZED, ClientProcedure, Clien
 from fedmole.algorithms.fedprox import proximal_hook
 from fedmole.algorithms.rank_tiers import client_tiers
 from fedmole.algorithms.server_opt import ServerOptimizer
-from fedmole.config import FinetuneEvalKeys, ServerOptKeys
+from fedmole.config import FinetuneEvalKeys, ServerOptKeys, TierEvalKeys
 
 Tensors = dict[str, torch.Tensor]
 
@@ -76,7 +76,8 @@ class RankTierServer(LoRAServer):
 
     def configure_evaluate(self, rnd, clients):
         plans = super().configure_evaluate(rnd, clients)
-        if getattr(self.cfg.algorithm, "tier_eval", "none") == "none":
+        alg = self.cfg.algorithm
+        if not isinstance(alg, TierEvalKeys) or alg.tier_eval == "none":
             return plans
         own: dict[int, Tensors] = {}  # rank -> the model at that rank, built once per round
         for c, plan in plans.items():
