@@ -13,6 +13,7 @@ client states of the checkpoint, and evaluates with the run's own code path:
    (local, FedIT-FT), otherwise `client` (FedAMoLE: the aggregated experts of the client's architecture,
    HetLoRA/FlexLoRA: the global LoRA at the client's rank, FLAME: k_i with the client's rescaler).
 
+Both splits are evaluated, as in the run: they share batches, so only then are the numbers the run's exactly.
 Writes `eval_round_N_SPLIT.json` (`eval_round_N_SPLIT_client_C.json` with --client) into the run directory:
 the records in metrics.jsonl's format, their means, and the values recorded by the run for the same round.
 """
@@ -92,8 +93,7 @@ def evaluate_run(run_dir: str | Path, rnd: str | int | None = None, split: str =
     check_client(cfg, client)
     clients = load_federated_data(cfg)
     _check_partition(ckpt, clients)
-    runtime = build_runtime(cfg, clients)
-    runtime.eval_splits = (split,)
+    runtime = build_runtime(cfg, clients)  # evaluates val and test together, as the run did (shared batches)
     strategy = strategy_at(ckpt, runtime.adapters)
     engine = InProcessEngine(get_algorithm(cfg.algorithm.name).Client(cfg, runtime))
     engine.load_client_states(ckpt.clients)
@@ -102,6 +102,7 @@ def evaluate_run(run_dir: str | Path, rnd: str | int | None = None, split: str =
     replies, failures = engine.evaluate(ckpt.round, strategy.configure_evaluate(ckpt.round, ids))
     evals = {c: list(r.evals) for c, r in replies.items()}
     _client_models(ckpt, strategy, runtime, ids, evals)
+    evals = {c: [e for e in es if e["split"] == split] for c, es in evals.items()}
 
     records = eval_records(ckpt.round, evals)
     keys = {(r["client"], r["model"], r["split"], r["metric"]) for r in records}

@@ -1,8 +1,10 @@
 """Evaluation of one model on one client's split.
 
-- loss: mean per-token cross-entropy over response tokens (+EOS), token-weighted over the split;
+- loss: mean per-token cross-entropy over response tokens (+EOS), token-weighted over the split; a
+  classification example's is its gold choice's, taken from the choice scoring below (the same sequence);
 - accuracy (classification examples): each candidate verbaliser + EOS is scored by its mean per-token CE
-  and the lowest wins (not the sum, not the first-token logit);
+  and the lowest wins (not the sum, not the first-token logit); the prompt runs once per example and its
+  key/value cache serves every choice;
 - ROUGE-L F (generation examples): decoding with `eval.generation` (greedy by default), prompt stripped,
   special tokens skipped, scored with `rouge-score`'s ROUGE-L F against the reference response;
 - score: the mean over examples of the per-example result (1/0 for classification, ROUGE-L F for
@@ -11,15 +13,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
-from fedmole.client.train import to_device
+from fedmole.client.train import takes_logits_to_keep, response_logits, to_device
 from fedmole.config import EvalConfig
 from fedmole.data.schema import Example
-from fedmole.data.tokenize import collate, encode_candidates, encode_prompt, encode_train
+from fedmole.data.tokenize import collate, encode_candidates, encode_prompt, encode_train, prompt_ids, target_ids
 
 
 @lru_cache(maxsize=1)
@@ -39,13 +42,43 @@ def rouge_l(prediction: str, reference: str) -> float:
 @torch.no_grad()
 def sequence_ce(model, features: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence (sum of token CE over labelled positions, number of labelled positions)."""
-    batch = to_device(collate(features, pad_id), device)
-    labels = batch.pop("labels")
-    logits = model(**batch).logits[:, :-1].float()  # position t predicts token t+1
-    target = labels[:, 1:]
+    logits, target = response_logits(model, to_device(collate(features, pad_id), device))
     mask = target != -100
-    ce = F.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none") * mask
+    ce = F.cross_entropy(logits.float().transpose(1, 2), target.clamp(min=0), reduction="none") * mask
     return ce.sum(-1).cpu(), mask.sum(-1).cpu()
+
+
+@torch.no_grad()
+def candidate_ce(model, prompts: list[list[int]], choices: list[list[list[int]]], pad_id: int, device):
+    """Per-example lists of (sum of token CE, number of tokens) of each choice's tokens after its prompt.
+
+    The prompt is run once per example and its key/value cache shared by the example's choices, which then
+    cost only their own few tokens: the same numbers as scoring every prompt + choice sequence in full
+    (`sequence_ce` on `encode_candidates`), for about 1/len(choices) of the compute."""
+    batch = to_device(collate([{"input_ids": p} for p in prompts], pad_id), device)
+    keep = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
+    out = model(**batch, use_cache=True, **keep)
+    first = out.logits[:, -1].float()  # (B, V): predicts each choice's first token
+    rows = torch.tensor([i for i, cs in enumerate(choices) for _ in cs], device=device)
+    flat = [c for cs in choices for c in cs]
+    width = max(len(c) for c in flat)
+    ids = torch.tensor([c + [pad_id] * (width - len(c)) for c in flat], device=device)  # right-padded
+    real = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in flat], device=device)
+    cache = out.past_key_values
+    cache.batch_select_indices(rows)
+    lengths = batch["attention_mask"].sum(-1)[rows]
+    logits = model(
+        input_ids=ids, attention_mask=torch.cat([batch["attention_mask"][rows], real], dim=1),
+        position_ids=lengths[:, None] + torch.arange(width, device=device), past_key_values=cache, use_cache=True,
+    ).logits.float()
+    logits = torch.cat([first[rows, None], logits[:, :-1]], dim=1)  # (R, width): position t predicts ids[:, t]
+    ce = (F.cross_entropy(logits.transpose(1, 2), ids, reduction="none") * real).sum(-1).cpu().tolist()
+    n = real.sum(-1).cpu().tolist()
+    out_lists, at = [], 0
+    for cs in choices:
+        out_lists.append(list(zip(ce[at : at + len(cs)], n[at : at + len(cs)])))
+        at += len(cs)
+    return out_lists
 
 
 def _batches(items: list, size: int):
@@ -53,55 +86,137 @@ def _batches(items: list, size: int):
         yield items[i : i + size]
 
 
-@torch.no_grad()
+def _token_batches(shared: list[tuple], size: int, max_tokens: int):
+    """Chunks of at most `size` (index, prompt, choice targets) items whose choices, padded to the longest,
+    hold at most `max_tokens` tokens (always at least one item)."""
+    chunk: list[tuple] = []
+    for item in shared:
+        grown = chunk + [item]
+        rows = sum(len(t) for _, _, t in grown)
+        width = max(len(c) for _, _, t in grown for c in t)
+        if chunk and (len(grown) > size or rows * width > max_tokens):
+            yield chunk
+            grown = [item]
+        chunk = grown
+    if chunk:
+        yield chunk
+
+
+@dataclass
+class ChoiceScores:
+    """One classification example's choices: summed token cross-entropy and token count of each (choice +
+    EOS after the prompt), and whether the gold choice's sequence is exactly the example's training sequence
+    (nothing truncated), so that its cross-entropy is the example's evaluation loss."""
+
+    ce: list[float]
+    tokens: list[int]
+    gold_is_train: bool
+
+    @property
+    def best(self) -> int:
+        """The choice with the lowest mean per-token cross-entropy."""
+        means = [c / max(n, 1) for c, n in zip(self.ce, self.tokens)]
+        return means.index(min(means))
+
+
+def score_choices(
+    model, tokenizer, examples: list[Example], template: str, system: str | None, max_length: int, batch_size: int,
+    device,
+) -> list[ChoiceScores | None]:
+    """`ChoiceScores` of each classification example, None when its prompt alone fills `max_length`.
+
+    An example whose every prompt + choice fits in `max_length` runs its prompt once and scores the choices
+    on the shared key/value cache (`candidate_ce`), up to `batch_size` prompts at a time and no more choice
+    tokens than a batch of full-length sequences; one that does not is scored in full on `encode_candidates`
+    (which cuts such sequences from the left), `batch_size` sequences at a time."""
+    pad_id = tokenizer.pad_token_id
+    out: list[ChoiceScores | None] = [None] * len(examples)
+    shared, full = [], []
+    for i, ex in enumerate(examples):
+        if not ex.choices:
+            raise ValueError(f"example {ex.uid or ex.instruction[:40]!r} has no choices to score")
+        prompt = prompt_ids(ex, tokenizer, template, system)
+        if len(prompt) >= max_length:
+            continue
+        targets = [target_ids(c, tokenizer) for c in ex.choices]
+        if len(prompt) + max(map(len, targets)) <= max_length:
+            shared.append((i, prompt, targets))
+        else:
+            full.append((i, encode_candidates(ex, tokenizer, template, max_length, system)))
+    for chunk in _token_batches(shared, batch_size, batch_size * max_length):
+        results = candidate_ce(model, [p for _, p, _ in chunk], [t for _, _, t in chunk], pad_id, device)
+        for (i, _, _), pairs in zip(chunk, results):
+            ex = examples[i]
+            out[i] = ChoiceScores([c for c, _ in pairs], [n for _, n in pairs], ex.response == ex.choices[ex.label])
+    for i, feats in full:
+        ce, n = [], []
+        for part in _batches(feats, max(batch_size, 1)):
+            s, k = sequence_ce(model, part, pad_id, device)
+            ce, n = ce + s.tolist(), n + k.tolist()
+        out[i] = ChoiceScores(ce, n, False)
+    return out
+
+
 def evaluate_examples(
     model, tokenizer, examples: list[Example], data_cfg, max_length: int, cfg: EvalConfig, device
 ) -> dict[str, float]:
     """Metrics of `model` on `examples` (see module docstring); keys: loss, score, accuracy, rouge_l, n."""
+    return evaluate_splits(model, tokenizer, {"": examples}, data_cfg, max_length, cfg, device)[""]
+
+
+@torch.no_grad()
+def evaluate_splits(
+    model, tokenizer, splits: dict[str, list[Example]], data_cfg, max_length: int, cfg: EvalConfig, device
+) -> dict[str, dict[str, float]]:
+    """`evaluate_examples` of each split, computed together: the splits' examples share batches of up to
+    `eval.batch_size` (on a CPU a decoding step of 10 sequences costs about as much as one of 5, since it is
+    bound by reading the weights), and each split's metrics are its own examples' alone."""
     model.eval()
     pad_id = tokenizer.pad_token_id
     template, system = data_cfg.prompt, data_cfg.system_prompt
+    examples = [ex for exs in splits.values() for ex in exs]
+    scoring = cfg.metric in ("auto", "accuracy")
+    cls = [i for i, ex in enumerate(examples) if ex.is_classification and scoring]
+    gen = [] if cfg.metric in ("accuracy", "loss") else [
+        i for i, ex in enumerate(examples) if not ex.is_classification or cfg.metric == "rouge_l"]
 
-    encoded = [e for ex in examples if (e := encode_train(ex, tokenizer, template, max_length, system)) is not None]
-    ce_sum, tok_sum = 0.0, 0
+    # choices first: a classification example's loss is its gold choice's cross-entropy, already computed
+    scores = score_choices(model, tokenizer, [examples[i] for i in cls], template, system, max_length,
+                           cfg.batch_size, device)
+    ce: dict[int, tuple[float, int]] = {}  # example -> (CE sum, tokens) of its training sequence
+    result: dict[int, float] = {}  # example -> 1/0 (classification) or ROUGE-L F (generation)
+    for i, sc in zip(cls, scores):
+        if sc is None:  # the prompt fills max_length: dropped, as in training
+            continue
+        result[i] = float(sc.best == examples[i].label)
+        if sc.gold_is_train:
+            ce[i] = (sc.ce[examples[i].label], sc.tokens[examples[i].label])
+    encoded = [(i, e) for i, ex in enumerate(examples)
+               if i not in ce and (e := encode_train(ex, tokenizer, template, max_length, system)) is not None]
     for chunk in _batches(encoded, cfg.batch_size):
-        s, n = sequence_ce(model, chunk, pad_id, device)
-        ce_sum, tok_sum = ce_sum + float(s.sum()), tok_sum + int(n.sum())
-    out: dict[str, float] = {"loss": ce_sum / max(tok_sum, 1), "n": float(len(examples))}
-    if cfg.metric == "loss" or not examples:
-        return out
+        s, n = sequence_ce(model, [e for _, e in chunk], pad_id, device)
+        ce.update({i: (a, b) for (i, _), a, b in zip(chunk, s.tolist(), n.tolist())})
+    if gen:
+        predictions = generate(model, tokenizer, [examples[i] for i in gen], data_cfg, max_length, cfg, device)
+        result.update({i: rouge_l(p, examples[i].response) for i, p in zip(gen, predictions)})
 
-    per_example: list[float] = []
-    classification = [ex for ex in examples if ex.is_classification and cfg.metric != "rouge_l"]
-    generation = [ex for ex in examples if not ex.is_classification or cfg.metric == "rouge_l"]
-    if cfg.metric == "accuracy":
-        generation = []
-
-    correct = []
-    # examples whose prompt fills max_length have no candidates; they are dropped, as in training
-    scorable = [(ex, c) for ex in classification if (c := encode_candidates(ex, tokenizer, template, max_length, system))]
-    per_batch = max(1, cfg.batch_size // max(len(scorable[0][1]), 1)) if scorable else 1
-    for chunk in _batches(scorable, per_batch):
-        feats = [f for _, cands in chunk for f in cands]
-        s, n = sequence_ce(model, feats, pad_id, device)
-        mean_ce = (s / n.clamp(min=1)).tolist()
-        start = 0
-        for ex, cands in chunk:
-            scores = mean_ce[start : start + len(cands)]
-            start += len(cands)
-            correct.append(float(scores.index(min(scores)) == ex.label))
-    if correct:
-        out["accuracy"] = 100.0 * sum(correct) / len(correct)
-        per_example.extend(correct)
-
-    if generation:
-        predictions = generate(model, tokenizer, generation, data_cfg, max_length, cfg, device)
-        rouge = [rouge_l(p, ex.response) for p, ex in zip(predictions, generation)]
-        out["rouge_l"] = 100.0 * sum(rouge) / len(rouge)
-        per_example.extend(rouge)
-
-    if per_example:
-        out["score"] = 100.0 * sum(per_example) / len(per_example)
+    out, start, gen_set = {}, 0, set(gen)
+    for name, exs in splits.items():
+        idx = range(start, start + len(exs))
+        start += len(exs)
+        total = [ce[i] for i in idx if i in ce]
+        metrics = {"loss": sum(c for c, _ in total) / max(sum(t for _, t in total), 1), "n": float(len(exs))}
+        out[name] = metrics
+        if cfg.metric == "loss" or not exs:
+            continue
+        correct = [result[i] for i in idx if i in result and i not in gen_set]
+        rouge = [result[i] for i in idx if i in gen_set]
+        if correct:
+            metrics["accuracy"] = 100.0 * sum(correct) / len(correct)
+        if rouge:
+            metrics["rouge_l"] = 100.0 * sum(rouge) / len(rouge)
+        if correct or rouge:
+            metrics["score"] = 100.0 * sum(correct + rouge) / len(correct + rouge)
     return out
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from fedmole.adapters import AdapterSet
 from fedmole.algorithms.base import ClientState
 from fedmole.client.data import BatchStream, EncodedClient, encode_client
-from fedmole.client.evaluate import evaluate_examples
+from fedmole.client.evaluate import evaluate_splits
 from fedmole.client.train import local_train
 from fedmole.config import Config
 from fedmole.data.partition import ClientData
@@ -92,11 +92,8 @@ class ClientRuntime:
         """Evaluate the adapters currently loaded on the client's splits (default `eval_splits`), labelled
         `model_label`."""
         data = self.data(cid)
-        out = []
-        for split in splits or self.eval_splits:
-            metrics = evaluate_examples(
-                self.model, self.tokenizer, getattr(data, split), self.cfg.data, self.cfg.train.max_length,
-                self.cfg.eval, self.device,
-            )
-            out.append({"model": model_label, "split": split, "metrics": metrics})
-        return out
+        metrics = evaluate_splits(
+            self.model, self.tokenizer, {split: getattr(data, split) for split in splits or self.eval_splits},
+            self.cfg.data, self.cfg.train.max_length, self.cfg.eval, self.device,
+        )
+        return [{"model": model_label, "split": split, "metrics": m} for split, m in metrics.items()]
