@@ -67,7 +67,7 @@ PRESETS = {
     # scenario. Measured on 2 idle CPU cores: 73 minutes for all 26 runs (issue 9 asks for 60; docs/RESULTS.md)
     "cpu": {"seeds": [42], "clients": 4, "tier_clients": 4, "jobs": 2, "overrides": [
         "federation.rounds=2", "train.local_steps=4", "train.batch_size=4", "train.lr=1e-3",
-        "train.max_length=128", "data.max_examples=3000", "eval.max_examples=5", "eval.batch_size=5",
+        "train.max_length=128", "data.max_examples=3000", "eval.max_examples=5", "eval.batch_size=10",
         "eval.generation.max_new_tokens=16", "train.num_threads=1"],
         "tiers": ["tiers.per_client=[8,4,2,1]"],
         "fedamole": ["algorithm.num_experts=15", "algorithm.evaluate_dispatched=false"]},
