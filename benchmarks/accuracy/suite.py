@@ -63,8 +63,9 @@ METHOD_ONLY = {"algorithm.top_k": {"flame"}, "algorithm.num_experts": {"flame", 
 
 PRESETS = {
     # one seed, 2 runs at a time with 1 torch thread each (jobs), 2 rounds of 4 steps at lr 1e-3, 5 validation/
-    # test examples per client and split; 4 clients in the Dirichlet scenarios, one client per tier in the tier
-    # scenario. Measured on 2 idle CPU cores: 73 minutes for all 26 runs (issue 9 asks for 60; docs/RESULTS.md)
+    # test examples per client and split (evaluated in one batch of 10); 4 clients in the Dirichlet scenarios,
+    # one client per tier in the tier scenario. Measured on 2 idle CPU cores: 56 minutes for all 26 runs
+    # (issue 9 asks for at most 60; docs/RESULTS.md)
     "cpu": {"seeds": [42], "clients": 4, "tier_clients": 4, "jobs": 2, "overrides": [
         "federation.rounds=2", "train.local_steps=4", "train.batch_size=4", "train.lr=1e-3",
         "train.max_length=128", "data.max_examples=3000", "eval.max_examples=5", "eval.batch_size=10",
