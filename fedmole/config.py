@@ -666,7 +666,9 @@ class EvalConfig(Section):
         description="auto: accuracy for classification examples, ROUGE-L F for generation examples (mean score)",
     )
     max_examples: int | None = Field(50, ge=1, description="per client and split")
-    batch_size: int = Field(8, ge=1, description="evaluation batch size")
+    batch_size: int = Field(
+        8, ge=1, description="evaluation batch size (a client's val and test examples share batches)"
+    )
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     select_on: Literal["val_score", "val_loss"] = Field(
         "val_score", description="validation quantity that picks the reported round"

@@ -114,7 +114,11 @@ CHOICE_EXAMPLES = [
 def _token_counter(model):
     """Count the tokens the model's forward passes see (input_ids elements)."""
     seen = []
-    model.register_forward_pre_hook(lambda m, args, kw: seen.append((kw.get("input_ids", args[0] if args else None)).numel()), with_kwargs=True)
+
+    def count(module, args, kwargs):
+        seen.append(kwargs["input_ids"].numel() if "input_ids" in kwargs else args[0].numel())
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
     return seen
 
 
