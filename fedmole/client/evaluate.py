@@ -49,8 +49,10 @@ def sequence_ce(model, features: list[dict], pad_id: int, device) -> tuple[torch
 
 
 @torch.no_grad()
-def candidate_ce(model, prompts: list[list[int]], choices: list[list[list[int]]], pad_id: int, device):
-    """Per-example lists of (sum of token CE, number of tokens) of each choice's tokens after its prompt.
+def candidate_ce(
+    model, prompts: list[list[int]], choices: list[list[list[int]]], pad_id: int, device
+) -> list[tuple[list[float], list[int]]]:
+    """Per example, (sum of token CE of each choice, number of tokens of each choice) after its prompt.
 
     The prompt is run once per example and its key/value cache shared by the example's choices, which then
     cost only their own few tokens: the same numbers as scoring every prompt + choice sequence in full
@@ -76,7 +78,7 @@ def candidate_ce(model, prompts: list[list[int]], choices: list[list[list[int]]]
     n = real.sum(-1).cpu().tolist()
     out_lists, at = [], 0
     for cs in choices:
-        out_lists.append(list(zip(ce[at : at + len(cs)], n[at : at + len(cs)])))
+        out_lists.append((ce[at : at + len(cs)], n[at : at + len(cs)]))
         at += len(cs)
     return out_lists
 
@@ -145,9 +147,9 @@ def score_choices(
             full.append((i, encode_candidates(ex, tokenizer, template, max_length, system)))
     for chunk in _token_batches(shared, batch_size, batch_size * max_length):
         results = candidate_ce(model, [p for _, p, _ in chunk], [t for _, _, t in chunk], pad_id, device)
-        for (i, _, _), pairs in zip(chunk, results):
+        for (i, _, _), (ce, n) in zip(chunk, results):
             ex = examples[i]
-            out[i] = ChoiceScores([c for c, _ in pairs], [n for _, n in pairs], ex.response == ex.choices[ex.label])
+            out[i] = ChoiceScores(ce, n, ex.response == ex.choices[ex.label])
     for i, feats in full:
         ce, n = [], []
         for part in _batches(feats, max(batch_size, 1)):
@@ -184,11 +186,12 @@ def evaluate_splits(
     scores = score_choices(model, tokenizer, [examples[i] for i in cls], template, system, max_length,
                            cfg.batch_size, device)
     ce: dict[int, tuple[float, int]] = {}  # example -> (CE sum, tokens) of its training sequence
-    result: dict[int, float] = {}  # example -> 1/0 (classification) or ROUGE-L F (generation)
+    correct: dict[int, float] = {}  # classification example -> 1/0
+    rouge: dict[int, float] = {}  # generation example -> ROUGE-L F
     for i, sc in zip(cls, scores):
         if sc is None:  # the prompt fills max_length: dropped, as in training
             continue
-        result[i] = float(sc.best == examples[i].label)
+        correct[i] = float(sc.best == examples[i].label)
         if sc.gold_is_train:
             ce[i] = (sc.ce[examples[i].label], sc.tokens[examples[i].label])
     encoded = [(i, e) for i, ex in enumerate(examples)
@@ -198,9 +201,9 @@ def evaluate_splits(
         ce.update({i: (a, b) for (i, _), a, b in zip(chunk, s.tolist(), n.tolist())})
     if gen:
         predictions = generate(model, tokenizer, [examples[i] for i in gen], data_cfg, max_length, cfg, device)
-        result.update({i: rouge_l(p, examples[i].response) for i, p in zip(gen, predictions)})
+        rouge.update({i: rouge_l(p, examples[i].response) for i, p in zip(gen, predictions)})
 
-    out, start, gen_set = {}, 0, set(gen)
+    out, start = {}, 0
     for name, exs in splits.items():
         idx = range(start, start + len(exs))
         start += len(exs)
@@ -209,14 +212,14 @@ def evaluate_splits(
         out[name] = metrics
         if cfg.metric == "loss" or not exs:
             continue
-        correct = [result[i] for i in idx if i in result and i not in gen_set]
-        rouge = [result[i] for i in idx if i in gen_set]
-        if correct:
-            metrics["accuracy"] = 100.0 * sum(correct) / len(correct)
-        if rouge:
-            metrics["rouge_l"] = 100.0 * sum(rouge) / len(rouge)
-        if correct or rouge:
-            metrics["score"] = 100.0 * sum(correct + rouge) / len(correct + rouge)
+        acc = [correct[i] for i in idx if i in correct]
+        rl = [rouge[i] for i in idx if i in rouge]
+        if acc:
+            metrics["accuracy"] = 100.0 * sum(acc) / len(acc)
+        if rl:
+            metrics["rouge_l"] = 100.0 * sum(rl) / len(rl)
+        if acc or rl:
+            metrics["score"] = 100.0 * sum(acc + rl) / len(acc + rl)
     return out
 
 
