@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -125,3 +126,57 @@ def test_real_wordnet_counts_within_one_percent(real_cache):
 def test_real_cache_loads_in_seconds(real_cache):
     examples, seconds = real_cache
     assert len(examples) > 400_000 and seconds < 10.0
+
+
+# ------------------------------------------------------------------------------ classification tasks
+def test_choice_tasks_load_only_when_named():
+    plain = wordnet.load_wordnet(FIXTURE)
+    assert {ex.task for ex in plain} == set(wordnet.TASKS)
+    mixed = wordnet.load_wordnet(FIXTURE, ["pos", "isa"])
+    assert {ex.task for ex in mixed} >= {"pos"} and set(wordnet.CHOICE_TASKS) & {ex.task for ex in mixed}
+    # merged in synset order, then task order: the five tasks keep their relative order
+    assert [ex.uid for ex in mixed if ex.task in wordnet.TASKS] == [ex.uid for ex in plain]
+
+
+def test_unknown_wordnet_task_lists_every_task():
+    with pytest.raises(UserError, match=r"synonym_choise.*did you mean.*synonym_choice"):
+        wordnet.load_wordnet(FIXTURE, ["synonym_choise"])
+
+
+@pytest.fixture(scope="module")
+def real_choices():
+    if not (REAL / "data.noun").is_file():
+        pytest.skip("WordNet 3.0 is not installed (apt-get install wordnet-base)")
+    return wordnet.build_wordnet(REAL, choice_tasks=True)
+
+
+def test_choice_examples_are_well_formed_and_deterministic(real_choices):
+    by_task = {}
+    for ex in real_choices:
+        by_task.setdefault(ex.task, []).append(ex)
+    assert set(by_task) == set(wordnet.CHOICE_TASKS)
+    for task, exs in by_task.items():
+        for ex in exs[::97]:
+            assert ex.response == ex.choices[ex.label] and len(set(ex.choices)) == len(ex.choices)
+    # category: the label is the synset's lexicographer file among the eight noun categories
+    for ex in by_task["category"][::97]:
+        assert ex.domain == "noun." + wordnet.CATEGORIES[ex.label]
+    # isa asks about the true hypernym for about half of the synsets; the wrong word is never the true one
+    hyper = {ex.uid.split(":", 2)[2]: ex.response for ex in wordnet.build_wordnet(REAL) if ex.task == "hypernym"}
+    truths = [ex.label for ex in by_task["isa"]]
+    assert abs(sum(truths) / len(truths) - 0.5) < 0.01
+    for ex in by_task["isa"][::97]:
+        asked = re.search(r" (?:a kind of|an instance of) '(.*)'\?$", ex.instruction).group(1)
+        assert (asked == hyper[ex.uid.split(":", 2)[2]]) == bool(ex.label)
+    # the gold position is spread over the four choices
+    positions = Counter(ex.label for ex in by_task["synonym_choice"])
+    assert all(abs(n / len(by_task["synonym_choice"]) - 0.25) < 0.01 for n in positions.values())
+    # the wrong words come from the synset's own lexicographer file
+    same_file = {ex.domain: set() for ex in real_choices}
+    for ex in real_choices:
+        if ex.task == "hypernym_choice":
+            same_file[ex.domain].add(ex.response)
+    for ex in by_task["hypernym_choice"][::97]:
+        assert all(c in same_file[ex.domain] for c in ex.choices)
+    again = wordnet.build_wordnet(REAL, choice_tasks=True)
+    assert [(e.uid, e.choices, e.label) for e in again[::501]] == [(e.uid, e.choices, e.label) for e in real_choices[::501]]

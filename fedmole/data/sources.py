@@ -392,7 +392,7 @@ def _ni_examples(name: str, task: dict) -> list[Example]:
 
 
 def _load_wordnet(cfg: DataConfig) -> list[Example]:
-    return load_wordnet(cfg.path)
+    return load_wordnet(cfg.path, cfg.tasks)
 
 
 LOADERS: dict[str, Callable[[DataConfig], list[Example]]] = {

@@ -11,6 +11,25 @@ A pure-Python reader of the four `data.*` files of the Princeton WordNet 3.0 dat
 | hypernym   | 'X' is a kind of what? / 'X' is an instance of what?    | first lemma of the first hypernym synset  |
 | usage      | Write a sentence using the word 'X'.                    | the first quoted example                  |
 
+Four more tasks are multiple-choice classification (accuracy by choice scoring), built on demand: they are
+loaded only when `data.tasks` names them, so a config without `data.tasks` reads the five tasks above.
+
+| task            | instruction                                                | choices (gold)                             |
+|-----------------|------------------------------------------------------------|--------------------------------------------|
+| category        | Which category does 'X' belong to in the sense: <def>?    | 8 noun categories (the synset's lexfile)   |
+| isa             | Is 'X' a kind of 'Y'? / Is 'X' an instance of 'Y'?         | no, yes (Y: the true hypernym or another)  |
+| synonym_choice  | Which word is a synonym of 'X'?                            | 4 words (the synset's second lemma)        |
+| hypernym_choice | 'X' is a kind of what? / 'X' is an instance of what?       | 4 words (the first hypernym's first lemma) |
+
+`category` covers the noun synsets of eight lexicographer files (artifact, person, plant, animal, act,
+communication, state, attribute): its label is the file, so a Dirichlet partition over `label` gives the
+label skew of the papers' SNLI / AG News settings. The wrong words of `isa`, `synonym_choice` and
+`hypernym_choice` are first lemmas (synonym_choice) or hypernym lemmas (the other two) of other synsets of
+the same lexicographer file, so they are plausible for the domain, drawn with a generator seeded by the
+example's uid. `isa` asks about the true hypernym for about half of the synsets (again by the uid), and the
+gold word's position among the four choices is drawn the same way, so these tasks are as deterministic as
+the others.
+
 'X' is the synset's first lemma. The domain of every example is the synset's lexicographer file
 (noun.animal, verb.motion, ...), which gives natural non-IID client partitions. Nothing is random: the same
 database always gives the same examples in the same order.
@@ -25,20 +44,27 @@ import gc
 import hashlib
 import json
 import os
+import random
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedmole.data.schema import Example
-from fedmole.errors import UserError
+from fedmole.errors import UserError, did_you_mean
 from fedmole.paths import atomic_write_text, cache_dir
 
 DEFAULT_WORDNET_DIR = "/usr/share/wordnet"
 CACHE_FORMAT = "v1"  # bump when the examples derived from a synset change
+CHOICE_CACHE_FORMAT = "v1"  # the same for the classification tasks' file
 
-TASKS = ("definition", "pos", "synonym", "hypernym", "usage")
+TASKS = ("definition", "pos", "synonym", "hypernym", "usage")  # what `data.tasks: null` loads
+CHOICE_TASKS = ("category", "isa", "synonym_choice", "hypernym_choice")  # loaded when named in data.tasks
+ALL_TASKS = TASKS + CHOICE_TASKS
 POS_CHOICES = ["noun", "verb", "adjective", "adverb"]
+CATEGORIES = ["artifact", "person", "plant", "animal", "act", "communication", "state", "attribute"]  # noun.*
+ISA_CHOICES = ["no", "yes"]
+NUM_CHOICES = 4  # synonym_choice and hypernym_choice: the gold word and three others
 
 # data file suffix -> the POS letter used in pointers and uids
 POS_FILES = {"noun": "n", "verb": "v", "adj": "a", "adv": "r"}
@@ -168,6 +194,89 @@ def _hypernym_lemma(s: Synset, first_lemma: dict[tuple[str, str], str]) -> str |
     return first_lemma.get(("a" if target_pos == "s" else target_pos, target))
 
 
+# ------------------------------------------------------------------------------ classification tasks
+def _uid_rng(uid: str) -> random.Random:
+    """A generator determined by an example's uid (so the wrong choices never change)."""
+    return random.Random(int.from_bytes(hashlib.sha256(uid.encode()).digest()[:8], "big"))
+
+
+def _others(rng: random.Random, pool: list[str], exclude: set[str], n: int) -> list[str]:
+    """`n` distinct words of `pool` outside `exclude`, drawn with `rng`."""
+    out: list[str] = []
+    while len(out) < n:
+        word = pool[rng.randrange(len(pool))]
+        if word not in exclude and word not in out:
+            out.append(word)
+    return out
+
+
+def _multiple_choice(rng: random.Random, gold: str, others: list[str]) -> tuple[list[str], int]:
+    """`others` with `gold` inserted at a position drawn with `rng`: (choices, label)."""
+    label = rng.randrange(len(others) + 1)
+    return others[:label] + [gold] + others[label:], label
+
+
+def choice_examples(synsets: list[Synset]) -> list[Example]:
+    """The examples of the classification tasks (CHOICE_TASKS), synset by synset in file order."""
+    first_lemma = {(s.pos_file, s.offset): s.lemmas[0] for s in synsets}
+    words: dict[int, set[str]] = {}  # lexicographer file -> first lemmas (synonym_choice's wrong words)
+    hypernyms: dict[int, set[str]] = {}  # lexicographer file -> hypernym lemmas (isa's, hypernym_choice's)
+    for s in synsets:
+        words.setdefault(s.lexfile, set()).add(s.lemmas[0])
+        if (h := _hypernym_lemma(s, first_lemma)) is not None:
+            hypernyms.setdefault(s.lexfile, set()).add(h)
+    pools = Pools({k: sorted(v) for k, v in words.items()}, {k: sorted(v) for k, v in hypernyms.items()})
+    return [ex for s in synsets for ex in _synset_choice_examples(s, first_lemma, pools)]
+
+
+@dataclass
+class Pools:
+    """Wrong-answer candidates per lexicographer file: the wrong words come from the synset's own file
+    (plausible, domain-specific), so the tasks test the knowledge a domain's data teaches."""
+
+    words: dict[int, list[str]]
+    hypernyms: dict[int, list[str]]
+
+    MIN = 50  # a file with fewer candidates than this gives no choice examples
+
+
+def _synset_choice_examples(s: Synset, first_lemma, pools: Pools) -> list[Example]:
+    word = s.lemmas[0]
+    domain = LEXICOGRAPHER_FILES[s.lexfile]
+    meta = {"domain": domain, "extra": {"pos": POS_CHOICES[SS_TYPE_TO_POS[s.ss_type]]}}
+
+    def make(task: str, instruction: str, choices: list[str], label: int) -> Example:
+        return Example(task=task, uid=f"wn:{task}:{s.pos_file}:{s.offset}", instruction=instruction,
+                       response=choices[label], choices=choices, label=label, **meta)
+
+    def rng(task: str) -> random.Random:
+        return _uid_rng(f"wn:{task}:{s.pos_file}:{s.offset}")
+
+    out = []
+    if domain.startswith("noun.") and domain[5:] in CATEGORIES:
+        out.append(make("category", f"Which category does '{word}' belong to in the sense: {s.definition}?",
+                        list(CATEGORIES), CATEGORIES.index(domain[5:])))
+    answer = _hypernym_lemma(s, first_lemma)
+    hyper_pool = pools.hypernyms.get(s.lexfile, [])
+    if answer is not None and len(hyper_pool) >= Pools.MIN:
+        relation = "an instance of" if s.hypernym[0] == "@i" else "a kind of"
+        r = rng("isa")
+        truth = r.random() < 0.5
+        asked = answer if truth else _others(r, hyper_pool, {answer, *s.lemmas}, 1)[0]
+        out.append(make("isa", f"Is '{word}' {relation} '{asked}'?", list(ISA_CHOICES), int(truth)))
+    word_pool = pools.words.get(s.lexfile, [])
+    if len(s.lemmas) >= 2 and len(word_pool) >= Pools.MIN:
+        r = rng("synonym_choice")
+        choices, label = _multiple_choice(r, s.lemmas[1], _others(r, word_pool, set(s.lemmas), NUM_CHOICES - 1))
+        out.append(make("synonym_choice", f"Which word is a synonym of '{word}'?", choices, label))
+    if answer is not None and len(hyper_pool) >= Pools.MIN:
+        r = rng("hypernym_choice")
+        choices, label = _multiple_choice(r, answer, _others(r, hyper_pool, {answer, *s.lemmas}, NUM_CHOICES - 1))
+        question = "is an instance of what?" if s.hypernym[0] == "@i" else "is a kind of what?"
+        out.append(make("hypernym_choice", f"'{word}' {question}", choices, label))
+    return out
+
+
 def resolve_wordnet_dir(path: str | Path | None = None) -> Path:
     """The WordNet database directory: `path`, else $FEDMOLE_WORDNET_DIR, else /usr/share/wordnet."""
     directory = Path(path or os.environ.get("FEDMOLE_WORDNET_DIR") or DEFAULT_WORDNET_DIR)
@@ -181,26 +290,31 @@ def resolve_wordnet_dir(path: str | Path | None = None) -> Path:
     return directory
 
 
-def build_wordnet(wordnet_dir: str | Path | None = None) -> list[Example]:
-    """Parse the database and derive every task's examples (about 417k for WordNet 3.0)."""
+def build_wordnet(wordnet_dir: str | Path | None = None, choice_tasks: bool = False) -> list[Example]:
+    """Parse the database and derive the five tasks' examples (about 417k for WordNet 3.0), or, with
+    `choice_tasks`, the classification tasks' (CHOICE_TASKS, about 300k)."""
     synsets = read_synsets(resolve_wordnet_dir(wordnet_dir))
+    if choice_tasks:
+        return choice_examples(synsets)
     first_lemma = {(s.pos_file, s.offset): s.lemmas[0] for s in synsets}
     return [ex for s in synsets for ex in synset_examples(s, first_lemma)]
 
 
 # -------------------------------------------------------------------------------------------- cache
-def wordnet_cache_path(wordnet_dir: str | Path | None = None) -> Path:
-    """The JSONL cache for a database directory; the name carries the format version and the directory."""
+def wordnet_cache_path(wordnet_dir: str | Path | None = None, choice_tasks: bool = False) -> Path:
+    """The JSONL cache for a database directory; the name carries the format version and the directory
+    (one file for the five tasks, one for the classification tasks)."""
     directory = resolve_wordnet_dir(wordnet_dir).resolve()
     digest = hashlib.sha256(str(directory).encode()).hexdigest()[:10]
-    return cache_dir() / "data" / f"wordnet-{CACHE_FORMAT}-{digest}.jsonl"
+    kind = f"choice-{CHOICE_CACHE_FORMAT}" if choice_tasks else CACHE_FORMAT
+    return cache_dir() / "data" / f"wordnet-{kind}-{digest}.jsonl"
 
 
-def build_wordnet_cache(force: bool = False, wordnet_dir: str | Path | None = None) -> Path:
+def build_wordnet_cache(force: bool = False, wordnet_dir: str | Path | None = None, choice_tasks: bool = False) -> Path:
     """Write the examples as JSONL (atomically) unless the cache already exists; return its path."""
-    path = wordnet_cache_path(wordnet_dir)
+    path = wordnet_cache_path(wordnet_dir, choice_tasks)
     if force or not path.is_file():
-        lines = (json.dumps(_record(ex)) for ex in build_wordnet(wordnet_dir))
+        lines = (json.dumps(_record(ex)) for ex in build_wordnet(wordnet_dir, choice_tasks))
         atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
@@ -210,9 +324,38 @@ def _record(ex: Example) -> dict:
     return {k: v for k, v in vars(ex).items() if v or (k == "label" and v is not None)}
 
 
-def load_wordnet(wordnet_dir: str | Path | None = None) -> list[Example]:
-    """All WordNet examples, read from the cache (built first if missing) in about two seconds."""
-    path = build_wordnet_cache(wordnet_dir=wordnet_dir)
+def load_wordnet(wordnet_dir: str | Path | None = None, tasks: list[str] | None = None) -> list[Example]:
+    """WordNet examples from the caches (built first if missing): the five tasks (TASKS, about two seconds)
+    unless `tasks` names a classification task, which adds the classification tasks' file. The examples
+    come synset by synset in file order, and within a synset in ALL_TASKS order; filtering by `tasks` is
+    the caller's (`data.tasks`)."""
+    unknown = [t for t in tasks or [] if t not in ALL_TASKS]
+    if unknown:
+        raise UserError(f"data.tasks names {unknown}, which WordNet does not have{did_you_mean(unknown[0], ALL_TASKS)}; "
+                        f"its tasks: {', '.join(ALL_TASKS)}")
+    five = tasks is None or any(t in TASKS for t in tasks)
+    examples = _read_cache(build_wordnet_cache(wordnet_dir=wordnet_dir)) if five else []
+    if tasks is not None and any(t in CHOICE_TASKS for t in tasks):
+        choices = _read_cache(build_wordnet_cache(wordnet_dir=wordnet_dir, choice_tasks=True))
+        examples = _merge_by_synset(examples, choices) if five else choices
+    return examples
+
+
+def _merge_by_synset(five: list[Example], choices: list[Example]) -> list[Example]:
+    """Both lists in file order (every synset has a definition example in `five`): one list, synset by
+    synset in file order and within a synset in ALL_TASKS order, as if one pass had built both."""
+    rank: dict[str, int] = {}
+    for ex in five:
+        rank.setdefault(_synset_of(ex), len(rank))
+    order = {task: i for i, task in enumerate(ALL_TASKS)}
+    return sorted(five + choices, key=lambda ex: (rank[_synset_of(ex)], order[ex.task]))
+
+
+def _synset_of(ex: Example) -> str:
+    return ex.uid.rsplit(":", 2)[1] + ex.uid.rsplit(":", 1)[1]
+
+
+def _read_cache(path: Path) -> list[Example]:
     loads = json.loads
     with _gc_paused(), open(path, encoding="utf-8") as fh:
         return [Example(**loads(line)) for line in fh]
