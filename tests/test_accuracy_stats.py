@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.accuracy.report import collect, write_report
+from benchmarks.accuracy.report import collect, plan_methods, write_report
 from benchmarks.accuracy.stats import (CANNOT_TELL, CLAIMS, DOES_NOT_HOLD, HOLDS, ProtocolError, check_claim,
                                        client_mean_statistic, convergence, load_method_run, method_examples,
                                        paired_bootstrap, paired_differences, t_interval, verdict)
@@ -383,8 +383,11 @@ def test_the_old_cpu_preset_without_outcomes_gives_summary_tables_and_no_claims(
                   headline="global", outcomes=False)
     write_run(tmp_path / "task" / "fedamole" / "seed42", {"personalized": both_rounds(g)}, headline="personalized",
               outcomes=False)
-    methods = {"task": {"fedamole": {"run": "fedamole"}}, "tiers": {m: {"run": m} for m in ("flame", "hetlora")}}
-    res = collect(tmp_path, methods, [42])
+    plan = [{"scenario": s, "method": m, "seed": 42, "overrides": []}
+            for s, m in (("task", "fedamole"), ("tiers", "flame"), ("tiers", "hetlora"))]
+    methods, seeds = plan_methods(plan)
+    assert methods["tiers"]["hetlora"] == {"run": "hetlora", "model": None} and seeds == [42]
+    res = collect(tmp_path, methods, seeds)
     assert res["claims"] == [] and "outcomes" in res["claims_note"] and not res["partial"]
     entry = res["table"]["tiers"]["flame"]
     assert entry["selected"] == {"mean": pytest.approx(75.0), "ci95": None, "n": 1}  # 50, 100, 50, 100 at own budgets
@@ -416,3 +419,4 @@ def test_convergence_is_the_mean_absolute_relative_change_of_the_last_two_rounds
     conv = convergence({1: [{"round": 1, "loss": 1.0}, {"round": 2, "loss": 0.96}]})
     assert conv["rel_change"] == pytest.approx(0.04) and conv["converged"] is True
     assert convergence({1: [{"round": 1, "loss": 2.0}]})["converged"] is None
+    assert convergence({1: [{"round": 1, "loss": 2.0}]})["rounds"] == 1

@@ -22,6 +22,15 @@ def interval_json(values) -> dict:
     return {"mean": iv["mean"], "ci95": None if iv["low"] is None else [iv["low"], iv["high"]], "n": iv["n"]}
 
 
+def plan_methods(plan: list[dict]) -> tuple[dict[str, dict[str, dict]], list[int]]:
+    """The method table and seeds of a plan whose every method is its own run, scored on the run's headline
+    model (the `cpu` and `micro` presets: run directory <scenario>/<method>/seed<N>)."""
+    methods: dict[str, dict[str, dict]] = {}
+    for r in plan:
+        methods.setdefault(r["scenario"], {})[r["method"]] = {"run": r["method"], "model": None}
+    return methods, sorted({r["seed"] for r in plan})
+
+
 def collect(root: Path, methods: dict[str, dict[str, dict]], seeds: list[int], *, claims: list[dict] = CLAIMS,
             n_boot: int = 10_000, boot_seed: int = 0) -> dict:
     """The results of a suite whose runs live in `root/<scenario>/<run>/seed<N>/`.
@@ -238,7 +247,7 @@ def _convergence_section(results: dict) -> list[str]:
     for scen, methods in conv.items():
         for method, c in methods.items():
             if c["rel_change"] is None:
-                lines.append(f"| {scen} | {method} | {c['rounds'] or '–'} | – | cannot tell (fewer than 2 rounds) |")
+                lines.append(f"| {scen} | {method} | {c['rounds']} | – | cannot tell (fewer than 2 rounds) |")
             else:
                 lines.append(f"| {scen} | {method} | {c['rounds']} | {100 * c['rel_change']:.1f} % "
                              f"({100 * c['signed']:+.1f} %) | {'yes' if c['converged'] else '**no**'} |")

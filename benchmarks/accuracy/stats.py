@@ -408,10 +408,10 @@ def convergence(curves: dict[int, list[dict]], threshold: float = CONVERGED_BELO
     for seed, curve in sorted(curves.items()):
         if len(curve) >= 2 and curve[-2]["loss"]:
             per_seed[str(seed)] = (curve[-1]["loss"] - curve[-2]["loss"]) / curve[-2]["loss"]
+    rounds = max((len(c) for c in curves.values()), default=0)
     if not per_seed:
         return {"rel_change": None, "signed": None, "per_seed": {}, "converged": None, "threshold": threshold,
-                "rounds": None}
+                "rounds": rounds}
     rel = _mean(abs(v) for v in per_seed.values())
     return {"rel_change": rel, "signed": _mean(per_seed.values()), "per_seed": per_seed,
-            "converged": rel < threshold, "threshold": threshold,
-            "rounds": max(len(c) for c in curves.values())}
+            "converged": rel < threshold, "threshold": threshold, "rounds": rounds}
