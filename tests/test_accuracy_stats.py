@@ -263,8 +263,8 @@ def _personal_suite(root: Path, seeds=SEEDS):
         write_run(d / "fdlora" / f"seed{seed}", {"personalized": both_rounds(examples(better))},
                   headline="personalized")
         # FedAMoLE: 90 % at the selected round 1, all wrong at the last round 2
-        write_run(d / "fedamole" / f"seed{seed}",
-                  {"personalized": both_rounds(examples(ninety), examples({c: [0.0] * len(v) for c, v in base.items()}))},
+        wrong = examples({c: [0.0] * len(v) for c, v in base.items()})
+        write_run(d / "fedamole" / f"seed{seed}", {"personalized": both_rounds(examples(ninety), wrong)},
                   headline="personalized", selected={"personalized": 1})
         write_run(d / "fedamole_r" / f"seed{seed}", {"personalized": both_rounds(examples(flipped))},
                   headline="personalized")
@@ -331,7 +331,8 @@ def test_a_full_suite_reports_tables_claims_and_convergence(tmp_path):
     # flame_t0 evaluates its global model on every client (full compute), the others on the top tier only
     assert res["table"]["tiers"]["flame_t0"]["selected"] == res["table"]["tiers"]["hetlora"]["selected"]
     assert set(res["table"]["tiers"]["flame"]["budgets"]) == {"K", "4", "2"}
-    assert "full_compute" in res["table"]["tiers"]["flame_t0"] and "full_compute" not in res["table"]["tiers"]["hetlora"]
+    tiers = res["table"]["tiers"]
+    assert "full_compute" in tiers["flame_t0"] and "full_compute" not in tiers["hetlora"]
 
     conv = res["convergence"]["task"]["fedamole"]
     assert conv["rel_change"] == pytest.approx(0.05 / 1.5) and conv["converged"] and conv["rounds"] == 3
@@ -379,7 +380,8 @@ def test_the_old_cpu_preset_without_outcomes_gives_summary_tables_and_no_claims(
     for m in ("flame", "hetlora"):
         write_run(tmp_path / "tiers" / m / "seed42",
                   {"global": both_rounds(g), "global_k4": both_rounds(examples({1: [100, 100]})),
-                   "global_k2": both_rounds(examples({2: [0, 100]})), "global_k1": both_rounds(examples({3: [100, 100]}))},
+                   "global_k2": both_rounds(examples({2: [0, 100]})),
+                   "global_k1": both_rounds(examples({3: [100, 100]}))},
                   headline="global", outcomes=False)
     write_run(tmp_path / "task" / "fedamole" / "seed42", {"personalized": both_rounds(g)}, headline="personalized",
               outcomes=False)

@@ -324,7 +324,7 @@ def _plot_forest(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    claims = [c for c in results["claims"] if c["selected"].get("diff") is not None or c["last"].get("diff") is not None]
+    claims = [c for c in results["claims"] if any(c[kind].get("diff") is not None for kind in ROUND_KINDS)]
     rows, labels, group_rows = [], [], []  # (y, claim), ytick labels, (y, scenario) headers
     y = 0.0
     for scen in dict.fromkeys(c["scenario"] for c in claims):

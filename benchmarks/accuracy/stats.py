@@ -167,7 +167,8 @@ def train_loss_curve(metrics: list[dict]) -> list[dict]:
     """Mean over clients of the local training loss, per round: [{"round", "loss"}]."""
     by_round: dict[int, list[float]] = {}
     for r in metrics:
-        if (r.get("model"), r.get("split"), r.get("metric")) == ("local", "train", "loss") and r.get("client") is not None:
+        is_train_loss = (r.get("model"), r.get("split"), r.get("metric")) == ("local", "train", "loss")
+        if is_train_loss and r.get("client") is not None:
             by_round.setdefault(int(r["round"]), []).append(float(r["value"]))
     return [{"round": rnd, "loss": sum(v) / len(v)} for rnd, v in sorted(by_round.items())]
 
@@ -226,8 +227,8 @@ def load_method_run(run_dir: Path, model: str | None = None) -> dict | None:
         "test": headline("selected"), "test_last": headline("last"),
         "per_client": {str(c): v for c, v in sorted(scores["selected"].items())},
         "per_client_last": {str(c): v for c, v in sorted(scores["last"].items())},
-        "test_examples_per_client": ({str(c): len(index[(labels[b], label_section(summary, labels[b])["selected_round"])][c])
-                                      for c, b in sorted(budget_of.items())} if index is not None else None),
+        "test_examples_per_client": ({str(c): sum(1 for cc, _ in examples["selected"] if cc == c)
+                                      for c in sorted(budget_of)} if index is not None else None),
         "train_loss": train_loss_curve(metrics),
         "wall_seconds": summary.get("wall_seconds"), "cpu_seconds": summary.get("cpu_seconds"),
         "state_digest": summary.get("state_digest"), "outcomes": index is not None,
