@@ -88,7 +88,7 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
 
 # ---------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsLog, keep_last: int | None,
-                    wall_seconds: float = 0.0, outcomes_records: int = 0) -> Path:
+                    wall_seconds: float = 0.0, outcomes_records: int = 0, cpu_seconds: float = 0.0) -> Path:
     """Write checkpoints/round_NNNN atomically (temp dir + rename) and prune old ones."""
     root = run_dir / "checkpoints"
     root.mkdir(exist_ok=True)
@@ -105,7 +105,7 @@ def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsL
             client_tensors[f"{cid}::{k}"] = v.contiguous()
     save_file(client_tensors, tmp / "clients.safetensors")
     meta = {"round": rnd, "metrics_records": len(metrics.records), "outcomes_records": outcomes_records,
-            "server": server_meta, "clients": client_meta, "wall_seconds": wall_seconds}
+            "server": server_meta, "clients": client_meta, "wall_seconds": wall_seconds, "cpu_seconds": cpu_seconds}
     (tmp / "state.json").write_text(json.dumps(meta))
     if final.exists():
         shutil.rmtree(final)
@@ -147,7 +147,13 @@ class Federation:
         self.deferred = cfg.eval.test == "selected"  # test only the round selected on val and the last one
         self.comm = CommLog(run_dir / "comm.jsonl", cfg.comm.dtype, cfg.comm.budget_mb)
         self.wall_before, self.started = 0.0, time.time()
+        self.cpu_before, self.cpu_started = 0.0, time.process_time()
         self.rounds_completed, self.last_checkpoint, self.stopped = 0, 0, None
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this process spent on the run so far (all threads), earlier sessions included; the
+        clients' time when they run in this process (in-process engine), not that of other processes."""
+        return self.cpu_before + time.process_time() - self.cpu_started
 
     def wall_seconds(self) -> float:
         """Wall time of the run so far, earlier sessions (before a resume) included."""
@@ -300,7 +306,7 @@ class Federation:
 
     def checkpoint(self, rnd: int) -> None:
         save_checkpoint(self.run_dir, rnd, self.strategy, self.engine, self.metrics, self.cfg.checkpoint.keep_last,
-                        self.wall_seconds(), self.outcomes.count)
+                        self.wall_seconds(), self.outcomes.count, self.cpu_seconds())
         self.last_checkpoint = rnd
 
     def epsilon(self, rnd: int, accepted: dict[int, Reply] | None = None) -> float:
@@ -414,8 +420,9 @@ def _setup(cfg: Config, run_dir: Path, progress_mode: str | None, make_engine=No
     return Federation(cfg, run_dir, strategy, engine, progress)
 
 
-def _execute(fed: Federation, start_round: int, wall_before: float) -> dict:
+def _execute(fed: Federation, start_round: int, wall_before: float, cpu_before: float = 0.0) -> dict:
     fed.wall_before, fed.started = wall_before, time.time()
+    fed.cpu_before, fed.cpu_started = cpu_before, time.process_time()
     try:
         fed.run(start_round)
     finally:
@@ -439,10 +446,10 @@ def run_experiment(cfg: Config, run_dir: Path, progress_mode: str | None = None,
     process unless `make_engine(cfg)` supplies another engine (see `_setup`)."""
     handler = _attach_log_file(run_dir)
     try:
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         dump_config(cfg, run_dir / "config.yaml")
         fed = _setup(cfg, run_dir, progress_mode, make_engine)
-        return _execute(fed, 1, time.time() - t0)
+        return _execute(fed, 1, time.time() - t0, time.process_time() - cpu0)
     finally:
         log.removeHandler(handler)
         handler.close()
@@ -529,7 +536,7 @@ def resume_experiment(run_dir: Path, config_path: Path | None = None, overrides:
         fed.outcomes.truncate(meta.get("outcomes_records", 0))
         _truncate_artifacts(run_dir, meta["round"])
         fed.progress.steps = meta["round"] * cfg.clients_per_round * cfg.train.local_steps
-        return _execute(fed, meta["round"] + 1, meta.get("wall_seconds", 0.0))
+        return _execute(fed, meta["round"] + 1, meta.get("wall_seconds", 0.0), meta.get("cpu_seconds", 0.0))
     finally:
         log.removeHandler(handler)
         handler.close()
@@ -551,6 +558,7 @@ def write_summary(fed: Federation, wall: float, engine_name: str) -> dict:
         "global": sel["global"],
         "skipped": fed.skips(),
         "wall_seconds": round(wall, 2),
+        "cpu_seconds": round(fed.cpu_seconds(), 2),
         "state_digest": state_digest(fed.final_state()),
         "comm": fed.comm.totals(),
         **strategy.summary_extra(),

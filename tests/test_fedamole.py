@@ -295,3 +295,27 @@ def test_three_round_run_clients_with_different_data_end_with_different_experts(
     models = {(r["round"], r["model"]) for r in recs if r["split"] == "test" and r["metric"] == "score"}
     assert models == {(0, "global")} | {(rnd, m) for rnd in (1, 2, 3) for m in ("global", "personalized")}
 
+
+
+@pytest.mark.parametrize("extra,kept_is_one", [(["algorithm.static_arch=true"], True), ([], False)])
+def test_diagnostics_record_how_many_experts_clients_keep_and_how_peaked_routing_is(tmp_path, extra, kept_is_one):
+    """Per round: the share of its previous experts each client holds again (1 for a static architecture) next
+    to what a random re-deal keeps (n/N), the routing entropy H(p)/log n of local training, the relative update
+    of A and W_t; RSEA rounds also record how peaked the expert-to-client affinities are."""
+    cfg = load_config(SMOKE, ["federation.rounds=3", "eval.max_examples=2", *extra])
+    run_experiment(cfg, tmp_path, "none")
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    kept = [r for r in recs if r["metric"] == "experts_kept"]
+    assert {r["round"] for r in kept} == {2, 3} and {r["client"] for r in kept} == set(CLIENTS)
+    assert all(0 <= r["value"] <= 1 for r in kept)
+    assert all(r["value"] == 1.0 for r in kept) == kept_is_one
+    random_keep = {(r["round"], r["client"]): r["value"] for r in recs if r["metric"] == "experts_kept_random"}
+    held = {(r["round"], r["client"]): r["value"] for r in recs if r["metric"] == "experts_mean"}
+    assert all(v == pytest.approx(held[k] / cfg.algorithm.num_experts) for k, v in random_keep.items())
+    entropy = [r["value"] for r in recs if r["metric"] == "router_entropy"]
+    assert len(entropy) == 3 * len(CLIENTS) and all(0 < h <= 1 for h in entropy)
+    names = {r["metric"] for r in recs if r["client"] is None and r["split"] == "round"}
+    assert {"update_A_domain", "update_A_shared", "update_W_t_router", "B_norm_domain"} <= names
+    assert ("affinity_peak" in names) == (not kept_is_one)
+    peaks = [r["value"] for r in recs if r["metric"] == "affinity_peak"]
+    assert all(1 <= p <= len(CLIENTS) for p in peaks)

@@ -87,8 +87,98 @@ PRESETS = {
 }
 
 
+# ------------------------------------------------------------------------------------------- powered
+# The `powered` preset (issue 15): numbers that can separate methods. Mostly classification (accuracy by
+# choice scoring) on the WordNet classification tasks, 150 test and 60 validation examples per client, test
+# evaluated only at the round selected on validation and at the last round (`eval.test: selected`), per-example
+# outcomes kept, 3 seeds (partition, tiers and initialisation all follow federation.seed). FedIT and FedIT-FT
+# are one run (its global and its personalised model); FDLoRA evaluates only its personalised (fused) model.
+POWERED_PERSONAL_RUNS = {
+    "local": ["algorithm.name=local"],
+    "fedit": ["algorithm.name=fedit", "algorithm.personalize_by_finetune=true"],
+    "fdlora": ["algorithm.name=fdlora", "eval.models=[personalized]"],
+    "fedamole": ["algorithm.name=fedamole"],
+    "fedamole_r": ["algorithm.name=fedamole", "algorithm.static_arch=true"],
+    "fedamole_s": ["algorithm.name=fedamole", "algorithm.shared_expert=false"],
+}
+POWERED_PERSONAL_METHODS = {  # method -> (run, model label)
+    "local": ("local", "personalized"), "fedit": ("fedit", "global"), "fedit_ft": ("fedit", "personalized"),
+    "fdlora": ("fdlora", "personalized"), "fedamole": ("fedamole", "personalized"),
+    "fedamole_r": ("fedamole_r", "personalized"), "fedamole_s": ("fedamole_s", "personalized"),
+}
+# tier scenario: FLAME's dense LoRA-expert variant (8 experts of r = 8 on q, v; top-4 at full compute) against
+# HetLoRA / FlexLoRA at r_i = 8 k_i / 4 on the same q, v: the same adapted weights (like for like). Each client
+# is evaluated once, on the model its budget runs (`tier_eval: budget`).
+POWERED_TIER_RUNS = {
+    "flame": ["algorithm.name=flame", "algorithm.experts=lora", "algorithm.num_experts=8", "algorithm.top_k=4"],
+    "flame_no_rescaler": ["algorithm.name=flame", "algorithm.experts=lora", "algorithm.num_experts=8",
+                          "algorithm.top_k=4", "algorithm.rescaler=none"],
+    "flame_t0": ["algorithm.name=flame", "algorithm.experts=lora", "algorithm.num_experts=8", "algorithm.top_k=4",
+                 "algorithm.temperature=0"],
+    "hetlora": ["algorithm.name=hetlora"],
+    "flexlora": ["algorithm.name=flexlora"],
+}
+POWERED_TIER_METHODS = {m: (m, "global") for m in POWERED_TIER_RUNS}
+
+CHOICE_SPLITS = ["partition.splits.train=0.55", "partition.splits.aux=0.04", "partition.splits.val=0.12",
+                 "partition.splits.test=0.29", "partition.caps.aux=20", "partition.caps.val=60",
+                 "partition.caps.test=150"]
+POWERED_SCENARIOS = {
+    # one classification task per client (like Natural Instructions, one task per client)
+    "task": {"kind": "personal", "clients": 4, "overrides": [
+        "data.tasks=[hypernym_choice,isa,pos,synonym_choice]", "data.max_examples=4000",
+        "partition.scheme=meta", "partition.by=task", *CHOICE_SPLITS]},
+    # label skew (like SNLI / Dolly): WordNet's 8-way noun category task, Dirichlet over the label
+    "label0.1": {"kind": "personal", "clients": 3, "overrides": [
+        "data.tasks=[category]", "data.max_examples=3000", "partition.scheme=dirichlet", "partition.by=label",
+        "partition.alpha=0.1", "partition.min_size=600", *CHOICE_SPLITS]},
+    "label1.0": {"kind": "personal", "clients": 3, "overrides": [
+        "data.tasks=[category]", "data.max_examples=3000", "partition.scheme=dirichlet", "partition.by=label",
+        "partition.alpha=1.0", "partition.min_size=600", *CHOICE_SPLITS]},
+    # generation (ROUGE-L): one generation task per client, at the size the budget allows
+    "gen": {"kind": "personal", "clients": 3, "overrides": [
+        "data.tasks=[definition,hypernym,synonym]", "data.max_examples=1500", "partition.scheme=meta",
+        "partition.by=task", "partition.splits.train=0.7", "partition.splits.aux=0.04", "partition.splits.val=0.08",
+        "partition.splits.test=0.18", "partition.caps.aux=20", "partition.caps.val=30", "partition.caps.test=60",
+        "eval.generation.max_new_tokens=24"]},
+    # compute tiers k = 4, 2, 1 of K = 4, three clients each, label skew alpha 1.0
+    "tiers": {"kind": "tiers", "clients": 9, "overrides": [
+        "data.tasks=[category]", "data.max_examples=6500", "partition.scheme=dirichlet", "partition.by=label",
+        "partition.alpha=1.0", "partition.min_size=600", *CHOICE_SPLITS, "tiers.levels=[4,2,1]",
+        "tiers.mix=uniform", "algorithm.tier_eval=budget", "algorithm.target_modules=[q_proj,v_proj]"]},
+}
+POWERED = {
+    "seeds": [42, 62, 82], "jobs": 2,
+    "overrides": ["data.prompt=plain", "federation.rounds=5", "train.local_steps=12", "train.batch_size=4",
+                  "train.lr=1e-3", "train.max_length=128", "train.num_threads=1", "eval.test=selected",
+                  "eval.max_examples=null", "eval.batch_size=16", "checkpoint.keep_last=1"],
+    # N = 3 C experts per module, as the paper's N = 30 for C = 10: each client holds about 6 of them
+    "fedamole": ["algorithm.evaluate_dispatched=false"],
+}
+PRESETS["powered"] = POWERED
+
+
+def method_table(preset: str, scenarios: list[str] | None = None) -> dict[str, dict[str, dict]]:
+    """scenario -> method -> {"run", "model"}: which run directory and model label each method is scored on.
+    In the classic presets every method is its own run, scored on its headline model."""
+    if preset != "powered":
+        return {scen: {m: {"run": m, "model": None} for m in SCENARIOS[scen]["methods"]}
+                for scen in scenarios or list(SCENARIOS)}
+    out = {}
+    for scen in scenarios or list(POWERED_SCENARIOS):
+        table = POWERED_TIER_METHODS if POWERED_SCENARIOS[scen]["kind"] == "tiers" else POWERED_PERSONAL_METHODS
+        out[scen] = {m: {"run": run, "model": label} for m, (run, label) in table.items()}
+    return out
+
+
+def scenario_names(preset: str) -> list[str]:
+    return list(POWERED_SCENARIOS if preset == "powered" else SCENARIOS)
+
+
 def runs(preset: str, scenarios: list[str] | None = None) -> list[dict]:
-    """Every (scenario, method, seed) run of a preset, with its full override list."""
+    """Every (scenario, run, seed) of a preset with its full override list; `method` names the run."""
+    if preset == "powered":
+        return _powered_runs(scenarios)
     p = PRESETS[preset]
     out = []
     for scen in scenarios or list(SCENARIOS):
@@ -112,4 +202,20 @@ def runs(preset: str, scenarios: list[str] | None = None) -> list[dict]:
             for seed in p["seeds"]:
                 out.append({"scenario": scen, "method": method, "seed": seed,
                             "overrides": over + [f"federation.seed={seed}"]})
+    return out
+
+
+def _powered_runs(scenarios: list[str] | None) -> list[dict]:
+    out = []
+    for scen in scenarios or list(POWERED_SCENARIOS):
+        spec = POWERED_SCENARIOS[scen]
+        table = POWERED_TIER_RUNS if spec["kind"] == "tiers" else POWERED_PERSONAL_RUNS
+        for run, run_over in table.items():
+            name = run_over[0].split("=", 1)[1]
+            over = [*POWERED["overrides"], f"federation.num_clients={spec['clients']}", *spec["overrides"]]
+            if name == "fedamole":
+                over += [*POWERED["fedamole"], f"algorithm.num_experts={3 * spec['clients']}"]
+            over += run_over
+            for seed in POWERED["seeds"]:
+                out.append({"scenario": scen, "method": run, "seed": seed, "overrides": over + [f"federation.seed={seed}"]})
     return out

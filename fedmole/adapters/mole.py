@@ -61,6 +61,7 @@ class AMoLELinear(nn.Module):
         self.register_buffer("held", torch.arange(num_experts, device=device), persistent=False)
         self.set_tensors(self.init_tensors(torch.Generator().manual_seed(0)))
         self._lb_terms: list[torch.Tensor] = []
+        self._entropy = [0.0, 0]  # training: sum over tokens of the normalised routing entropy, tokens
 
     @property
     def num_held(self) -> int:
@@ -85,9 +86,13 @@ class AMoLELinear(nn.Module):
         g = p.gather(-1, top)
         g = g / g.sum(dim=-1, keepdim=True)  # renormalised over the top-k
         G = torch.zeros_like(p).scatter(-1, top, g)  # (T, n), zero outside each token's top-k
-        if self.load_balance and self.training and torch.is_grad_enabled():
-            f = torch.bincount(top.reshape(-1), minlength=n).to(p.dtype) / top.numel()  # share of selections
-            self._lb_terms.append(n * (p.mean(dim=0) * f).sum())
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():  # diagnostics: how peaked the routing is, H(p) / log n in [0, 1]
+                self._entropy[0] += float(-(p * p.clamp(min=1e-12).log()).sum() / math.log(n)) if n > 1 else 0.0
+                self._entropy[1] += p.shape[0]
+            if self.load_balance:
+                f = torch.bincount(top.reshape(-1), minlength=n).to(p.dtype) / top.numel()  # share of selections
+                self._lb_terms.append(n * (p.mean(dim=0) * f).sum())
 
         if self.training and self.dropout_p > 0:  # one mask per expert: A_e drop_e(x)
             h = F.dropout(X, self.dropout_p, training=True)  # the shared expert's
@@ -108,6 +113,13 @@ class AMoLELinear(nn.Module):
         total = torch.stack(self._lb_terms).sum()
         self._lb_terms = []
         return total
+
+    def pop_routing_entropy(self) -> float | None:
+        """Mean over the training tokens since the last call of the routing entropy H(p) / log n (1: uniform
+        over the held experts, 0: one expert takes all), and forget them; None if there were none."""
+        total, tokens = self._entropy
+        self._entropy = [0.0, 0]
+        return total / tokens if tokens else None
 
     @torch.no_grad()
     def embed(self, x_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

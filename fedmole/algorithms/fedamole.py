@@ -68,6 +68,8 @@ class Server(Strategy):
         self.static: Architecture | None = None  # static_arch: drawn once over every client
         self.arch: dict[int, dict[str, list[int]]] = {}  # client -> module -> experts, as last dispatched
         self._plan: tuple[int, tuple[int, ...], Architecture] | None = None
+        self.diagnostics: dict[str, float] = {}  # facts about the last aggregation and assignment (round records)
+        self.kept: dict[int, float] = {}  # client -> share of its previous experts it holds again this round
 
     # ----------------------------------------------------------------------------------------- RSEA
     def _bounds(self, clients: int) -> tuple[int, int]:
@@ -91,7 +93,10 @@ class Server(Strategy):
     def _affinities(self, clients: list[int]) -> np.ndarray:
         known = torch.stack(list(self.T.values())).mean(dim=0)  # (modules, r): stand-in for unseen clients
         T = torch.stack([self.T.get(c, known) for c in clients], dim=1)  # (modules, C, r)
-        return rsea.affinity(self.U_bar.numpy(), T.numpy())
+        P = rsea.affinity(self.U_bar.numpy(), T.numpy())  # (modules, N, C)
+        # how far each expert's distribution over clients is from uniform: C * max_c P (1 uniform, C one-hot)
+        self.diagnostics["affinity_peak"] = float((P.max(axis=-1) * P.shape[-1]).mean())
+        return P
 
     def plan(self, rnd: int, clients: list[int]) -> Architecture:
         """The architecture of round `rnd`'s clients: RSEA on the embeddings uploaded so far, or a random
@@ -128,8 +133,13 @@ class Server(Strategy):
         config = self.train_config(rnd, evaluate)
         a = self.cfg.algorithm
         config["embed"] = a.uses_embeddings and rnd < self.cfg.federation.rounds
+        self.kept = {}
         for c in clients:
-            self.arch[c] = {m: arch[m][c] for m in self.modules}
+            new = {m: arch[m][c] for m in self.modules}
+            if c in self.arch:
+                self.kept[c] = float(np.mean([len(set(new[m]) & set(self.arch[c][m])) / len(self.arch[c][m])
+                                              for m in self.modules]))
+            self.arch[c] = new
         return {c: Payload(self._share(self.arch[c]), config) for c in clients}
 
     def reply_spec(self, cid, payload):
@@ -144,6 +154,7 @@ class Server(Strategy):
         return spec
 
     def aggregate_train(self, rnd, replies):
+        before = dict(self.global_state)
         weights = client_weights({c: r.num_examples for c, r in replies.items()}, self.cfg.algorithm.weighting)
         params, embeddings = [], []
         for c, reply in replies.items():
@@ -154,7 +165,25 @@ class Server(Strategy):
         self.global_state.update(self.average(params))  # experts over their holders, the rest over all
         if embeddings:
             self._update_embeddings(embeddings)
+        self._update_norms(before)
         return {}
+
+    def _update_norms(self, before: dict[str, torch.Tensor]) -> None:
+        """Diagnostics: the round's relative change |x_new - x_old| / |x_old| of A (domain experts, the
+        shared expert) and of the router W_t, and the mean norm of the domain experts' B, over what changed."""
+        groups: dict[str, list[float]] = {}
+        for k, new in self.global_state.items():
+            old = before[k]
+            if new is old:
+                continue
+            m, expert, name = parse_key(k)
+            kind = "router" if expert == ROUTER else "shared" if expert == SHARED else "domain"
+            if name == "B":
+                if kind == "domain":
+                    groups.setdefault("B_norm_domain", []).append(float(new.norm()))
+                continue
+            groups.setdefault(f"update_{name}_{kind}", []).append(float((new - old).norm() / old.norm().clamp(min=1e-12)))
+        self.diagnostics.update({k: float(np.mean(v)) for k, v in groups.items()})
 
     def _update_embeddings(self, embeddings) -> None:
         index = {m: i for i, m in enumerate(self.modules)}
@@ -196,11 +225,18 @@ class Server(Strategy):
             return []
         arch = self._plan[2]
         records = []
+        N = self.cfg.algorithm.num_experts
         for c in self._plan[1]:
             counts = [len(arch[m][c]) for m in self.modules]
             for metric, value in (("experts_mean", float(np.mean(counts))), ("experts_min", min(counts)),
                                   ("experts_max", max(counts))):
                 records.append({"client": c, "metric": metric, "value": value})
+            if c in self.kept:
+                # the share of its experts a client keeps, and what a uniformly random re-deal would keep (n/N)
+                records += [{"client": c, "metric": "experts_kept", "value": self.kept[c]},
+                            {"client": c, "metric": "experts_kept_random", "value": float(np.mean(counts)) / N}]
+        records += [{"client": None, "metric": k, "value": v} for k, v in sorted(self.diagnostics.items())]
+        self.diagnostics = {}
         return records
 
     def summary_extra(self):
@@ -256,7 +292,12 @@ class Client(ClientProcedure):
             evals += rt.evaluate(cid, GLOBAL)  # the aggregated experts on this client's architecture
             rt.seed(cfg["round"], cid, "train")  # training draws the same randomness with or without it
         extra = self._load_balance if a.lb_weight > 0 else None
+        for mod in rt.adapters.modules.values():
+            mod.pop_routing_entropy()
         stats = rt.train(cid, state, list(rt.adapters.parameters().values()), cfg["lr"], cfg["steps"], extra_loss=extra)
+        entropy = [h for mod in rt.adapters.modules.values() if (h := mod.pop_routing_entropy()) is not None]
+        if entropy:
+            stats["router_entropy"] = float(np.mean(entropy))  # diagnostics: mean over modules
         if cfg.get("eval_personalized"):
             evals += rt.evaluate(cid, PERSONALIZED)
         tensors = rt.adapters.state()

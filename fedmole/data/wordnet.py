@@ -40,6 +40,7 @@ once under the fedmole cache directory.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -328,17 +329,27 @@ def load_wordnet(wordnet_dir: str | Path | None = None, tasks: list[str] | None 
     """WordNet examples from the caches (built first if missing): the five tasks (TASKS, about two seconds)
     unless `tasks` names a classification task, which adds the classification tasks' file. The examples
     come synset by synset in file order, and within a synset in ALL_TASKS order; filtering by `tasks` is
-    the caller's (`data.tasks`)."""
+    the caller's (`data.tasks`). A process that loads the same files again (a long-lived worker running many
+    runs) gets the examples from memory: they are never modified downstream."""
     unknown = [t for t in tasks or [] if t not in ALL_TASKS]
     if unknown:
         raise UserError(f"data.tasks names {unknown}, which WordNet does not have{did_you_mean(unknown[0], ALL_TASKS)}; "
                         f"its tasks: {', '.join(ALL_TASKS)}")
     five = tasks is None or any(t in TASKS for t in tasks)
-    examples = _read_cache(build_wordnet_cache(wordnet_dir=wordnet_dir)) if five else []
-    if tasks is not None and any(t in CHOICE_TASKS for t in tasks):
-        choices = _read_cache(build_wordnet_cache(wordnet_dir=wordnet_dir, choice_tasks=True))
+    choice = tasks is not None and any(t in CHOICE_TASKS for t in tasks)
+    paths = (build_wordnet_cache(wordnet_dir=wordnet_dir) if five else None,
+             build_wordnet_cache(wordnet_dir=wordnet_dir, choice_tasks=True) if choice else None)
+    return list(_read_caches(*paths))
+
+
+@functools.lru_cache(maxsize=1)
+def _read_caches(five: Path | None, choice: Path | None) -> tuple[Example, ...]:
+    """The examples of the five tasks' cache file and/or the classification tasks' one, merged by synset."""
+    examples = _read_cache(five) if five else []
+    if choice:
+        choices = _read_cache(choice)
         examples = _merge_by_synset(examples, choices) if five else choices
-    return examples
+    return tuple(examples)
 
 
 def _merge_by_synset(five: list[Example], choices: list[Example]) -> list[Example]:
