@@ -26,6 +26,7 @@ submit and the communication cost counted as the template counts it.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +155,7 @@ def resolve(run_config: dict) -> Config:
     try:
         return validate_config(data)
     except UserError as err:
-        named = [k for k, (field, _) in TEMPLATE_KEYS.items() if field in str(err)]
+        named = [k for k, (field, _) in TEMPLATE_KEYS.items() if re.search(rf"\b{re.escape(field)}\b", str(err))]
         hint = f" (in this project: the run config key {', '.join(named)})" if named else ""
         raise UserError(f"{err}{hint}") from None
 
@@ -215,8 +216,8 @@ def run_config_of(cfg: Config, challenge: Challenge, run_out: str = "") -> dict:
     _pop(data, "data.path")
     _pop(data, "train.lr_schedule")
     text = yaml.safe_dump({k: v for k, v in data.items() if v != {}}, sort_keys=False)
-    out.update({"challenge": challenge.name, "config": text, "out": run_out, "overwrite": False, "state-dir": "",
-                "engine-name": "flower", "progress": "plain", STATIC_KEY: challenge.dataset})
+    out.update({"challenge": challenge.name, "config": text, "out": run_out, "overwrite": False, "resume": False,
+                "state-dir": "", "engine-name": "flower", "progress": "plain", STATIC_KEY: challenge.dataset})
     if resolve(out).to_dict() != cfg.to_dict():  # the project must run exactly this config
         raise RuntimeError("the FlowerTune run config does not resolve to the config it was written from")
     return out
@@ -327,8 +328,8 @@ def write_project(cfg: Config, challenge: Challenge, out_dir: str | Path, run_ou
     assigned = {k: f"{k} = {_toml(run_config[k])}" for k in TEMPLATE_KEYS}
     width = max(map(len, assigned.values())) + 2
     template = [line.ljust(width) + f"# fedmole: {TEMPLATE_KEYS[k][0]}" for k, line in assigned.items()]
-    own = [f"{k} = {_toml(run_config[k])}" for k in ("challenge", "out", "overwrite", "state-dir", "engine-name",
-                                                    "progress", "config")]
+    own = [f"{k} = {_toml(run_config[k])}" for k in ("challenge", "out", "overwrite", "resume", "state-dir",
+                                                    "engine-name", "progress", "config")]
     lines = [
         f"# Written by `fedmole flower app --flowertune {challenge.name}`: a FlowerTune LLM Leaderboard project whose",
         f"# ServerApp and ClientApp run fedmole's {cfg.algorithm.name}. Read README.md before you run or submit it.",
