@@ -158,6 +158,8 @@ def print_results(summary: dict, run_dir: Path) -> None:
                       f"{res['last_mean']:.2f}")
     out.print(table)
     head = summary.get(summary["headline"])
+    if head and metric == "score":
+        print_score_parts(run_dir, summary["headline"], head["selected_round"])
     if head and head["per_client"]:
         per = Table(title=f"per client ({summary['headline']}, round {head['selected_round']})")
         per.add_column("client")
@@ -175,6 +177,21 @@ def print_results(summary: dict, run_dir: Path) -> None:
         dp = summary["dp"]
         out.print(f"differential privacy: epsilon {dp['epsilon']:.2f} at delta {dp['delta']:g}")
     out.print(f"state_digest: {summary['state_digest']}  ·  {summary['wall_seconds']:.1f} s")
+
+
+def print_score_parts(run_dir: Path, model: str, rnd: int) -> None:
+    """When the tasks mix classification and generation, what `score` averages and each part's value."""
+    from fedmole.reporting.metrics import SCORE_PARTS, score_parts
+    from fedmole.reporting.scalars import read_jsonl
+
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    if len(score_parts(records)) < 2:
+        return
+    alone = {r["metric"]: r["value"] for r in records if r["metric"] in SCORE_PARTS and r["client"] is None
+             and r["round"] == rnd and r["model"] == model and r["split"] == "test"}
+    parts = ", ".join(f"{SCORE_PARTS[m]} {alone[m]:.2f}" for m in SCORE_PARTS if m in alone)
+    out.print(f"score averages accuracy (classification examples) and ROUGE-L F (generation examples) per example; "
+              f"{model} test @ round {rnd}: {parts}", highlight=False)
 
 
 @app.command()

@@ -216,7 +216,7 @@ def test_a_choices_column_no_record_has_is_a_user_error(tmp_path):
         load(source="jsonl", path=str(path), columns=ColumnMap(choices="options", label="label"))
 
 
-def test_a_mixed_task_jsonl_runs_end_to_end_and_reports_accuracy_and_rouge_l_apart(tmp_path):
+def test_a_mixed_task_jsonl_runs_end_to_end_and_reports_accuracy_and_rouge_l_apart(tmp_path, capsys):
     from fedmole.config import load_config
     from fedmole.run import load_federated_data, run_experiment
 
@@ -240,3 +240,12 @@ def test_a_mixed_task_jsonl_runs_end_to_end_and_reports_accuracy_and_rouge_l_apa
         assert test[(client.client_id, "score")] == pytest.approx((acc * n_cls + rouge * n_gen) / (n_cls + n_gen))
     assert {(None, "accuracy"), (None, "rouge_l"), (None, "score")} <= set(test)
     assert summary["metric"] == "score"
+    # the command line's results say what the score averages and give each part
+    from fedmole.cli import print_results
+
+    print_results(summary, tmp_path / "run")
+    printed = " ".join(capsys.readouterr().out.split())
+    head = summary["headline"]
+    assert (f"score averages accuracy (classification examples) and ROUGE-L F (generation examples) per example; "
+            f"{head} test @ round 1: accuracy {test[(None, 'accuracy')]:.2f}, ROUGE-L F "
+            f"{test[(None, 'rouge_l')]:.2f}") in printed
