@@ -289,7 +289,8 @@ def write_flowertune(cfg, challenge: str, out_dir: Path, run_out: str) -> None:
     for line in changed:
         out.print(f"  set for the challenge: {line}", highlight=False)
     out.print(f"FlowerTune {ch.name} project ({cfg.algorithm.name}, {cfg.model.name}): {path}\n"
-              f"  run:  cd {out_dir} && flwr run . local --stream --federation-config \"num-supernodes={ch.supernodes}\""
+              f"  run:  cd {out_dir} && flwr run . local --stream "
+              f"--federation-config \"num-supernodes={ch.supernodes}\""
               f"\n  submit: see {out_dir / 'README.md'} (the leaderboard fixes {ch.dataset} and {ch.supernodes} "
               f"SuperNodes)", highlight=False)
 

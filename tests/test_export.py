@@ -366,7 +366,8 @@ def test_generate_prompts_an_export_with_the_template_its_run_trained_with(runs,
     model, tok = fedmole.load_model(out)
     cfg = validate_config(json.loads((out / "fedmole_export.json").read_text())["config"])
     ids = format_prompt("Define the word cat.", tok, cfg)
-    assert tok.decode(ids, skip_special_tokens=True) == "Define the word cat.\n"  # the run's plain template, not the chat template
+    # the run's plain template, not the chat template
+    assert tok.decode(ids, skip_special_tokens=True) == "Define the word cat.\n"
     assert answer() == answer("--template", "plain")
     assert answer().strip() == generate(model, tok, ids, 6, stream=False).strip()
     assert format_prompt("Define the word cat.", tok, cfg, "chat") != ids

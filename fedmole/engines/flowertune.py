@@ -376,7 +376,8 @@ fedmole client training on its IID share of [{challenge.dataset}](https://huggin
 ```bash
 pip install -e .      # fedmole and Flower, as pinned in pyproject.toml
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0   # the SuperLink installs nothing
-flwr run . local --stream --federation-config "num-supernodes={n} client-resources-num-cpus=6 client-resources-num-gpus=1.0" \\
+flwr run . local --stream \\
+  --federation-config "num-supernodes={n} client-resources-num-cpus=6 client-resources-num-gpus=1.0" \\
   --run-config "out='/abs/path/results/{method}-{challenge.name}'"
 ```
 
