@@ -229,10 +229,11 @@ class RankTierLoRAConfig(AlgorithmConfig, LoRAKeys):
 
 
 class TierEvalKeys(Section):
-    tier_eval: Literal["own", "none"] = Field(
+    tier_eval: Literal["own", "budget", "none"] = Field(
         "own", description="also evaluate each client below the highest tier on the model it can run: the "
         "global LoRA at its own rank r_i (the model `fedmole export --client` writes), labelled global_k{k_i} "
-        "like FLAME's tier-wise evaluation (own), or only the global model (none)"
+        "like FLAME's tier-wise evaluation (own); only that model, so each client is evaluated once at its "
+        "budget (budget); or only the global model (none)"
     )
 
 
@@ -362,9 +363,10 @@ class FLAMEConfig(AlgorithmConfig, LoRAKeys):
     skip_unactivated_upload: bool = Field(
         True, description="clients do not upload experts they never activated (their weight is 0 when t > 0)"
     )
-    tier_eval: Literal["own", "all", "none"] = Field(
+    tier_eval: Literal["own", "all", "budget", "none"] = Field(
         "own", description="tier-wise evaluation of the global model at k < K with the tier-average s: on each "
-        "client at its own tier (own), at every tier (all), or not at all"
+        "client at its own tier besides the full model (own), at every tier (all), at its own tier only so each "
+        "client is evaluated once, on the model its budget runs (budget), or not at all"
     )
 
     @model_validator(mode="after")
@@ -687,6 +689,15 @@ class EvalConfig(Section):
         "val_score", description="validation quantity that picks the reported round"
     )
     init: bool = Field(False, description="also evaluate the untrained model as round 0")
+    test: Literal["every", "selected"] = Field(
+        "every", description="when the test split is evaluated: at every evaluation (every), or only at the "
+        "round selected on validation and at the last round (selected: rounds evaluate val only and clients "
+        "keep a snapshot of each model they validated, tested after the last round)"
+    )
+    models: list[str] | None = Field(
+        None, description="evaluate only these model labels (glob patterns, e.g. [personalized] or "
+        "[global, 'global_k*']); null: every model the method evaluates"
+    )
 
 
 # -------------------------------------------------------------------------------------------- output

@@ -9,11 +9,16 @@ Round r (1-based):
      personalised evaluations arrive inside the training replies;
   5. metrics are appended and an atomic checkpoint is written.
 
+With `eval.test: selected` the rounds evaluate validation only and the clients keep snapshots of what they
+evaluated (client/snapshots.py); after the last round every client tests, per model, the snapshot of the
+round selected on validation and of the last round. Test results carry per-example outcomes
+(outcomes.jsonl), in either mode.
+
 Every message's serialised bytes are recorded in comm.jsonl (fedmole/comm.py); with `comm.budget_mb` a
 round whose worst-case traffic would pass the budget is not started and the run ends after the previous one.
 
 Run directory: config.yaml (resolved), partition.json, metrics.jsonl, metrics.csv, comm.jsonl, summary.json,
-run.log, checkpoints/round_NNNN/ (written to a temporary directory, then renamed).
+outcomes.jsonl, run.log, checkpoints/round_NNNN/ (written to a temporary directory, then renamed).
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from fedmole.config import Config, dump_config
 from fedmole.errors import UserError
 from fedmole.faults import plan_fault
 from fedmole.paths import atomic_write_text
-from fedmole.reporting.metrics import MetricsLog, select_model, summarize
+from fedmole.client import snapshots
+from fedmole.reporting.metrics import MetricsLog, OutcomesLog, best_val_round, select_model, summarize
 from fedmole.reporting.progress import RunProgress
 
 log = logging.getLogger("fedmole")
@@ -82,7 +88,7 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
 
 # ---------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsLog, keep_last: int | None,
-                    wall_seconds: float = 0.0) -> Path:
+                    wall_seconds: float = 0.0, outcomes_records: int = 0) -> Path:
     """Write checkpoints/round_NNNN atomically (temp dir + rename) and prune old ones."""
     root = run_dir / "checkpoints"
     root.mkdir(exist_ok=True)
@@ -98,8 +104,8 @@ def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsL
         for k, v in st.tensors.items():
             client_tensors[f"{cid}::{k}"] = v.contiguous()
     save_file(client_tensors, tmp / "clients.safetensors")
-    meta = {"round": rnd, "metrics_records": len(metrics.records), "server": server_meta, "clients": client_meta,
-            "wall_seconds": wall_seconds}
+    meta = {"round": rnd, "metrics_records": len(metrics.records), "outcomes_records": outcomes_records,
+            "server": server_meta, "clients": client_meta, "wall_seconds": wall_seconds}
     (tmp / "state.json").write_text(json.dumps(meta))
     if final.exists():
         shutil.rmtree(final)
@@ -110,14 +116,18 @@ def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsL
     return final
 
 
-def load_checkpoint(path: Path) -> tuple[dict, dict, dict[int, ClientState]]:
-    """(meta, server tensors, client states) of a checkpoint directory."""
+def load_checkpoint(path: Path, with_snapshots: bool = False) -> tuple[dict, dict, dict[int, ClientState]]:
+    """(meta, server tensors, client states) of a checkpoint directory. The clients' snapshots of evaluated
+    models (`eval.test: selected`) only `with_snapshots` (resume needs them; a client's model does not)."""
     meta = json.loads((path / "state.json").read_text())
     server = load_file(path / "server.safetensors")
-    states: dict[int, ClientState] = {int(c): ClientState({}, m) for c, m in meta["clients"].items()}
+    states: dict[int, ClientState] = {int(c): ClientState({}, dict(m)) for c, m in meta["clients"].items()}
     for k, v in load_file(path / "clients.safetensors").items():
         cid, name = k.split("::", 1)
         states.setdefault(int(cid), ClientState()).tensors[name] = v
+    if not with_snapshots:
+        for st in states.values():
+            snapshots.take(st)
     return meta, server, states
 
 
@@ -133,6 +143,8 @@ class Federation:
         self.engine = engine
         self.progress = progress
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.outcomes = OutcomesLog(run_dir / "outcomes.jsonl")
+        self.deferred = cfg.eval.test == "selected"  # test only the round selected on val and the last one
         self.comm = CommLog(run_dir / "comm.jsonl", cfg.comm.dtype, cfg.comm.budget_mb)
         self.wall_before, self.started = 0.0, time.time()
         self.rounds_completed, self.last_checkpoint, self.stopped = 0, 0, None
@@ -150,7 +162,48 @@ class Federation:
         for cid, p in plans.items():
             fault = plan_fault(self.cfg, rnd, cid)
             out[cid] = Payload(p.tensors, {**p.config, "fault": fault}) if fault else p
-        return out
+        return self._keep_snapshots(out)
+
+    # ------------------------------------------------------------------ deferred test (eval.test: selected)
+    def validated_models(self) -> list[str]:
+        return sorted({r["model"] for r in self.metrics.records if r["split"] == "val" and r["client"] is None})
+
+    def best_rounds(self) -> dict[str, int]:
+        """Per model label, the round with the best mean validation so far (the one `summary` will select)."""
+        return {m: best_val_round(self.metrics.records, m, self.cfg.eval.select_on) for m in self.validated_models()}
+
+    def _keep_snapshots(self, plans: dict[int, Payload]) -> dict[int, Payload]:
+        """Deferred test: tell every client which snapshot of each model it still needs (the best so far)."""
+        if not self.deferred:
+            return plans
+        keep = self.best_rounds()
+        return {c: Payload(p.tensors, {**p.config, "snapshot_keep": keep}) for c, p in plans.items()}
+
+    def test_selected(self) -> None:
+        """Deferred test: every client evaluates the test split on its snapshots of the round selected on
+        validation and of the last validated round, for every model label."""
+        last = {m: max(r["round"] for r in self.metrics.records if r["model"] == m and r["split"] == "val")
+                for m in self.validated_models()}
+        wanted = {m: sorted({best, last[m]}) for m, best in self.best_rounds().items()}
+        if not wanted:
+            return
+        rnd = self.rounds_completed
+        plans = {c: Payload({}, {"round": rnd, "test_snapshots": wanted}) for c in range(self.cfg.federation.num_clients)}
+        replies, failures = self.engine.evaluate(rnd, self._send(rnd, "evaluate", plans))
+        replies = self._receive(rnd, "evaluate", replies)
+        self.metrics.add([self._round_record(rnd, "test_failed", 1, cid) for cid in sorted(failures)])
+        self._log_evals(rnd, {c: r.evals for c, r in replies.items()})
+
+    def _log_evals(self, rnd: int, per_client: dict[int, list[dict]]) -> None:
+        """Eval results as metric records (each at its own `round` when it carries one: deferred tests) and
+        their per-example outcomes."""
+        by_round: dict[int, dict[int, list[dict]]] = {}
+        for cid, evals in sorted(per_client.items()):
+            self.outcomes.add(rnd, cid, evals)
+            for e in evals:
+                by_round.setdefault(e.get("round", rnd), {}).setdefault(cid, []).append(e)
+        for r, evals in sorted(by_round.items()):
+            self.metrics.log_evals(r, evals)
 
     def _accept(self, rnd: int, plans: dict[int, Payload], replies: dict[int, Reply]) -> tuple[dict, dict]:
         """Replies that pass validation, and the reasons of those that do not."""
@@ -196,10 +249,10 @@ class Federation:
         plans = self.strategy.configure_evaluate(rnd, list(range(self.cfg.federation.num_clients)))
         if not plans:
             return
-        replies, failures = self.engine.evaluate(rnd, self._send(rnd, "evaluate", plans))
+        replies, failures = self.engine.evaluate(rnd, self._send(rnd, "evaluate", self._keep_snapshots(plans)))
         replies = self._receive(rnd, "evaluate", replies)
         self.metrics.add([self._round_record(rnd, f"eval_{kind}", 1, cid) for cid, (kind, _) in sorted(failures.items())])
-        self.metrics.log_evals(rnd, {c: r.evals for c, r in replies.items()})
+        self._log_evals(rnd, {c: r.evals for c, r in replies.items()})
 
     def run_round(self, rnd: int) -> bool:
         """Run round `rnd`; False when the communication budget does not allow it (nothing changed)."""
@@ -236,7 +289,7 @@ class Federation:
         if cfg.dp.enabled:
             recs.append(self._round_record(rnd, "dp_epsilon", self.epsilon(rnd, accepted)))
         self.metrics.add(recs)
-        self.metrics.log_evals(rnd, {c: r.evals for c, r in accepted.items() if r.evals})
+        self._log_evals(rnd, {c: r.evals for c, r in accepted.items() if r.evals})
         self.write_artifacts(rnd)
         if due:
             self.evaluate_global(rnd)
@@ -247,7 +300,7 @@ class Federation:
 
     def checkpoint(self, rnd: int) -> None:
         save_checkpoint(self.run_dir, rnd, self.strategy, self.engine, self.metrics, self.cfg.checkpoint.keep_last,
-                        self.wall_seconds())
+                        self.wall_seconds(), self.outcomes.count)
         self.last_checkpoint = rnd
 
     def epsilon(self, rnd: int, accepted: dict[int, Reply] | None = None) -> float:
@@ -274,6 +327,8 @@ class Federation:
                 break
         if self.rounds_completed > self.last_checkpoint:  # stopped early between two checkpoints
             self.checkpoint(self.rounds_completed)
+        if self.deferred:
+            self.test_selected()
 
     def skips(self) -> dict[str, int]:
         counts = {kind: 0 for kind in FAILURE_KINDS}
@@ -290,7 +345,8 @@ class Federation:
         every client's state under `client/{id}/...`."""
         if self.strategy.has_global:
             return self.strategy.global_state
-        return {f"client/{cid}/{k}": v for cid, st in self.engine.client_states().items() for k, v in st.tensors.items()}
+        return {f"client/{cid}/{k}": v for cid, st in self.engine.client_states().items() for k, v in st.tensors.items()
+                if not k.startswith(snapshots.PREFIX)}
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -413,7 +469,7 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 def _truncate_artifacts(run_dir: Path, last_round: int) -> None:
     """Drop records of rounds after the checkpoint from every per-round artefact file."""
     for path in run_dir.glob("*.jsonl"):
-        if path.name == "metrics.jsonl":
+        if path.name in ("metrics.jsonl", "outcomes.jsonl"):  # cut by record count (their checkpoint meta)
             continue
         lines = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x).get("round", 0) <= last_round]
         atomic_write_text(path, "".join(x + "\n" for x in lines))
@@ -462,7 +518,7 @@ def resume_experiment(run_dir: Path, config_path: Path | None = None, overrides:
     ckpt = latest_checkpoint(run_dir)
     handler = _attach_log_file(run_dir)
     try:
-        meta, server_tensors, client_states = load_checkpoint(ckpt)
+        meta, server_tensors, client_states = load_checkpoint(ckpt, with_snapshots=True)
         if meta["round"] >= cfg.federation.rounds and (run_dir / "summary.json").is_file():
             return json.loads((run_dir / "summary.json").read_text())
         log.info("resuming %s after round %s", run_dir, meta["round"])
@@ -470,6 +526,7 @@ def resume_experiment(run_dir: Path, config_path: Path | None = None, overrides:
         fed.strategy.load_state_dict(server_tensors, meta["server"])
         fed.engine.load_client_states(client_states)
         fed.metrics.truncate(meta["metrics_records"])
+        fed.outcomes.truncate(meta.get("outcomes_records", 0))
         _truncate_artifacts(run_dir, meta["round"])
         fed.progress.steps = meta["round"] * cfg.clients_per_round * cfg.train.local_steps
         return _execute(fed, meta["round"] + 1, meta.get("wall_seconds", 0.0))

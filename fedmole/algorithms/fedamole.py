@@ -47,7 +47,8 @@ def build_adapters(model, cfg):
     a = cfg.algorithm
     return inject(
         model, a.target_modules,
-        lambda path, linear: AMoLELinear(linear, a.num_experts, a.rank, a.alpha, a.dropout, a.top_k, a.shared_expert),
+        lambda path, linear: AMoLELinear(linear, a.num_experts, a.rank, a.alpha, a.dropout, a.top_k, a.shared_expert,
+                                         load_balance=a.lb_weight > 0),
     )
 
 

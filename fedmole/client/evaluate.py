@@ -168,11 +168,15 @@ def evaluate_examples(
 
 @torch.no_grad()
 def evaluate_splits(
-    model, tokenizer, splits: dict[str, list[Example]], data_cfg, max_length: int, cfg: EvalConfig, device
+    model, tokenizer, splits: dict[str, list[Example]], data_cfg, max_length: int, cfg: EvalConfig, device,
+    outcomes: dict[str, list[dict]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """`evaluate_examples` of each split, computed together: the splits' examples share batches of up to
     `eval.batch_size` (on a CPU a decoding step of 10 sequences costs about as much as one of 5, since it is
-    bound by reading the weights), and each split's metrics are its own examples' alone."""
+    bound by reading the weights), and each split's metrics are its own examples' alone.
+
+    `outcomes`: for each split named as a key, the list is filled with one record per scored example (see
+    `outcome`), so that methods can be compared example by example."""
     model.eval()
     pad_id = tokenizer.pad_token_id
     template, system = data_cfg.prompt, data_cfg.system_prompt
@@ -188,9 +192,11 @@ def evaluate_splits(
     ce: dict[int, tuple[float, int]] = {}  # example -> (CE sum, tokens) of its training sequence
     correct: dict[int, float] = {}  # classification example -> 1/0
     rouge: dict[int, float] = {}  # generation example -> ROUGE-L F
+    choice: dict[int, ChoiceScores] = {}
     for i, sc in zip(cls, scores):
         if sc is None:  # the prompt fills max_length: dropped, as in training
             continue
+        choice[i] = sc
         correct[i] = float(sc.best == examples[i].label)
         if sc.gold_is_train:
             ce[i] = (sc.ce[examples[i].label], sc.tokens[examples[i].label])
@@ -199,14 +205,19 @@ def evaluate_splits(
     for chunk in _batches(encoded, cfg.batch_size):
         s, n = sequence_ce(model, [e for _, e in chunk], pad_id, device)
         ce.update({i: (a, b) for (i, _), a, b in zip(chunk, s.tolist(), n.tolist())})
+    predictions: dict[int, str] = {}
     if gen:
-        predictions = generate(model, tokenizer, [examples[i] for i in gen], data_cfg, max_length, cfg, device)
-        rouge.update({i: rouge_l(p, examples[i].response) for i, p in zip(gen, predictions)})
+        predictions = dict(zip(gen, generate(model, tokenizer, [examples[i] for i in gen], data_cfg, max_length,
+                                             cfg, device)))
+        rouge.update({i: rouge_l(p, examples[i].response) for i, p in predictions.items()})
 
     out, start = {}, 0
     for name, exs in splits.items():
         idx = range(start, start + len(exs))
         start += len(exs)
+        if outcomes is not None and name in outcomes:
+            outcomes[name].extend(outcome(examples[i], choice.get(i), predictions.get(i), rouge.get(i))
+                                  for i in idx if i in correct or i in rouge)
         total = [ce[i] for i in idx if i in ce]
         metrics = {"loss": sum(c for c, _ in total) / max(sum(t for _, t in total), 1), "n": float(len(exs))}
         out[name] = metrics
@@ -221,6 +232,19 @@ def evaluate_splits(
         if acc or rl:
             metrics["score"] = 100.0 * sum(acc + rl) / len(acc + rl)
     return out
+
+
+def outcome(ex: Example, scores: ChoiceScores | None, prediction: str | None, rouge: float | None) -> dict:
+    """One scored example: uid, gold and prediction (choice indices with each choice's mean token CE, or the
+    reference and the generated text), correct (classification) or rouge_l (generation), and `value`, the
+    example's share of the score (x100): a split's score is the mean of its examples' values."""
+    if scores is not None:
+        means = [c / max(n, 1) for c, n in zip(scores.ce, scores.tokens)]
+        correct = int(scores.best == ex.label)
+        return {"uid": ex.uid, "gold": ex.label, "pred": scores.best, "choice_scores": [round(m, 6) for m in means],
+                "correct": correct, "rouge_l": None, "value": 100.0 * correct}
+    return {"uid": ex.uid, "gold": ex.response, "pred": prediction, "choice_scores": None, "correct": None,
+            "rouge_l": rouge, "value": 100.0 * rouge}
 
 
 @torch.no_grad()
