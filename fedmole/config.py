@@ -627,8 +627,14 @@ class TiersConfig(Section):
 class TrainConfig(Section):
     local_steps: int = Field(10, ge=1, description="optimiser steps per client per round")
     batch_size: int = Field(4, ge=1, description="local batch size")
-    lr: float = Field(5e-5, gt=0, description="client learning rate in round 1")
-    lr_decay: float = Field(0.99, gt=0, le=1, description="per-round multiplicative decay: lr * decay^(round-1)")
+    lr: float = Field(5e-5, gt=0, description="client learning rate in round 1 (cosine: the peak, before round 1)")
+    lr_schedule: Literal["exponential", "cosine"] = Field(
+        "exponential", description="per-round learning rate, constant within a round: exponential = lr * "
+        "lr_decay^(round-1); cosine = lr_min + (lr - lr_min) * (1 + cos(pi * round / rounds)) / 2, the FlowerTune "
+        "template's schedule (the last round trains at lr_min)"
+    )
+    lr_decay: float = Field(0.99, gt=0, le=1, description="exponential schedule: per-round multiplicative decay")
+    lr_min: float = Field(0.0, ge=0, description="cosine schedule: the learning rate of the last round")
     optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="local optimiser, fresh every round")
     weight_decay: float = Field(0.0, ge=0, description="optimiser weight decay")
     momentum: float = Field(0.0, ge=0, lt=1, description="sgd only")
@@ -650,6 +656,13 @@ class TrainConfig(Section):
         if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
             return v
         raise ValueError("allowed: auto, cpu, cuda, cuda:N")
+
+    @model_validator(mode="after")
+    def _cosine(self):
+        if self.lr_schedule == "cosine" and self.lr_min > self.lr:
+            raise ValueError(f"train.lr_min={self.lr_min} exceeds train.lr={self.lr}: the cosine schedule falls from "
+                             f"train.lr to train.lr_min; set lr_min below lr")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- eval

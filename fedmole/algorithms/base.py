@@ -82,8 +82,8 @@ class Strategy:
         """Instructions common to every client of a round."""
         from fedmole.client.train import round_lr
 
-        return {"round": rnd, "lr": round_lr(self.cfg.train, rnd), "steps": self.cfg.train.local_steps,
-                "eval_personalized": evaluate and self.personalized}
+        return {"round": rnd, "lr": round_lr(self.cfg.train, rnd, self.cfg.federation.rounds),
+                "steps": self.cfg.train.local_steps, "eval_personalized": evaluate and self.personalized}
 
     def configure_train(self, rnd: int, clients: list[int], evaluate: bool) -> dict[int, Payload]:
         raise NotImplementedError

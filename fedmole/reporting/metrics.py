@@ -104,6 +104,16 @@ def _per_client(records, model, split, metric, rnd) -> dict[str, float]:
             and r["metric"] == metric}
 
 
+SCORE_PARTS = {"accuracy": "accuracy", "rouge_l": "ROUGE-L F"}  # what `score` may average, by record name
+
+
+def score_parts(records: list[dict]) -> list[str]:
+    """Which per-example metrics the run's `score` averages: `accuracy` (classification examples, 1/0),
+    `rouge_l` (generation examples, ROUGE-L F), or both when the evaluated examples mix the two kinds."""
+    seen = {r["metric"] for r in records if r["split"] in ("val", "test") and r["metric"] in SCORE_PARTS}
+    return [m for m in SCORE_PARTS if m in seen]
+
+
 def primary_metric(records: list[dict]) -> str:
     """The score reported: `score` when any evaluation produced it, else `loss`."""
     return "score" if any(r["metric"] == "score" and r["split"] == "test" for r in records) else "loss"
