@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -56,31 +57,50 @@ def candidate_ce(
 
     The prompt is run once per example and its key/value cache shared by the example's choices, which then
     cost only their own few tokens: the same numbers as scoring every prompt + choice sequence in full
-    (`sequence_ce` on `encode_candidates`), for about 1/len(choices) of the compute."""
+    (`sequence_ce` on `encode_candidates`), for about 1/len(choices) of the compute. The prompt's last logits
+    score every choice's first token; the choices of each length run together on a copy of the cache, without
+    padding and without their last token (EOS is predicted, never fed), so only real choice tokens cost."""
     batch = to_device(collate([{"input_ids": p} for p in prompts], pad_id), device)
     keep = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
     out = model(**batch, use_cache=True, **keep)
-    first = out.logits[:, -1].float()  # (B, V): predicts each choice's first token
-    rows = torch.tensor([i for i, cs in enumerate(choices) for _ in cs], device=device)
-    flat = [c for cs in choices for c in cs]
-    width = max(len(c) for c in flat)
-    ids = torch.tensor([c + [pad_id] * (width - len(c)) for c in flat], device=device)  # right-padded
-    real = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in flat], device=device)
-    cache = out.past_key_values
-    cache.batch_select_indices(rows)
-    lengths = batch["attention_mask"].sum(-1)[rows]
-    logits = model(
-        input_ids=ids, attention_mask=torch.cat([batch["attention_mask"][rows], real], dim=1),
-        position_ids=lengths[:, None] + torch.arange(width, device=device), past_key_values=cache, use_cache=True,
-    ).logits.float()
-    logits = torch.cat([first[rows, None], logits[:, :-1]], dim=1)  # (R, width): position t predicts ids[:, t]
-    ce = (F.cross_entropy(logits.transpose(1, 2), ids, reduction="none") * real).sum(-1).cpu().tolist()
-    n = real.sum(-1).cpu().tolist()
+    first = out.logits[:, -1].float().log_softmax(-1)  # (B, V): predicts each choice's first token
+    lengths = batch["attention_mask"].sum(-1)  # (B,)
+    flat = [(i, c) for i, cs in enumerate(choices) for c in cs]
+    ce = [0.0] * len(flat)
+    by_length: dict[int, list[int]] = {}
+    for j, (_, c) in enumerate(flat):
+        by_length.setdefault(len(c), []).append(j)
+    for width, js in sorted(by_length.items()):
+        rows = torch.tensor([flat[j][0] for j in js], device=device)
+        ids = torch.tensor([flat[j][1] for j in js], device=device)  # (R, width), no padding
+        total = -first[rows, ids[:, 0]]  # (R,)
+        if width > 1:
+            logits = model(
+                input_ids=ids[:, :-1], attention_mask=torch.cat([batch["attention_mask"][rows],
+                                                                 torch.ones_like(ids[:, :-1])], dim=1),
+                position_ids=lengths[rows, None] + torch.arange(width - 1, device=device),
+                past_key_values=_select_rows(out.past_key_values, rows), use_cache=True,
+            ).logits.float()  # (R, width - 1, V): position t predicts ids[:, t + 1]
+            total = total + F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").sum(-1)
+        for j, v in zip(js, total.cpu().tolist()):
+            ce[j] = v
     out_lists, at = [], 0
     for cs in choices:
-        out_lists.append((ce[at : at + len(cs)], n[at : at + len(cs)]))
+        out_lists.append((ce[at : at + len(cs)], [len(c) for c in cs]))
         at += len(cs)
     return out_lists
+
+
+def _select_rows(cache, rows: torch.Tensor):
+    """A cache holding `rows` of `cache`'s batch, leaving `cache` itself untouched (the layers' tensors are
+    replaced, never written into, by selection and by the forward that extends them)."""
+    if not hasattr(cache, "layers"):
+        cache = copy.deepcopy(cache)
+    else:
+        cache = copy.copy(cache)
+        cache.layers = [copy.copy(layer) for layer in cache.layers]
+    cache.batch_select_indices(rows)
+    return cache
 
 
 def _batches(items: list, size: int):
