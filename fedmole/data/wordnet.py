@@ -16,7 +16,7 @@ loaded only when `data.tasks` names them, so a config without `data.tasks` reads
 
 | task            | instruction                                                | choices (gold)                             |
 |-----------------|------------------------------------------------------------|--------------------------------------------|
-| category        | Which category does 'X' belong to in the sense: <def>?    | 8 noun categories (the synset's lexfile)   |
+| category        | 'X' (<definition>): which category?                        | 8 noun categories (the synset's lexfile)   |
 | isa             | Is 'X' a kind of 'Y'? / Is 'X' an instance of 'Y'?         | no, yes (Y: the true hypernym or another)  |
 | synonym_choice  | Which word is a synonym of 'X'?                            | 4 words (the synset's second lemma)        |
 | hypernym_choice | 'X' is a kind of what? / 'X' is an instance of what?       | 4 words (the first hypernym's first lemma) |
@@ -57,7 +57,7 @@ from fedmole.paths import atomic_write_text, cache_dir
 
 DEFAULT_WORDNET_DIR = "/usr/share/wordnet"
 CACHE_FORMAT = "v1"  # bump when the examples derived from a synset change
-CHOICE_CACHE_FORMAT = "v1"  # the same for the classification tasks' file
+CHOICE_CACHE_FORMAT = "v2"  # the same for the classification tasks' file
 
 TASKS = ("definition", "pos", "synonym", "hypernym", "usage")  # what `data.tasks: null` loads
 CHOICE_TASKS = ("category", "isa", "synonym_choice", "hypernym_choice")  # loaded when named in data.tasks
@@ -255,7 +255,7 @@ def _synset_choice_examples(s: Synset, first_lemma, pools: Pools) -> list[Exampl
 
     out = []
     if domain.startswith("noun.") and domain[5:] in CATEGORIES:
-        out.append(make("category", f"Which category does '{word}' belong to in the sense: {s.definition}?",
+        out.append(make("category", f"'{word}' ({s.definition}): which category?",
                         list(CATEGORIES), CATEGORIES.index(domain[5:])))
     answer = _hypernym_lemma(s, first_lemma)
     hyper_pool = pools.hypernyms.get(s.lexfile, [])
