@@ -2,7 +2,7 @@
 
 1. Test only where it is reported (`eval.test: selected`): one short FedIT-FT run (its global and its
    personalised model are both evaluated) with validation every round, testing every round vs testing only
-   the round selected on validation and the last round. Wall time of each, examples evaluated, and the
+   the round selected on validation and the last round. Wall time of each and the
    largest difference between the two runs' reported numbers (selected-round and last-round test scores per
    model: the protocol must not change them beyond float rounding).
 2. Start-up paid once per worker: the same minimal run in a fresh `python -m fedmole.cli run` process vs in a
