@@ -4,16 +4,17 @@ For every mutation of `tests/mutation/mutations.py` (a one-line change to the ma
 property it breaks, and the tests that must notice), this script copies the repository to a temporary
 directory once, writes the mutated file into the copy, runs the named tests there with the copy's
 `fedmole` package first on the path, and restores the file. A mutation is *killed* when those tests fail
-and *survives* when they pass (a mutation that makes them hang past `--timeout` counts as killed). The
-working tree is never written, so an interrupted run (Ctrl-C or SIGTERM) leaves nothing behind: the running
-pytest process group is stopped and the temporary copy removed on the way out.
+and *survives* when they pass. A run past `--timeout` is reported as a timeout, neither killed nor
+survived (on a busy machine, rerun those ids with a larger `--timeout`). The working tree is never
+written, so an interrupted run (Ctrl-C or SIGTERM) leaves nothing behind: the running pytest process
+group is stopped and the temporary copy removed on the way out.
 
     python tests/mutation/run.py                 # every mutation, after checking the tests pass unmutated
     python tests/mutation/run.py --list          # the mutations and their properties
     python tests/mutation/run.py ID [ID ...]     # only these (ids or prefixes, e.g. `fdlora`)
 
-Exit status: 0 when every mutation is killed, 1 when one survives, 2 when the list is stale (a pattern
-that no longer matches exactly once, a mutation that does not compile) or the unmutated tests fail.
+Exit status: 0 when every mutation is killed, 1 when one survives or times out, 2 when the list is stale (a
+pattern that no longer matches exactly once, a mutation that does not compile) or the unmutated tests fail.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def check(mutations: list[Mutation]) -> list[str]:
 
 def pytest(copy: Path, tests: list[str], timeout: float) -> tuple[int | None, str]:
     """(exit code, or None on timeout; the last lines of the output) of pytest on `tests` inside `copy`."""
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # a stale .pyc must never hide a mutation
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *tests]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1",  # a stale .pyc must never hide a mutation
+           "COLUMNS": "400"}  # pytest's summary line (the failing test and why) in full
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", "--no-header", *tests]
     proc = subprocess.Popen(cmd, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -81,9 +83,18 @@ def pytest(copy: Path, tests: list[str], timeout: float) -> tuple[int | None, st
         raise
 
 
+def caught_by(out: str) -> str:
+    """The first failing test and its exception, from pytest's short summary ("" when there is none)."""
+    for line in out.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            node, _, reason = line.split(" ", 1)[1].partition(" - ")
+            return f"{node.rsplit('::', 1)[-1]}: {reason}"[:120]
+    return ""
+
+
 def verdict(code: int | None) -> str:
     if code is None:
-        return "KILLED (timeout)"
+        return "TIMEOUT"
     if code == 0:
         return "SURVIVED"
     if code == 1:
@@ -145,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                     target.write_text(original)
                 result = verdict(code)
                 results.append((m, result, time.time() - t0))
-                print(f"[{i:2d}/{len(chosen)}] {result:18s} {m.id:42s} {time.time() - t0:5.1f} s", flush=True)
-                if result == "SURVIVED" or result.startswith("ERROR"):
+                by = caught_by(out) if result.startswith("KILLED") else ""
+                print(f"[{i:2d}/{len(chosen)}] {result:18s} {m.id:44s} {time.time() - t0:5.1f} s  {by}", flush=True)
+                if not result.startswith("KILLED"):
                     print(f"        breaks: {m.breaks}\n        {m.file}: {m.find!r} -> {m.replace!r}")
         except KeyboardInterrupt:
             print("\ninterrupted; the working tree was never modified")
@@ -154,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     killed = sum(r.startswith("KILLED") for _, r, _ in results)
     survived = [m.id for m, r, _ in results if r == "SURVIVED"]
     errors = [m.id for m, r, _ in results if r.startswith("ERROR")]
-    print(f"\nmutation summary: {killed} killed, {len(survived)} survived, {len(errors)} errors, "
-          f"of {len(results)} mutations in {time.time() - start:.0f} s")
-    if survived:
-        print("survived: " + ", ".join(survived))
-    if errors:
-        print("errors: " + ", ".join(errors))
+    timeouts = [m.id for m, r, _ in results if r == "TIMEOUT"]
+    print(f"\nmutation summary: {killed} killed, {len(survived)} survived, {len(timeouts)} timed out, "
+          f"{len(errors)} errors, of {len(results)} mutations in {time.time() - start:.0f} s")
+    for label, ids in (("survived", survived), ("timed out", timeouts), ("errors", errors)):
+        if ids:
+            print(f"{label}: " + " ".join(ids))
     return 0 if killed == len(results) else 1
 
 
