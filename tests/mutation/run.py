@@ -118,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per mutation (default 300)")
     args = ap.parse_args(argv)
 
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; the working tree was never modified")
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     chosen = [m for m in MUTATIONS if not args.ids or any(m.id.startswith(i) for i in args.ids)]
     if args.list:
         for m in chosen:
@@ -136,33 +144,29 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fedmole-mutation-") as tmp:
         copy = Path(tmp) / "repo"
         shutil.copytree(ROOT, copy, ignore=SKIP)
-        try:
-            if not args.no_baseline:
-                tests = sorted({t for m in chosen for t in m.tests})
-                t0 = time.time()
-                code, out = pytest(copy, tests, args.timeout * 4)
-                if code != 0:
-                    print(f"the tests fail without any mutation (exit {code}); fix them first:\n{out[-3000:]}")
-                    return 2
-                print(f"baseline: {len(tests)} test targets pass unmutated ({time.time() - t0:.0f} s)")
-            for i, m in enumerate(chosen, 1):
-                target = copy / m.file
-                original = target.read_text()
-                target.write_text(original.replace(m.find, m.replace))
-                t0 = time.time()
-                try:
-                    code, out = pytest(copy, list(m.tests), args.timeout)
-                finally:
-                    target.write_text(original)
-                result = verdict(code)
-                results.append((m, result, time.time() - t0))
-                by = caught_by(out) if result.startswith("KILLED") else ""
-                print(f"[{i:2d}/{len(chosen)}] {result:18s} {m.id:44s} {time.time() - t0:5.1f} s  {by}", flush=True)
-                if not result.startswith("KILLED"):
-                    print(f"        breaks: {m.breaks}\n        {m.file}: {m.find!r} -> {m.replace!r}")
-        except KeyboardInterrupt:
-            print("\ninterrupted; the working tree was never modified")
-            return 130
+        if not args.no_baseline:
+            tests = sorted({t for m in chosen for t in m.tests})
+            t0 = time.time()
+            code, out = pytest(copy, tests, args.timeout * 4)
+            if code != 0:
+                print(f"the tests fail without any mutation (exit {code}); fix them first:\n{out[-3000:]}")
+                return 2
+            print(f"baseline: {len(tests)} test targets pass unmutated ({time.time() - t0:.0f} s)")
+        for i, m in enumerate(chosen, 1):
+            target = copy / m.file
+            original = target.read_text()
+            target.write_text(original.replace(m.find, m.replace))
+            t0 = time.time()
+            try:
+                code, out = pytest(copy, list(m.tests), args.timeout)
+            finally:
+                target.write_text(original)
+            result = verdict(code)
+            results.append((m, result, time.time() - t0))
+            by = caught_by(out) if result.startswith("KILLED") else ""
+            print(f"[{i:2d}/{len(chosen)}] {result:18s} {m.id:44s} {time.time() - t0:5.1f} s  {by}", flush=True)
+            if not result.startswith("KILLED"):
+                print(f"        breaks: {m.breaks}\n        {m.file}: {m.find!r} -> {m.replace!r}")
     killed = sum(r.startswith("KILLED") for _, r, _ in results)
     survived = [m.id for m, r, _ in results if r == "SURVIVED"]
     errors = [m.id for m, r, _ in results if r.startswith("ERROR")]
