@@ -173,7 +173,7 @@ def test_every_method_sends_the_round_learning_rate_lr_times_decay_to_the_round_
     cfg = validate_config({"algorithm": {"name": name, **alg}, "federation": {"num_clients": 4},
                            "train": {"lr": 0.1, "lr_decay": 0.5}, "tiers": {"per_client": [4, 4, 2, 1]},
                            "partition": {"splits": {"aux": 0.05}}})
-    assert [round_lr(cfg.train, r) for r in (1, 2, 3)] == pytest.approx([0.1, 0.05, 0.025])
+    assert [round_lr(cfg.train, r, cfg.federation.rounds) for r in (1, 2, 3)] == pytest.approx([0.1, 0.05, 0.025])
     algo = get_algorithm(name)
     model = tiny_olmoe(len(tiny_tok)) if name == "flame" else tiny_llama(len(tiny_tok))
     server = algo.Server(cfg, algo.build_adapters(model, cfg))
