@@ -192,6 +192,13 @@ def unsupported_moe_blocks(model: nn.Module) -> list[str]:
     })
 
 
+def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` of `t`, with a backward that is bit-reproducible on the device: on CPU the gradient of
+    advanced indexing (`t[index]`) is accumulated by several threads in a varying order (torch 2.13), while
+    `index_select`'s (index_add_) is not; on CUDA it is the other way round."""
+    return t.index_select(0, index) if t.device.type == "cpu" else t[index]
+
+
 @dataclass
 class Groups:
     """The (token, expert) pairs of a batch grouped by expert: pair p = (token t, its i-th choice) sits in
@@ -217,13 +224,13 @@ class Groups:
 
     def scatter(self, x: torch.Tensor, num_experts: int) -> torch.Tensor:
         """(N, d) token states -> (M, C, d) expert rows, zero-padded."""
-        buf = x.new_zeros(num_experts * self.capacity, x.shape[-1]).index_copy(0, self.row, x[self.token])
+        buf = x.new_zeros(num_experts * self.capacity, x.shape[-1]).index_copy(0, self.row, _take(x, self.token))
         return buf.view(num_experts, self.capacity, -1)
 
     def gather(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """(M, C, d) expert outputs and (N, k) gate weights -> (N, d) weighted sum over each token's experts."""
         n, k = weights.shape
-        pairs = rows.reshape(-1, rows.shape[-1])[self.slot] * weights.reshape(-1, 1).to(rows.dtype)  # (S, d)
+        pairs = _take(rows.reshape(-1, rows.shape[-1]), self.slot) * weights.reshape(-1, 1).to(rows.dtype)  # (S, d)
         return pairs.view(n, k, -1).sum(1)  # deterministic, unlike index_add_ on GPU
 
 
