@@ -208,7 +208,7 @@ def test_flops_estimate_reproduces_the_spec_numbers_for_olmoe_1b_7b():
 def test_config_rejects_keys_that_do_not_apply():
     with pytest.raises(UserError, match="only applies to algorithm.rescaler=learned"):
         _cfg("algorithm.rescaler=fixed", "algorithm.rescaler_granularity=client")
-    with pytest.raises(UserError, match="top_k sizes the LoRA-expert pools"):
+    with pytest.raises(UserError, match="top_k applies to the LoRA-expert pools"):
         _cfg("algorithm.experts=pretrained", "algorithm.top_k=2")
     with pytest.raises(UserError, match="router of the LoRA-expert pools"):
         _cfg("algorithm.experts=lora", "algorithm.train_router=true")
@@ -235,3 +235,13 @@ def test_param_groups_scale_the_round_learning_rate():
     opt = make_optimizer([{"params": [a]}, {"params": [b], "lr_scale": 10.0}], TrainConfig(optimizer="adamw"), 2e-4)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-4, 2e-3])
     assert flat_params([{"params": [a]}, {"params": [b]}]) == [a, b] and flat_params([a, b]) == [a, b]
+
+
+def test_dispatch_chooses_how_lora_pools_compute_and_is_refused_for_pretrained_experts():
+    assert _cfg().algorithm.dispatch == "dense"
+    with pytest.raises(UserError, match="dispatch applies to the LoRA-expert pools"):
+        _cfg("algorithm.experts=pretrained", "algorithm.dispatch=sparse")
+    with pytest.raises(UserError, match="whose pretrained experts always run only the selected"):
+        _server("algorithm.dispatch=sparse")  # auto resolves to pretrained on tiny-olmoe
+    _, adapters = _server("algorithm.dispatch=sparse", model="llama")
+    assert {m.dispatch for _, m in adapters} == {"sparse"}

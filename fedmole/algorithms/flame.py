@@ -65,6 +65,12 @@ def build_adapters(model: nn.Module, cfg) -> AdapterSet:
                 f"algorithm.experts=pretrained needs a sparse-MoE model (OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE), but "
                 f"model {cfg.model.name} has no supported MoE block{found}; use algorithm.experts=lora"
             )
+        if a.dispatch != "dense":
+            raise UserError(
+                f"algorithm.dispatch={a.dispatch} chooses how the LoRA-expert pools of experts=lora compute; "
+                f"model {cfg.model.name} has MoE blocks, whose pretrained experts always run only the selected "
+                f"ones; remove algorithm.dispatch (or use algorithm.experts=lora)"
+            )
         bad = [m for m in a.target_modules if m not in EXPERT_PROJECTIONS]
         if bad:
             raise UserError(
@@ -79,7 +85,8 @@ def build_adapters(model: nn.Module, cfg) -> AdapterSet:
             model.set_submodule(path, layer)
             modules[path] = layer
     else:
-        pool = lambda path, linear: LoRAExpertPool(linear, a.num_experts, a.top_k, a.rank, a.alpha, a.dropout, ctx)
+        pool = lambda path, linear: LoRAExpertPool(linear, a.num_experts, a.top_k, a.rank, a.alpha, a.dropout, ctx,
+                                                   a.dispatch)
         modules.update(inject(model, a.target_modules, pool).modules)
     if a.rescaler_granularity == "client":
         share_rescaler([m for m in modules.values() if isinstance(m, RoutedExperts)])
