@@ -317,7 +317,7 @@ for _cls in (FFALoRAConfig, HetLoRAConfig, FlexLoRAConfig, FLoRAConfig, FDLoRACo
     register_algorithm(_cls)
 
 
-class FLAMEConfig(AlgorithmConfig, LoRAKeys):
+class FLAMEConfig(AlgorithmConfig, LoRAKeys, ProxKeys, ServerOptKeys):
     """FLAME (arXiv 2506.16600): clients activate k_i experts of a sparse MoE (their tier, from the shared
     `tiers` section), a learnable rescaler restores the MoE output scale, and the server averages each
     expert's LoRA with activation-aware weights (a_i/S_i)^t |D_i|. See docs/flame.md."""
