@@ -2,6 +2,9 @@
 
 import copy
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,3 +277,52 @@ def test_per_expert_export_without_a_base_factory_is_refused(tmp_path):
     with pytest.raises(ValueError, match="base_factory"):
         export_peft(adapters.state(), cfg.algorithm, tmp_path / "x")
 
+
+# --------------------------------------------------------------------------------- runs through the CLI
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE_MOE = ROOT / "configs" / "smoke_moe_lora.yaml"
+CLI_METHODS = ("flame", "fedit", "hetlora", "flexlora", "flora")
+
+
+def _cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "fedmole.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=1800, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def moe_runs(tmp_path_factory):
+    """`fedmole run configs/smoke_moe_lora.yaml --set algorithm.name=NAME` for FLAME and four LoRA methods
+    (one round, a shorter evaluation), then one `fedmole report` over all of them."""
+    root = tmp_path_factory.mktemp("moe-runs")
+    sets = ["federation.rounds=1", "eval.max_examples=2", "eval.generation.max_new_tokens=2"]
+    for name in CLI_METHODS:
+        _cli("run", SMOKE_MOE, *[a for s in [f"algorithm.name={name}", *sets] for a in ("--set", s)],
+             "--out", root / name, "--progress", "none")
+    _cli("report", *[root / name for name in CLI_METHODS], "--out", root / "report")
+    return root
+
+
+@pytest.mark.parametrize("name", CLI_METHODS[1:])
+def test_lora_methods_train_per_expert_lora_on_the_experts_flame_adapts(moe_runs, name):
+    from safetensors.torch import load_file
+
+    summary = json.loads((moe_runs / name / "summary.json").read_text())
+    flame = json.loads((moe_runs / "flame" / "summary.json").read_text())
+    assert not any(summary["skipped"].values())
+    assert summary["adapted"] == flame["adapted"] == {f"model.layers.{i}.mlp": "8 experts x gate, up, down"
+                                                      for i in (0, 1)}
+    server = load_file(moe_runs / name / "checkpoints" / "round_0001" / "server.safetensors")
+    suffix = "dW" if name in ("flexlora", "flora") else "B"  # the merged per-expert update, or the LoRA's B
+    trained = {k: v for k, v in server.items() if k.endswith(f"_{suffix}") and "server_opt" not in k}
+    assert set(trained) == {f"model.layers.{i}.mlp/{j}/{p}_{suffix}" for i in (0, 1) for j in range(8)
+                            for p in ("gate", "up", "down")}
+    assert any(v.abs().max() > 0 for v in trained.values())  # the experts' adapters trained (B / dW start at 0)
+    if name == "hetlora":
+        assert sorted(set(summary["ranks"].values())) == [1, 2, 4]  # ranks 4/2/1 per expert from tiers 4/2/1
+
+
+def test_the_report_shows_the_same_adapted_weights_for_every_method(moe_runs):
+    page = (moe_runs / "report" / "report.html").read_text()
+    assert page.count("adapted: 2 x mlp: 8 experts x gate, up, down") == len(CLI_METHODS)
