@@ -320,7 +320,7 @@ for _cls in (FFALoRAConfig, HetLoRAConfig, FlexLoRAConfig, FLoRAConfig, FDLoRACo
     register_algorithm(_cls)
 
 
-class FLAMEConfig(AlgorithmConfig, LoRAKeys):
+class FLAMEConfig(AlgorithmConfig, LoRAKeys, ProxKeys, ServerOptKeys):
     """FLAME (arXiv 2506.16600): clients activate k_i experts of a sparse MoE (their tier, from the shared
     `tiers` section), a learnable rescaler restores the MoE output scale, and the server averages each
     expert's LoRA with activation-aware weights (a_i/S_i)^t |D_i|. See docs/flame.md."""
@@ -341,6 +341,11 @@ class FLAMEConfig(AlgorithmConfig, LoRAKeys):
     )
     num_experts: int = Field(8, ge=1, description="lora: experts per pool (M)")
     top_k: int = Field(4, ge=1, description="lora: experts per token at full compute (K)")
+    dispatch: Literal["dense", "sparse"] = Field(
+        "dense", description="lora: how a pool computes its experts: dense computes A_j x for all M experts and "
+        "masks the unchosen (one dropout mask per token); sparse groups the tokens by their chosen experts and "
+        "runs only those, so compute falls with k (one dropout mask per token and expert)"
+    )
     temperature: float = Field(2.0, ge=0, description="t in gamma = (a_i/S_i)^t |D_i|; 0 = data-size FedAvg")
     freq_normaliser: Literal["tokens", "steps"] = Field(
         "tokens", description="S_i: non-padding tokens of the round's training passes, or local steps"
@@ -379,11 +384,12 @@ class FLAMEConfig(AlgorithmConfig, LoRAKeys):
         fields = type(self).model_fields
         given = {k for k, f in fields.items() if f.default is not None and getattr(self, k) != f.default}
         if self.experts == "pretrained":
-            for key in ("num_experts", "top_k"):
+            for key in ("num_experts", "top_k", "dispatch"):
                 if key in given:
                     raise ValueError(
-                        f"algorithm.{key} sizes the LoRA-expert pools of experts=lora, but algorithm.experts is "
-                        f"pretrained (the model's own experts and top-k are used); remove algorithm.{key}"
+                        f"algorithm.{key} applies to the LoRA-expert pools of experts=lora, but algorithm.experts is "
+                        f"pretrained (the model's own experts and top-k are used, and only the chosen experts run); "
+                        f"remove algorithm.{key}"
                     )
             bad = [m for m in self.target_modules if m not in EXPERT_PROJECTIONS]
             if bad:

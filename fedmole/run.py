@@ -153,6 +153,7 @@ class Federation:
         self.cpu_before, self.cpu_started = 0.0, time.process_time()
         self.seconds_before: dict[str, float] = {}  # where the time went in earlier sessions (resume)
         self.rounds_completed, self.last_checkpoint, self.stopped = 0, 0, None
+        self.adapted: dict[str, str] = {}  # what each adapted module of the model adapts (AdapterSet.describe)
 
     def cpu_seconds(self) -> float:
         """CPU time of this process spent on the run so far (all threads), earlier sessions included; the
@@ -433,7 +434,9 @@ def _setup(cfg: Config, run_dir: Path, progress_mode: str | None, make_engine=No
     engine.on_client = lambda phase, cid, rnd: progress.client_phase(phase, cid)
     if hasattr(engine, "on_steps"):  # clients train elsewhere: count their steps when they reply
         engine.on_steps = progress.client_done
-    return Federation(cfg, run_dir, strategy, engine, progress)
+    fed = Federation(cfg, run_dir, strategy, engine, progress)
+    fed.adapted = runtime.adapters.describe()
+    return fed
 
 
 def _execute(fed: Federation, start_round: int, wall_before: float, cpu_before: float = 0.0,
@@ -582,6 +585,7 @@ def write_summary(fed: Federation, wall: float, engine_name: str) -> dict:
         "seconds": fed.seconds(),
         "state_digest": state_digest(fed.final_state()),
         "comm": fed.comm.totals(),
+        "adapted": fed.adapted,
         **strategy.summary_extra(),
     }
     if cfg.dp.enabled:

@@ -208,7 +208,7 @@ def test_flops_estimate_reproduces_the_spec_numbers_for_olmoe_1b_7b():
 def test_config_rejects_keys_that_do_not_apply():
     with pytest.raises(UserError, match="only applies to algorithm.rescaler=learned"):
         _cfg("algorithm.rescaler=fixed", "algorithm.rescaler_granularity=client")
-    with pytest.raises(UserError, match="top_k sizes the LoRA-expert pools"):
+    with pytest.raises(UserError, match="top_k applies to the LoRA-expert pools"):
         _cfg("algorithm.experts=pretrained", "algorithm.top_k=2")
     with pytest.raises(UserError, match="router of the LoRA-expert pools"):
         _cfg("algorithm.experts=lora", "algorithm.train_router=true")
@@ -235,3 +235,75 @@ def test_param_groups_scale_the_round_learning_rate():
     opt = make_optimizer([{"params": [a]}, {"params": [b], "lr_scale": 10.0}], TrainConfig(optimizer="adamw"), 2e-4)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-4, 2e-3])
     assert flat_params([{"params": [a]}, {"params": [b]}]) == [a, b] and flat_params([a, b]) == [a, b]
+
+
+def test_dispatch_chooses_how_lora_pools_compute_and_is_refused_for_pretrained_experts():
+    assert _cfg().algorithm.dispatch == "dense"
+    with pytest.raises(UserError, match="dispatch applies to the LoRA-expert pools"):
+        _cfg("algorithm.experts=pretrained", "algorithm.dispatch=sparse")
+    with pytest.raises(UserError, match="whose pretrained experts always run only the selected"):
+        _server("algorithm.dispatch=sparse")  # auto resolves to pretrained on tiny-olmoe
+    _, adapters = _server("algorithm.dispatch=sparse", model="llama")
+    assert {m.dispatch for _, m in adapters} == {"sparse"}
+
+
+# ------------------------------------------------------------------------- server optimisers for the experts
+def _expert_reply(server, delta, count, n):
+    """A reply that moved every tensor of layer 0's expert 0 by `delta` and routed `count` of 8 tokens there."""
+    tensors = {k: v + delta for k, v in server.global_state.items() if k.startswith("model.layers.0.mlp/0/")}
+    counts = {"model.layers.0.mlp": [count] + [0] * 7, "model.layers.1.mlp": [0] * 8}
+    return Reply(tensors, n, extra={"counts": counts, "tokens": 8, "steps": 5})
+
+
+def test_default_fedavg_server_step_is_the_activation_aware_aggregate_bit_for_bit():
+    server, _ = _server()
+    old = dict(server.global_state)
+    replies = {0: _expert_reply(server, 0.3, 4, 10), 1: _expert_reply(server, 0.1, 2, 30)}
+    expected, _ = aggregate_experts(old, replies, 2.0, "tokens")
+    server.aggregate_train(1, replies)
+    assert server.global_state.keys() == expected.keys()
+    assert all(torch.equal(server.global_state[k], expected[k]) for k in expected)
+    assert server.server_opt.state_dict() == {}  # plain FedAvg keeps no moments
+
+
+def test_fedadam_steps_each_expert_on_its_gamma_weighted_delta_and_skips_idle_experts():
+    server, _ = _server("algorithm.temperature=1.0", "algorithm.server_opt.name=fedadam",
+                        "algorithm.server_opt.lr=0.01", "algorithm.server_opt.tau=0.1")
+    old = dict(server.global_state)
+    server.aggregate_train(1, {0: _expert_reply(server, 0.3, 4, 10), 1: _expert_reply(server, 0.1, 2, 30)})
+    # gamma = (a/S)^t |D| = (4/8)*10 = 5 and (2/8)*30 = 7.5  ->  Delta = (5*0.3 + 7.5*0.1) / 12.5 = 0.18
+    # m = 0.1 * 0.18 = 0.018;  v = 0.99 * 0.1^2 + 0.01 * 0.18^2 = 0.010224;  step = 0.01 * m / (sqrt(v) + 0.1)
+    step = 0.01 * 0.018 / (math.sqrt(0.010224) + 0.1)
+    assert step == pytest.approx(8.9501e-4, rel=1e-4)
+    k = "model.layers.0.mlp/0/gate_A"
+    assert torch.allclose(server.global_state[k], old[k] + step, atol=1e-7)
+    assert torch.allclose(server.server_opt.m[k], torch.full_like(old[k], 0.018))
+    idle = "model.layers.0.mlp/1/up_B"  # nobody activated expert 1: no step, no moments
+    assert torch.equal(server.global_state[idle], old[idle]) and idle not in server.server_opt.m
+    # the moments are part of the checkpointed server state
+    tensors, meta = server.state_dict()
+    again, _ = _server("algorithm.temperature=1.0", "algorithm.server_opt.name=fedadam",
+                       "algorithm.server_opt.lr=0.01", "algorithm.server_opt.tau=0.1")
+    again.load_state_dict(tensors, meta)
+    assert again.global_state.keys() == server.global_state.keys()
+    assert all(torch.equal(again.server_opt.v[k], v) for k, v in server.server_opt.v.items())
+
+
+def test_fedavgm_takes_no_step_on_an_idle_expert_and_keeps_its_momentum():
+    server, _ = _server("algorithm.server_opt.name=fedavgm", "algorithm.server_opt.lr=1.0",
+                        "algorithm.server_opt.momentum=0.5")
+    k = "model.layers.0.mlp/0/down_B"
+    x0 = server.global_state[k].clone()
+    server.aggregate_train(1, {0: _expert_reply(server, 0.2, 4, 10)})  # g = -0.2, v = -0.2, x = x0 + 0.2
+    assert torch.allclose(server.global_state[k], x0 + 0.2, atol=1e-7)
+    server.aggregate_train(2, {0: _expert_reply(server, 0.0, 0, 10)})  # nobody routed to it: no step at all
+    assert torch.allclose(server.global_state[k], x0 + 0.2, atol=1e-7)
+    server.aggregate_train(3, {0: _expert_reply(server, 0.2, 4, 10)})  # v = 0.5 * -0.2 - 0.2 = -0.3
+    assert torch.allclose(server.global_state[k], x0 + 0.5, atol=1e-6)  # (stepping in round 2 too would give x0 + 0.55)
+
+
+def test_flame_config_takes_fedprox_and_server_optimiser_keys():
+    cfg = _cfg("algorithm.prox_mu=0.01", "algorithm.server_opt.name=fedyogi")
+    assert cfg.algorithm.prox_mu == 0.01 and cfg.algorithm.server_opt.lr == 1e-3
+    with pytest.raises(UserError, match="has no effect with server_opt.name=fedavg"):
+        _cfg("algorithm.server_opt.tau=0.1")

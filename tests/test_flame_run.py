@@ -79,6 +79,30 @@ def test_full_k_client_keeps_s_at_one_and_counts_k_experts_per_token(olmoe_setup
         assert sum(counts) == 4 * tokens
 
 
+def test_fedprox_pulls_the_expert_lora_towards_the_global_copy_but_not_the_rescaler(olmoe_setup):
+    cfg, runtime, server, _ = olmoe_setup
+    payload = server.configure_train(1, [0], evaluate=False)[0]  # client 0: k = 1, a learned rescaler
+
+    def train(mu):
+        alg = cfg.algorithm.model_copy(update={"prox_mu": mu})
+        runtime.seed(1, 0, "train")
+        reply = flame.Client(cfg.model_copy(update={"algorithm": alg}), runtime).train(0, payload, ClientState())
+        lora = {k: v for k, v in reply.tensors.items() if parse_key(k).expert.isdigit()}
+        moved = sum(float((v - payload.tensors[k]).norm() ** 2) for k, v in lora.items()) ** 0.5
+        return moved, _rescalers(reply.tensors), lora
+
+    probe = flame.Client(cfg, runtime)
+    runtime.adapters.load(payload.tensors)
+    probe.layers.set_k(1)
+    start = probe._initial_log_s(0, 1, payload, ClientState())  # log of the mass ratio, where s starts
+    plain, s_plain, lora_plain = train(0.0)
+    strong, s_strong, lora_strong = train(1e3)
+    assert lora_plain.keys() == lora_strong.keys()  # the same experts trained (and the idle ones skipped)
+    assert 0 < strong < 0.5 * plain
+    for key, s0 in start.items():  # the rescaler is the client's own: not pulled, it moves as without FedProx
+        assert abs(s_strong[key] - s0) > 0.5 * abs(s_plain[key] - s0) > 0
+
+
 def test_idle_experts_are_not_uploaded():
     cfg = load_config(SMOKE, [*FAST, "tiers.per_client=[1,1,1]", "train.local_steps=1", "train.batch_size=1"])
     tok = load_tokenizer(cfg.model)

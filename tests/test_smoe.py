@@ -370,3 +370,80 @@ def test_grouped_dispatch_has_a_reproducible_backward_on_several_threads():
         torch.testing.assert_close(out, 1.5 * w.sum(1, keepdim=True) * x, rtol=1e-6, atol=1e-6)
     finally:
         torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------- pool dispatch (dense / sparse)
+def _masked_reference(pool, x):
+    """The pool's forward exactly as it was before `dispatch` existed (the default must not move a bit)."""
+    y = pool.base(x)
+    flat = x.reshape(-1, x.shape[-1]).to(pool.A.dtype)
+    g, idx = pool.route(flat @ pool.W_r.t())
+    w = torch.zeros(flat.shape[0], pool.M, device=flat.device).scatter(1, idx, g)
+    h = pool.dropout(flat) @ pool.A.reshape(-1, flat.shape[-1]).t()
+    h = h.view(-1, pool.M, pool.rank) * w[..., None]
+    B = pool.B.transpose(1, 2).reshape(pool.M * pool.rank, -1)
+    delta = (h.reshape(h.shape[0], -1) @ B) * (pool.scaling * pool.s)
+    return y + delta.view(*x.shape[:-1], -1).to(y.dtype)
+
+
+def _grads(pool, fn, x, seed):
+    params = [pool.A, pool.B, pool.W_r, pool.log_s]
+    for p in params:
+        p.grad = None
+        p.requires_grad_(True)
+    torch.manual_seed(seed)  # the same dropout draws
+    out = fn(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), [p.grad.clone() for p in params]
+
+
+def _dropout_pool(dispatch, dropout=0.3, k=2):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 10)
+    pool = LoRAExpertPool(base, num_experts=6, top_k=3, rank=2, alpha=4.0, dropout=dropout, ctx=MoEContext(),
+                          dispatch=dispatch)
+    _random_lora(pool, 0)
+    pool.set_active_experts(k)
+    with torch.no_grad():
+        pool.log_s.fill_(0.2)
+    return pool.train()
+
+
+def test_default_dense_dispatch_is_the_old_masked_formula_bit_for_bit():
+    pool = _dropout_pool("dense")
+    assert pool.dispatch == "dense"  # the default of the layer and of the config
+    x = torch.randn(3, 7, 12)
+    out, grads = _grads(pool, pool, x, seed=11)
+    ref_out, ref_grads = _grads(pool, lambda v: _masked_reference(pool, v), x, seed=11)
+    assert torch.equal(out, ref_out)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("k", [3, 2, 1])
+def test_sparse_dispatch_equals_the_masked_computation_without_dropout(k):
+    dense, sparse = _dropout_pool("dense", 0.0, k), _dropout_pool("sparse", 0.0, k)
+    x = torch.randn(2, 9, 12)
+    out_d, grads_d = _grads(dense, dense, x, seed=0)
+    out_s, grads_s = _grads(sparse, sparse, x, seed=0)
+    assert torch.allclose(out_s, out_d, atol=1e-6)
+    for name, a, b in zip(("A", "B", "W_r", "log_s"), grads_s, grads_d):
+        assert torch.allclose(a, b, atol=1e-5), name
+    assert torch.equal(sparse.counts, dense.counts) and sparse.counts.sum() == 18 * k
+
+
+def test_sparse_dispatch_draws_one_dropout_mask_per_token_and_expert():
+    """A = B = identity experts on x = 1: the masked computation drops a coordinate for all of a token's experts
+    at once (each coordinate is 0 or s (a/r) (g_1 + g_2) / (1 - p)); the sparse one drops it per expert, so some
+    coordinates carry one expert's share only."""
+    for dispatch in ("dense", "sparse"):
+        torch.manual_seed(0)
+        pool = LoRAExpertPool(torch.nn.Linear(4, 4), 3, 2, 4, 4.0, 0.5, MoEContext(), dispatch).train()
+        pool.set_tensors({**{(str(j), n): torch.eye(4) for j in range(3) for n in ("A", "B")},
+                          ("router", "W"): torch.randn(3, 4), ("rescaler", "log_s"): torch.zeros(1)})
+        x = torch.ones(64, 4)
+        with torch.no_grad():
+            g, _ = torch.topk(torch.softmax(x @ pool.W_r.t(), -1), 2)
+            delta = (pool(x) - pool.base(x)) * (1 - 0.5)  # (64, 4): each coordinate 0, g1, g2 or g1 + g2
+        total = g.sum(-1, keepdim=True).expand_as(delta)
+        whole = torch.isclose(delta, total) | (delta == 0)
+        assert whole.all() if dispatch == "dense" else not whole.all()

@@ -98,6 +98,27 @@ class AdapterSet:
         for p in self.parameters().values():  # frozen until a training loop asks for gradients
             p.requires_grad_(False)
 
+    def describe(self) -> dict[str, str]:
+        """What each adapted module adapts, in words, from its tensor names: `8 experts x gate, up, down` (LoRA
+        on those projections of every routed expert of a MoE block: FLAME's experts and the LoRA methods' alike),
+        `linear` (one LoRA on a linear layer), `linear, 8 LoRA experts` (FLAME's dense pool), plus `router` /
+        `shared` when the module trains one."""
+        out = {}
+        for path, mod in self.modules.items():
+            names = [(expert, name) for expert, name in mod.get_tensors()]
+            experts = {e for e, _ in names if e.isdigit()}
+            projs = list(dict.fromkeys(n[: -len("_A")] for e, n in names if e.isdigit() and n.endswith("_A")))
+            parts = []
+            if projs:
+                parts.append(f"{len(experts)} experts x {', '.join(projs)}")
+            else:
+                parts.append("linear")
+                if experts:
+                    parts.append(f"{len(experts)} LoRA experts")
+            parts += sorted({e for e, _ in names if e in ("router", "shared")})
+            out[path] = ", ".join(parts)
+        return out
+
     def settings(self) -> dict[str, dict]:
         """Run-time settings that change what the adapters compute but are not tensors (FLAME's active
         experts k), by module path: with `state()`, everything needed to rebuild the current model."""

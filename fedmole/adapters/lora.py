@@ -75,6 +75,10 @@ class LoRALinear(nn.Module):
             with torch.no_grad():
                 param.copy_(value)
 
+    def factor_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The live (A, B) of the adapted matrix (one here; a MoE block has one per projection)."""
+        return [(self.A, self.B)]
+
     def delta_weight(self) -> torch.Tensor:
         """(alpha/r) B A, the dense update this adapter adds to W0."""
         return self.scaling * (self.B @ self.A)

@@ -21,6 +21,10 @@ Two layers share one routing core (`RoutedExperts`):
       y = W x + s * sum_{j in TopK_{k_i}(p)} p_j (alpha/r) B_j A_j x,   p = softmax(W_r x)
 
   Here s rescales the expert mixture only: the frozen W x is not a routed output and does not shrink.
+  Two ways to compute it (`dispatch`): `dense` (default) computes A_j x for all M experts in one matmul and
+  zeroes the unchosen ones' weights, with one dropout mask on x shared by the experts of a token; `sparse`
+  groups the (token, expert) pairs by expert as the SMoE block does and runs only the chosen experts, with one
+  dropout mask per (token, expert) pair, so the cost falls with k. Without dropout both give the same numbers.
 
 Trainable tensors by expert id (see `adapters.state`):
   `{block}/{j}/{proj}_A`, `{block}/{j}/{proj}_B`  expert j's LoRA on proj in {gate, up, down} (SMoE block)
@@ -347,9 +351,12 @@ class LoRAExpertPool(RoutedExperts):
     """A frozen `nn.Linear` plus M LoRA experts chosen per token by a trainable top-k_i router."""
 
     def __init__(self, base: nn.Linear, num_experts: int, top_k: int, rank: int, alpha: float, dropout: float,
-                 ctx: MoEContext):
+                 ctx: MoEContext, dispatch: str = "dense"):
         device = base.weight.device
         super().__init__(num_experts, top_k, False, ctx, device)
+        if dispatch not in ("dense", "sparse"):
+            raise ValueError(f"dispatch={dispatch!r}; allowed: dense, sparse")
+        self.dispatch = dispatch
         self.base = base.requires_grad_(False)
         self.rank, self.alpha = rank, float(alpha)
         self.scaling = self.alpha / rank
@@ -364,12 +371,25 @@ class LoRAExpertPool(RoutedExperts):
         y = self.base(x)
         flat = x.reshape(-1, x.shape[-1]).to(self.A.dtype)  # (N, d_in)
         g, idx = self.route(flat @ self.W_r.t())  # (N, k)
+        delta = self._sparse(flat, g, idx) if self.dispatch == "sparse" else self._masked(flat, g, idx)
+        return y + delta.view(*x.shape[:-1], -1).to(y.dtype)
+
+    def _masked(self, flat: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(N, d_out): every expert's A_j x, the unchosen ones weighted 0; one dropout mask per token."""
         w = torch.zeros(flat.shape[0], self.M, device=flat.device).scatter(1, idx, g)  # (N, M), 0 if not chosen
         h = self.dropout(flat) @ self.A.reshape(-1, flat.shape[-1]).t()  # (N, M*r): A_j x for every j
         h = h.view(-1, self.M, self.rank) * w[..., None]  # (N, M, r)
         B = self.B.transpose(1, 2).reshape(self.M * self.rank, -1)  # (M*r, d_out)
-        delta = (h.reshape(h.shape[0], -1) @ B) * (self.scaling * self.s)  # (N, d_out)
-        return y + delta.view(*x.shape[:-1], -1).to(y.dtype)
+        return (h.reshape(h.shape[0], -1) @ B) * (self.scaling * self.s)  # (N, d_out)
+
+    def _sparse(self, flat: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(N, d_out): only the chosen experts run, on their tokens grouped into a zero-padded (M, C, d_in)
+        buffer (C = the busiest expert's count); one dropout mask per (token, expert) pair."""
+        groups = Groups.of(idx, self.M)
+        rows = self.dropout(groups.scatter(flat, self.M))  # (M, C, d_in)
+        h = torch.bmm(rows, self.A.transpose(1, 2))  # (M, C, r): A_j x for the tokens routed to j
+        out = torch.bmm(h, self.B.transpose(1, 2))  # (M, C, d_out)
+        return groups.gather(out, g) * (self.scaling * self.s)  # (N, d_out) = sum_j g_j B_j A_j x
 
     def get_tensors(self) -> dict[tuple[str, str], torch.Tensor]:
         out: dict[tuple[str, str], torch.Tensor] = {}

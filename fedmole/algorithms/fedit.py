@@ -11,14 +11,13 @@ model, which the client keeps in its state (so `fedmole export --client` and `fe
 
 from __future__ import annotations
 
-from fedmole.adapters import LoRALinear, inject
 from fedmole.algorithms.base import ClientProcedure, ClientState, Payload, Reply
-from fedmole.algorithms.lora_common import LoRAServer, train_lora
+from fedmole.algorithms.lora_common import LoRAServer, build_lora_adapters, train_lora
 
 
 def build_adapters(model, cfg):
-    a = cfg.algorithm
-    return inject(model, a.target_modules, lambda path, linear: LoRALinear(linear, a.rank, a.alpha, a.dropout))
+    """LoRA on `target_modules`; on a MoE model the expert projection names adapt every expert (`MoELoRA`)."""
+    return build_lora_adapters(model, cfg)
 
 
 class Server(LoRAServer):

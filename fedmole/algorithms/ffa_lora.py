@@ -11,18 +11,18 @@ A homogeneous reference (one rank for all clients). Options shared with FedIT: `
 
 from __future__ import annotations
 
-from fedmole.adapters.state import parse_key
 from fedmole.algorithms.base import GLOBAL, ClientProcedure, ClientState, Payload, Reply
 from fedmole.algorithms.fedit import build_adapters
 from fedmole.algorithms.lora_common import LoRAServer, train_lora
+from fedmole.algorithms.lora_ops import is_factor
 
 __all__ = ["Server", "Client", "build_adapters"]
 
 
 def split_frozen(state):
     """(A tensors, B tensors) of a LoRA state."""
-    A = {k: v for k, v in state.items() if parse_key(k).name == "A"}
-    B = {k: v for k, v in state.items() if parse_key(k).name == "B"}
+    A = {k: v for k, v in state.items() if is_factor(k, "A")}
+    B = {k: v for k, v in state.items() if is_factor(k, "B")}
     return A, B
 
 
@@ -59,7 +59,7 @@ class Client(ClientProcedure):
     def train(self, cid: int, payload: Payload, state: ClientState) -> Reply:
         rt = self.runtime
         self.load(payload.tensors)
-        params = [p for k, p in rt.adapters.parameters().items() if parse_key(k).name == "B"]
+        params = [p for k, p in rt.adapters.parameters().items() if is_factor(k, "B")]
         stats, evals = train_lora(self, cid, state, params, payload.config)
         _, B = split_frozen(rt.adapters.state())
         return Reply(B, rt.data(cid).num_train_examples, stats, evals)

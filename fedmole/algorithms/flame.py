@@ -14,6 +14,9 @@ activating only k_i <= K experts per token (its tier, from the shared `tiers` se
                            theta^{l,j} <- sum_i gamma_i theta_i^{l,j} / sum_i gamma_i     (factor-wise A and B)
                        computed in log space and float64; an expert nobody activated keeps its value; routers
                        and attention LoRA are averaged by |D_i|; s is averaged per tier, never across tiers.
+                       The global tensors then move towards that aggregate with `server_opt` (FedAvg by
+                       default; FedAvgM / FedAdagrad / FedAdam / FedYogi on Δ = aggregate − x_t, skipping the
+                       experts nobody activated). `prox_mu` > 0 adds FedProx's term on the clients.
 
 The global model is evaluated at k = K with s = 1 (label `global`) and tier-wise at k < K with the tier's
 average s (labels `global_k{k}`). See docs/flame.md for every option and deviation.
@@ -41,6 +44,9 @@ from fedmole.adapters.smoe import (
 from fedmole.adapters.state import state_bytes
 from fedmole.algorithms.aggregate import weighted_mean
 from fedmole.algorithms.base import GLOBAL, ClientProcedure, ClientState, Payload, Reply, Strategy
+from fedmole.algorithms.fedprox import proximal_hook
+from fedmole.algorithms.lora_common import OPT_PREFIX
+from fedmole.algorithms.server_opt import ServerOptimizer
 from fedmole.config import ATTENTION_PROJECTIONS, EXPERT_PROJECTIONS
 from fedmole.errors import UserError
 from fedmole.tiers import assign_tiers
@@ -65,6 +71,12 @@ def build_adapters(model: nn.Module, cfg) -> AdapterSet:
                 f"algorithm.experts=pretrained needs a sparse-MoE model (OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE), but "
                 f"model {cfg.model.name} has no supported MoE block{found}; use algorithm.experts=lora"
             )
+        if a.dispatch != "dense":
+            raise UserError(
+                f"algorithm.dispatch={a.dispatch} chooses how the LoRA-expert pools of experts=lora compute; "
+                f"model {cfg.model.name} has MoE blocks, whose pretrained experts always run only the selected "
+                f"ones; remove algorithm.dispatch (or use algorithm.experts=lora)"
+            )
         bad = [m for m in a.target_modules if m not in EXPERT_PROJECTIONS]
         if bad:
             raise UserError(
@@ -79,7 +91,8 @@ def build_adapters(model: nn.Module, cfg) -> AdapterSet:
             model.set_submodule(path, layer)
             modules[path] = layer
     else:
-        pool = lambda path, linear: LoRAExpertPool(linear, a.num_experts, a.top_k, a.rank, a.alpha, a.dropout, ctx)
+        pool = lambda path, linear: LoRAExpertPool(linear, a.num_experts, a.top_k, a.rank, a.alpha, a.dropout, ctx,
+                                                   a.dispatch)
         modules.update(inject(model, a.target_modules, pool).modules)
     if a.rescaler_granularity == "client":
         share_rescaler([m for m in modules.values() if isinstance(m, RoutedExperts)])
@@ -194,12 +207,15 @@ def aggregate_experts(
     t: float,
     normaliser: str,
     combine: Callable[[list[tuple[dict[str, torch.Tensor], float]]], dict[str, torch.Tensor]] = weighted_mean,
+    keep_unactivated: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """FLAME's activation-aware aggregation of every expert tensor, plus data-size FedAvg of every other
     global tensor. A client that did not upload an expert contributes the global copy it received (it
     never routed a token there, so that copy is what it holds). `combine` merges (tensors, weight) pairs:
     the weighted mean (float64, normalised per key), or a robust rule that ignores the weights, applied to
-    the clients with gamma > 0. Returns the new state and counts of experts updated / kept."""
+    the clients with gamma > 0. Returns the new state and counts of experts updated / kept; an expert that
+    no replying client activated (sum gamma = 0) keeps its value, or, with `keep_unactivated` false, is left
+    out of the result (the server optimiser then takes no step on it)."""
     clients = sorted(replies)
     totals = {c: float(replies[c].extra["tokens" if normaliser == "tokens" else "steps"]) for c in clients}
     by_expert: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -216,7 +232,8 @@ def aggregate_experts(
         weights = normalised_weights(gammas)
         if weights is None:  # no replying client routed a token to this expert: keep the previous value
             kept += 1
-            new.update({k: global_state[k] for k in keys})
+            if keep_unactivated:
+                new.update({k: global_state[k] for k in keys})
             continue
         updated += 1
         new.update(combine([({k: replies[c].tensors.get(k, global_state[k]) for k in keys}, w)
@@ -269,6 +286,7 @@ class Server(Strategy):
         self._round_facts: list[dict] = []
         levels = sorted(set(self.tiers) | {self.K}, reverse=True)
         self.flops = {k: flops_per_token(adapters.model, self.layers, k) for k in levels}
+        self.server_opt = ServerOptimizer(cfg.algorithm.server_opt)
 
     def initial_state(self, adapters):
         return {k: v for k, v in adapters.init_state(self.cfg.federation.seed).items() if not is_rescaler(k)}
@@ -321,8 +339,11 @@ class Server(Strategy):
                                   "steps": r.extra["steps"], "counts": r.extra["counts"]})
         global_only = {c: Reply({k: v for k, v in r.tensors.items() if not is_rescaler(k)}, r.num_examples,
                                 extra=r.extra) for c, r in replies.items()}
-        self.global_state, info = aggregate_experts(self.global_state, global_only, a.temperature, a.freq_normaliser,
-                                                    self.average)
+        mean, info = aggregate_experts(self.global_state, global_only, a.temperature, a.freq_normaliser,
+                                       self.average, keep_unactivated=False)
+        # x_{t+1} = opt(x_t, aggregate): Δ per (layer, expert) is the gamma-weighted mean minus x_t; an expert
+        # nobody activated is not in `mean`, so it keeps its value and its moments (baselines.md §3.5)
+        self.global_state = self.server_opt.step(self.global_state, mean)
         return info
 
     def reply_spec(self, cid, payload):
@@ -387,10 +408,12 @@ class Server(Strategy):
     # checkpoints ----------------------------------------------------------------------------------
     def state_dict(self):
         meta = {"client_log_s": {str(c): v for c, v in self.client_log_s.items()}, "comm": self.comm}
-        return dict(self.global_state), meta
+        moments = {OPT_PREFIX + k: v for k, v in self.server_opt.state_dict().items()}
+        return {**self.global_state, **moments}, meta
 
     def load_state_dict(self, tensors, meta):
-        self.global_state = dict(tensors)
+        self.global_state = {k: v for k, v in tensors.items() if not k.startswith(OPT_PREFIX)}
+        self.server_opt.load_state_dict({k[len(OPT_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPT_PREFIX)})
         self.client_log_s = {int(c): v for c, v in meta.get("client_log_s", {}).items()}
         self.comm = dict(meta.get("comm", self.comm))
 
@@ -444,7 +467,9 @@ class Client(ClientProcedure):
             groups.append({"params": L.rescaler_parameters(), "lr_scale": a.rescaler_lr_scale})
         L.reset_activity()
         extra = L.aux_loss(a.router_aux_loss_coef) if L.routers_trained() else None
-        stats = rt.train(cid, state, groups, cfg["lr"], cfg["steps"], extra_loss=extra)
+        # FedProx on the LoRA factors and routers (not the client's own rescaler), anchored at the global copy
+        prox = proximal_hook(groups[0]["params"], a.prox_mu) if a.prox_mu > 0 else None
+        stats = rt.train(cid, state, groups, cfg["lr"], cfg["steps"], extra_loss=extra, before_step=prox)
         counts = L.counts()
         log_s = {key: torch.tensor([v]) for key, v in L.log_s().items()}
         if a.rescaler == "learned":

@@ -14,19 +14,17 @@ Client i trains (A_i, B_i) at its tier rank r_i (`rank_tiers`) with scale α/r_i
 
 from __future__ import annotations
 
-from fedmole.adapters import inject
-from fedmole.adapters.merged import MergedLoRALinear
 from fedmole.algorithms.aggregate import weighted_mean
 from fedmole.algorithms.base import ClientProcedure, ClientState, Payload, Reply
-from fedmole.algorithms.lora_common import RankTierServer, evaluate_tiers, train_lora
+from fedmole.algorithms.lora_common import RankTierServer, build_lora_adapters, evaluate_tiers, train_lora
 from fedmole.algorithms.lora_ops import (
     from_pairs, lora_only, lora_pairs, merged_key, resize_rank, scaled_product, svd_factors, zero_merged_state,
 )
 
 
 def build_adapters(model, cfg):
-    a = cfg.algorithm
-    return inject(model, a.target_modules, lambda path, linear: MergedLoRALinear(linear, a.rank, a.alpha, a.dropout))
+    """LoRA + a merged dense update on `target_modules` (`MergedLoRALinear`; on a MoE model's experts `MoELoRA`)."""
+    return build_lora_adapters(model, cfg, merged=True)
 
 
 def average_products(replies: dict[int, dict], weights: dict[int, float], alpha: float, average=weighted_mean) -> dict:

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import torch
 
-from fedmole.adapters.state import key, parse_key
 from fedmole.algorithms.base import ClientProcedure, ClientState, Payload, Reply
 from fedmole.algorithms.flexlora import build_adapters
 from fedmole.algorithms.lora_common import RankTierServer, train_lora
-from fedmole.algorithms.lora_ops import LORA, lora_only, lora_pairs, merged_key, stack, zero_merged_state
+from fedmole.algorithms.lora_ops import (
+    factor_key, lora_only, lora_pairs, merged_key, merged_matrix, stack, zero_merged_state,
+)
 from fedmole.client.runtime import derive_seed
 
 __all__ = ["Server", "Client", "build_adapters", "stacked_update"]
@@ -58,9 +59,9 @@ class Server(RankTierServer):
         r = payload.config["rank"]
         spec = {}
         for k, dW in payload.tensors.items():
-            module = parse_key(k).module
-            spec[key(module, LORA, "A")] = ((r, dW.shape[1]), torch.float32)
-            spec[key(module, LORA, "B")] = ((dW.shape[0], r), torch.float32)
+            matrix = merged_matrix(k)
+            spec[factor_key(matrix, "A")] = ((r, dW.shape[1]), torch.float32)
+            spec[factor_key(matrix, "B")] = ((dW.shape[0], r), torch.float32)
         return spec
 
     def aggregate_train(self, rnd, replies):

@@ -73,8 +73,16 @@ def zero_tail(state: dict, keep: int) -> dict:
 
 
 def tail_norm(modules, keep: int) -> torch.Tensor:
-    """Σ over adapted matrices of ‖A[keep:]‖_F ‖B[:, keep:]‖_F (differentiable)."""
-    return sum(mod.A[keep:].norm() * mod.B[:, keep:].norm() for mod in modules)
+    """Σ over adapted matrices of ‖A[keep:]‖_F ‖B[:, keep:]‖_F (differentiable); each expert's projection of a
+    MoE block is a matrix of its own."""
+    total = 0
+    for mod in modules:
+        for A, B in mod.factor_pairs():
+            if A.dim() == 2:
+                total = total + A[keep:].norm() * B[:, keep:].norm()
+            else:  # (M, r, d_in), (M, d_out, r): one product per expert
+                total = total + (A[:, keep:].flatten(1).norm(dim=1) * B[..., keep:].flatten(1).norm(dim=1)).sum()
+    return total
 
 
 class Server(RankTierServer):

@@ -1,5 +1,8 @@
 """Mechanics shared by the federated LoRA methods (FedIT and the baselines), below the method files.
 
+Adapters (`build_lora_adapters`): a LoRA on every linear layer `target_modules` names; on a sparse-MoE model the
+expert projection names (`gate_proj`, `up_proj`, `down_proj`) adapt every routed expert of every MoE block
+instead (`adapters.moe_lora`), the weights FLAME adapts.
 Server (`LoRAServer`): evaluation labels (global, plus personalised when `personalize_by_finetune`), FedAvg
 client weights, and the server optimiser step x_{t+1} = opt(x_t, Σ p_i x_i) whose moments travel with the
 checkpointed server state; `RankTierServer` adds the clients' tier ranks. Client (`train_lora`): local training with the FedProx hook when `prox_mu` > 0 and
@@ -13,17 +16,43 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fedmole.adapters import AdapterSet, LoRALinear, inject
+from fedmole.adapters.merged import MergedLoRALinear
+from fedmole.adapters.moe_lora import MoELoRA
+from fedmole.adapters.smoe import find_moe_blocks
 from fedmole.algorithms.aggregate import client_weights
 from fedmole.algorithms.base import GLOBAL, PERSONALIZED, ClientProcedure, ClientState, Payload, Reply, Strategy
 from fedmole.algorithms.fedprox import proximal_hook
 from fedmole.algorithms.rank_tiers import client_tiers
 from fedmole.algorithms.server_opt import ServerOptimizer
-from fedmole.config import FinetuneEvalKeys, ServerOptKeys, TierEvalKeys
+from fedmole.config import EXPERT_PROJECTIONS, FinetuneEvalKeys, ServerOptKeys, TierEvalKeys
 
 Tensors = dict[str, torch.Tensor]
-
 OPT_PREFIX = "server_opt::"  # server-optimiser moments inside the checkpointed server tensors
 TIER_PREFIX = "tier::"  # the client's own-rank model inside an evaluation payload (`tier_eval: own`)
+
+
+def build_lora_adapters(model: nn.Module, cfg, merged: bool = False) -> AdapterSet:
+    """LoRA (with a merged dense update dW when `merged`: FlexLoRA, FLoRA) on the modules `target_modules` names.
+
+    On a model with supported sparse-MoE blocks (OLMoE, Qwen2-MoE, Qwen3-MoE, Mixtral), the names `gate_proj`,
+    `up_proj`, `down_proj` put a LoRA on that projection of every routed expert of every MoE block (`MoELoRA`,
+    keyed `{block}/{j}/{proj}_A|B` as FLAME's experts), not on linear layers of the same name elsewhere (a
+    Qwen2-MoE shared expert; target those with a `^regex`). Every other name or regex adapts the matching
+    linear layers, as on a dense model."""
+    a = cfg.algorithm
+    blocks = find_moe_blocks(model)
+    experts = [m for m in a.target_modules if m in EXPERT_PROJECTIONS] if blocks else []
+    modules: dict[str, nn.Module] = {}
+    for path, block in blocks.items() if experts else ():
+        layer = MoELoRA(block, a.rank, a.alpha, a.dropout, tuple(m.removesuffix("_proj") for m in experts), merged)
+        model.set_submodule(path, layer)
+        modules[path] = layer
+    linear = [m for m in a.target_modules if m not in experts]
+    if linear:
+        cls = MergedLoRALinear if merged else LoRALinear
+        modules.update(inject(model, linear, lambda path, layer: cls(layer, a.rank, a.alpha, a.dropout)).modules)
+    return AdapterSet(model, modules)
 
 
 class LoRAServer(Strategy):

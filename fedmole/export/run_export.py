@@ -123,19 +123,21 @@ def export_run(run_dir: str | Path, out: str | Path, client: int | None = None, 
 
 def _write_peft(tmp: Path, ckpt: RunCheckpoint, state, client, merge: bool, model) -> dict:
     from fedmole.export.peft_format import export_peft
+    from fedmole.models import load_model
 
     cfg = ckpt.cfg
+
+    def fresh():  # `model` carries fedmole's adapters; peft builds on (and merges into) a copy of the plain base
+        return load_model(cfg.model, "fp32", "cpu", vocab_size=model.config.vocab_size)
+
     if not merge:
-        export_peft(state.tensors, cfg.algorithm, tmp, base_model=base_reference(cfg))
+        export_peft(state.tensors, cfg.algorithm, tmp, base_model=base_reference(cfg), base_factory=fresh)
         return manifest(ckpt, "peft", client)
     from peft import PeftModel
 
     adapter_dir = tmp / ".adapter"
-    export_peft(state.tensors, cfg.algorithm, adapter_dir, base_model=base_reference(cfg))
-    # `model` carries fedmole's adapters; merge into a fresh copy of the plain base instead
-    from fedmole.models import load_model
-
-    base = load_model(cfg.model, "fp32", "cpu", vocab_size=model.config.vocab_size)
+    export_peft(state.tensors, cfg.algorithm, adapter_dir, base_model=base_reference(cfg), base_factory=fresh)
+    base = fresh()
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.config.use_cache = True  # a standalone model for inference
     merged.save_pretrained(tmp)

@@ -15,6 +15,7 @@ import html
 import io
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,6 +187,16 @@ def score_note(run: RunData) -> str:
     return text + "."
 
 
+def adapted_note(adapted: dict[str, str]) -> str:
+    """summary.json's `adapted` in one line, modules grouped by what they adapt:
+    "adapted: 2 x mlp: 8 experts x gate, up, down" (module paths shortened to their last name)."""
+    groups: dict[str, Counter] = {}
+    for path, what in adapted.items():
+        groups.setdefault(what, Counter())[path.rsplit(".", 1)[-1]] += 1
+    return "adapted: " + "; ".join(f"{', '.join(f'{n} x {name}' for name, n in names.items())}: {what}"
+                                   for what, names in groups.items())
+
+
 def _summary_table(run: RunData) -> str:
     s = run.summary
     note = f"<p class=score-note>{html.escape(score_note(run))}</p>"
@@ -203,7 +214,8 @@ def _summary_table(run: RunData) -> str:
              f"{s['rounds_completed']}" + (f" (stopped: {s['stopped']})" if s.get("stopped") else "")
              + (f" · {comm['megabytes']:.3f} MB communicated ({comm['dtype']})" if comm else "")
              + f" · {s['wall_seconds']:.1f} s")
-    return f"<p>{html.escape(facts)}</p>{note}<table>{''.join(rows)}</table>"
+    adapted = f"<p>{html.escape(adapted_note(s['adapted']))}</p>" if s.get("adapted") else ""
+    return f"<p>{html.escape(facts)}</p>{adapted}{note}<table>{''.join(rows)}</table>"
 
 
 def comparison_rows(runs: list[RunData]) -> list[list]:

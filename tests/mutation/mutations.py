@@ -391,7 +391,7 @@ MUTATIONS: list[Mutation] = [
              (f"{BL}::test_prox_mu_pulls_a_clients_local_training_towards_the_round_start",)),
     # ------------------------------------------------------------------------------- FedIT / FFA / local
     Mutation("ffa-lora-trains-a", "fedmole/algorithms/ffa_lora.py",
-             'params = [p for k, p in rt.adapters.parameters().items() if parse_key(k).name == "B"]',
+             'params = [p for k, p in rt.adapters.parameters().items() if is_factor(k, "B")]',
              "params = list(rt.adapters.parameters().values())",
              "FFA-LoRA: A stays frozen at the seeded initialisation; only B trains",
              ("tests/test_baseline_clients.py::test_ffa_lora_a_is_identical_across_clients_and_rounds",)),
