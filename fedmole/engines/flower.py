@@ -51,7 +51,7 @@ from safetensors.torch import load_file, save_file
 
 from fedmole.algorithms.base import ClientState, Payload, Reply
 from fedmole.comm import wire_dtype
-from fedmole.config import Config, validate_config
+from fedmole.config import Config, parse_yaml, validate_config
 from fedmole.errors import RunFailed, UserError
 
 log = logging.getLogger("fedmole")
@@ -119,11 +119,7 @@ def config_from_text(text: str) -> Config:
         from fedmole.config import load_config
 
         return load_config(text.strip())
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise UserError(f"the run config key `config` is not valid YAML: {err}") from None
-    return validate_config(data or {})
+    return validate_config(parse_yaml(text, "the run config key `config`") or {})
 
 
 def _settings(context: Context, bound: dict | None) -> dict:
