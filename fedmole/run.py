@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from fedmole.adapters.state import state_digest
 from fedmole.algorithms.base import ClientState, Payload, Reply
-from fedmole.algorithms.validate import check_reply
+from fedmole.algorithms.validate import Limits, bound_update, check_evaluation, check_reply, wire_problem
 from fedmole.comm import MB, CommLog, specs_of, transfer
 from fedmole.config import Config, dump_config
 from fedmole.errors import UserError
@@ -54,6 +54,22 @@ def sample_clients(cfg: Config, rnd: int) -> list[int]:
 
 def eval_due(cfg: Config, rnd: int) -> bool:
     return rnd % cfg.eval.every == 0 or rnd == cfg.federation.rounds
+
+
+def train_sizes(run_dir: Path) -> dict[int, int]:
+    """Each client's train split in the run's partition (partition.json), which bounds the sample count
+    of its replies; {} when the run directory has none."""
+    path = run_dir / "partition.json"
+    if not path.is_file():
+        return {}
+    return {int(c["client"]): int(c["sizes"]["train"]) for c in json.loads(path.read_text())["clients"]}
+
+
+def reply_limits(cfg: Config, train_size: int | None) -> Limits:
+    """The bounds every reply is held to; the sample count's is `replies.max_examples` when set, else the
+    client's train split."""
+    r = cfg.replies
+    return Limits(r.max_mb, r.max_value, r.max_examples if r.max_examples is not None else train_size)
 
 
 def prepare_run_dir(cfg: Config, out: str | Path | None, config_path: str | Path | None, overwrite: bool) -> Path:
@@ -153,16 +169,32 @@ class Federation:
         return out
 
     def _accept(self, rnd: int, plans: dict[int, Payload], replies: dict[int, Reply]) -> tuple[dict, dict]:
-        """Replies that pass validation, and the reasons of those that do not."""
+        """Replies that pass validation (`Strategy.reply_rules`; updates bounded to `replies.max_update_norm`
+        when set), and the reasons of those that do not."""
         accepted, rejected = {}, {}
+        sizes = train_sizes(self.run_dir)
         for cid, reply in sorted(replies.items()):
-            reason = check_reply(reply, self.strategy.reply_spec(cid, plans[cid]), self.cfg.replies.max_mb)
+            rules = self.strategy.reply_rules(cid, plans[cid])
+            reason = check_reply(reply, rules, reply_limits(self.cfg, sizes.get(cid)))
             if reason is None:
-                accepted[cid] = reply
+                accepted[cid] = self._bounded(rnd, cid, reply, plans[cid], rules)
             else:
                 rejected[cid] = ("rejected", reason)
                 log.warning("round %s: reply of client %s rejected: %s", rnd, cid, reason)
         return accepted, rejected
+
+    def _bounded(self, rnd: int, cid: int, reply: Reply, plan: Payload, rules) -> Reply:
+        """The reply with its update scaled down to `replies.max_update_norm` (when set); its norm before
+        bounding is added to its metrics as `update_norm`."""
+        bound = self.cfg.replies.max_update_norm
+        if bound is None:
+            return reply
+        reply.tensors, norm = bound_update(reply.tensors, plan.tensors, rules.statistics, bound)
+        reply.metrics = {**reply.metrics, "update_norm": norm}
+        if norm > bound:
+            log.info("round %s: update of client %s has norm %.4g; scaled down to replies.max_update_norm=%s",
+                     rnd, cid, norm, bound)
+        return reply
 
     def _send(self, rnd: int, phase: str, plans: dict[int, Payload]) -> dict[int, Payload]:
         """Record the payloads' bytes; return them as they arrive (after `comm.dtype` compression)."""
@@ -171,10 +203,28 @@ class Federation:
         return {c: Payload(transfer(p.tensors, self.comm.dtype, cache), p.config) for c, p in plans.items()}
 
     def _receive(self, rnd: int, phase: str, replies: dict[int, Reply]) -> dict[int, Reply]:
-        self.comm.log(rnd, phase, "up", {c: r.tensors for c, r in replies.items()})
-        for r in replies.values():
+        """Record the replies' bytes and cast them as `comm.dtype` does. A reply whose tensors cannot be
+        measured is left as it is (training: `_accept` rejects it); evaluation replies are checked here."""
+        ok = {c: r for c, r in replies.items() if wire_problem(r) is None}
+        self.comm.log(rnd, phase, "up", {c: r.tensors for c, r in ok.items()})
+        for r in ok.values():
             r.tensors = transfer(r.tensors, self.comm.dtype)
-        return replies
+        return self._accept_evaluations(rnd, replies) if phase == "evaluate" else replies
+
+    def _accept_evaluations(self, rnd: int, replies: dict[int, Reply]) -> dict[int, Reply]:
+        """Replies to a global evaluation: evaluation results only; the others are logged and recorded
+        (`eval_rejected`, with the reason) and left out."""
+        limits = reply_limits(self.cfg, None)
+        accepted, recs = {}, []
+        for cid, reply in sorted(replies.items()):
+            reason = check_evaluation(reply, limits)
+            if reason is None:
+                accepted[cid] = reply
+                continue
+            recs.append({**self._round_record(rnd, "eval_rejected", 1, cid), "reason": reason})
+            log.warning("round %s: evaluation reply of client %s rejected: %s", rnd, cid, reason)
+        self.metrics.add(recs)
+        return accepted
 
     def _within_budget(self, rnd: int, plans: dict[int, Payload]) -> bool:
         """Whether the round's worst case (exact download, largest allowed upload) fits the budget."""
@@ -220,7 +270,8 @@ class Federation:
             first = next(iter(failures.values()))[1]
             raise RuntimeError(f"round {rnd}: every client failed with an error (see run.log); first: {first}")
 
-        recs = [self._round_record(rnd, f"client_{kind}", 1, cid) for cid, (kind, _) in sorted(failures.items())]
+        recs = [{**self._round_record(rnd, f"client_{kind}", 1, cid), **({"reason": why} if kind == "rejected" else {})}
+                for cid, (kind, why) in sorted(failures.items())]
         for cid, reply in accepted.items():
             recs += [{"round": rnd, "client": cid, "model": "local", "split": "train", "metric": m, "value": v}
                      for m, v in reply.metrics.items()]

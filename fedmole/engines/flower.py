@@ -147,17 +147,29 @@ def failure_content(kind: str, message: str) -> RecordDict:
     return RecordDict({"config": ConfigRecord({"failure": json.dumps([kind, message])})})
 
 
+REPORTED_FAILURES = ("dropped", "crashed", "late", "failed")  # what a ClientApp may report about itself
+REPLY_FIELDS = ("num_examples", "metrics", "evals", "extra")
+
+
 def parse_reply(content: RecordDict) -> tuple[Reply | None, tuple[str, str] | None]:
-    """(reply, None) or (None, (kind, message)) from a client's reply content."""
+    """(reply, None) or (None, (kind, message)) from a client's reply content. A reply that cannot be read
+    is a failure of kind `rejected` (the server's checks of a readable reply come later, in the round loop)."""
     conf = content.config_records.get("config")
     if conf is None:
         return None, ("failed", "the reply has no `config` record (not a fedmole ClientApp?)")
-    if "failure" in conf:
-        kind, message = json.loads(conf["failure"])
-        return None, (kind, message)
-    body = json.loads(conf["reply"])
-    return Reply(tensors=tensors_of(content.array_records.get("arrays")), num_examples=body["num_examples"],
-                 metrics=body["metrics"], evals=body["evals"], extra=body["extra"]), None
+    try:
+        if "failure" in conf:
+            kind, message = json.loads(conf["failure"])
+            if kind not in REPORTED_FAILURES or not isinstance(message, str):
+                return None, ("rejected", f"unreadable failure report {str(conf['failure'])[:120]!r}")
+            return None, (kind, message)
+        body = json.loads(conf["reply"])
+        if not isinstance(body, dict) or set(body) != set(REPLY_FIELDS):
+            return None, ("rejected", f"the reply body must hold exactly {', '.join(REPLY_FIELDS)}")
+        tensors = tensors_of(content.array_records.get("arrays"))
+    except (KeyError, TypeError, ValueError) as err:
+        return None, ("rejected", f"unreadable reply ({type(err).__name__}: {str(err)[:200]})")
+    return Reply(tensors=tensors, **body), None
 
 
 # ------------------------------------------------------------------------------- node-local state
