@@ -367,8 +367,25 @@ def check_partition(cfg: Config, clients, run_dir: Path, consequence: str) -> st
     return parts
 
 
-def build_runtime(cfg: Config, clients):
-    """Tokenizer + frozen base model + the method's adapters + every client's encoded data."""
+def check_trainable(cfg: Config, clients, tokenizer) -> None:
+    """A UserError (before any model loads) for a client none of whose training examples fits
+    `train.max_length`: training drops an example whose prompt alone fills it. Stops at the first example
+    that fits, so it costs one tokenisation per client in the usual case."""
+    from fedmole.data.tokenize import encode_train, prompt_ids
+
+    d, limit = cfg.data, cfg.train.max_length
+    for c in clients:
+        if any(encode_train(ex, tokenizer, d.prompt, limit, d.system_prompt) is not None for ex in c.train):
+            continue
+        shortest = min((len(prompt_ids(ex, tokenizer, d.prompt, d.system_prompt)) for ex in c.train), default=0)
+        raise UserError(f"client {c.client_id}: none of its {len(c.train)} training examples fits train.max_length="
+                        f"{limit} tokens (its shortest prompt has {shortest} tokens), so it has nothing to train on; "
+                        f"raise train.max_length above {shortest}, or shorten the prompts (data.prompt=plain)")
+
+
+def build_runtime(cfg: Config, clients, check=None):
+    """Tokenizer + frozen base model + the method's adapters + every client's encoded data. The clients in
+    `check` (default: `clients`) are checked to have training data that fits, before the model loads."""
     from fedmole.algorithms import get_algorithm
     from fedmole.client.runtime import ClientRuntime
     from fedmole.models import load_model, load_tokenizer, resolve_device
@@ -377,6 +394,7 @@ def build_runtime(cfg: Config, clients):
         torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
     tokenizer = load_tokenizer(cfg.model)
+    check_trainable(cfg, clients if check is None else check, tokenizer)
     model = load_model(cfg.model, cfg.train.precision, cfg.train.device, vocab_size=len(tokenizer))
     adapters = get_algorithm(cfg.algorithm.name).build_adapters(model, cfg)
     runtime = ClientRuntime(cfg, model, tokenizer, adapters, device)
@@ -396,7 +414,7 @@ def _setup(cfg: Config, run_dir: Path, progress_mode: str | None, make_engine=No
     clients = load_federated_data(cfg)
     parts = check_partition(cfg, clients, run_dir, "the run cannot be resumed exactly. Start a new run")
     atomic_write_text(run_dir / "partition.json", parts)
-    runtime = build_runtime(cfg, clients if make_engine is None else [])
+    runtime = build_runtime(cfg, clients if make_engine is None else [], check=clients)
     algo = get_algorithm(cfg.algorithm.name)
     strategy = algo.Server(cfg, runtime.adapters)
     engine = InProcessEngine(algo.Client(cfg, runtime)) if make_engine is None else make_engine(cfg)
