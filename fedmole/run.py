@@ -18,15 +18,18 @@ run.log, checkpoints/round_NNNN/ (written to a temporary directory, then renamed
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedmole.adapters.state import state_digest
@@ -39,6 +42,7 @@ from fedmole.faults import plan_fault
 from fedmole.paths import atomic_write_text
 from fedmole.reporting.metrics import MetricsLog, select_model, summarize
 from fedmole.reporting.progress import RunProgress
+from fedmole.rundir import claim, hold, repair_jsonl, sha256_file, write_marker
 
 log = logging.getLogger("fedmole")
 
@@ -72,18 +76,19 @@ def reply_limits(cfg: Config, train_size: int | None) -> Limits:
     return Limits(r.max_mb, r.max_value, r.max_examples if r.max_examples is not None else train_size)
 
 
+def run_dir_path(cfg: Config, out: str | Path | None, config_path: str | Path | None) -> Path:
+    """`--out`, else output.dir/output.name (default: the config's name and a timestamp)."""
+    if out is not None:
+        return Path(out)
+    name = cfg.output.name or f"{Path(config_path).stem if config_path else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.output.dir) / name
+
+
 def prepare_run_dir(cfg: Config, out: str | Path | None, config_path: str | Path | None, overwrite: bool) -> Path:
-    if out is None:
-        name = cfg.output.name or f"{Path(config_path).stem if config_path else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-        out = Path(cfg.output.dir) / name
-    run_dir = Path(out)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise UserError(
-                f"run directory {run_dir} already holds a run; choose another --out, pass --overwrite to replace it"
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """The run directory, created empty with its marker; an earlier fedmole run there is replaced only with
+    `overwrite` (see `fedmole.rundir.claimed`)."""
+    run_dir = run_dir_path(cfg, out, config_path)
+    claim(run_dir, overwrite)
     return run_dir
 
 
@@ -97,9 +102,26 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
+CHECKPOINT_FILES = ("server.safetensors", "clients.safetensors", "state.json")
+MANIFEST = "manifest.json"  # sha256 of every checkpoint file and of the resolved config
+
+
+def resumable_config(cfg_dict: dict) -> dict:
+    """The part of a resolved config a resume must keep: everything but `output` (where and how progress
+    is shown) and `comm.budget_mb` (a cap decides only where a run stops, so a stopped run may go on)."""
+    out = {k: v for k, v in cfg_dict.items() if k != "output"}
+    out["comm"] = {**out.get("comm", {}), "budget_mb": None}
+    return out
+
+
+def config_digest(cfg_dict: dict) -> str:
+    return hashlib.sha256(json.dumps(resumable_config(cfg_dict), sort_keys=True).encode()).hexdigest()
+
+
 def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsLog, keep_last: int | None,
                     wall_seconds: float = 0.0) -> Path:
-    """Write checkpoints/round_NNNN atomically (temp dir + rename) and prune old ones."""
+    """Write checkpoints/round_NNNN atomically (temp dir + rename) and prune old ones. Its manifest.json holds
+    the sha256 of every file and of the resolved config (in state.json), which resume verifies."""
     root = run_dir / "checkpoints"
     root.mkdir(exist_ok=True)
     final = root / f"round_{rnd:04d}"
@@ -114,9 +136,13 @@ def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsL
         for k, v in st.tensors.items():
             client_tensors[f"{cid}::{k}"] = v.contiguous()
     save_file(client_tensors, tmp / "clients.safetensors")
+    config = strategy.cfg.to_dict()
     meta = {"round": rnd, "metrics_records": len(metrics.records), "server": server_meta, "clients": client_meta,
-            "wall_seconds": wall_seconds}
+            "wall_seconds": wall_seconds, "config": config}
     (tmp / "state.json").write_text(json.dumps(meta))
+    manifest = {"files": {name: sha256_file(tmp / name) for name in CHECKPOINT_FILES},
+                "config_sha256": config_digest(config)}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -135,6 +161,56 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict[int, ClientState]]:
         cid, name = k.split("::", 1)
         states.setdefault(int(cid), ClientState()).tensors[name] = v
     return meta, server, states
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint in `path` cannot be trusted (a missing or changed file, a config that does not
+    match its digest), or None. Checkpoints of a run written before checksums existed (no checkpoint of the
+    run has a manifest) are accepted unverified."""
+    if not (path / MANIFEST).is_file():
+        if any((p / MANIFEST).is_file() for p in path.parent.glob("round_*")):
+            return f"{MANIFEST} is missing"
+        missing = [n for n in CHECKPOINT_FILES if not (path / n).is_file()]
+        return f"missing {', '.join(missing)}" if missing else None
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+        for name in CHECKPOINT_FILES:
+            if not (path / name).is_file():
+                return f"{name} is missing"
+            if sha256_file(path / name) != files[name]:
+                return f"{name} does not match its checksum (changed or damaged)"
+        config = json.loads((path / "state.json").read_text()).get("config")
+        if config is None or config_digest(config) != manifest["config_sha256"]:
+            return "its config does not match its checksum"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{MANIFEST} is unreadable ({type(err).__name__})"
+    return None
+
+
+def intact_checkpoint(run_dir: Path) -> tuple[Path, dict, dict, dict[int, ClientState]]:
+    """The newest checkpoint that passes its checksums and loads: (path, meta, server, client states).
+    Newer damaged or incomplete ones are skipped with a warning; a UserError when none is intact."""
+    found = sorted(p for p in (run_dir / "checkpoints").glob("round_*") if p.is_dir())
+    if not found:
+        raise UserError(f"{run_dir} has no complete checkpoint to resume from; start it again with "
+                        f"`fedmole run CONFIG --out {run_dir} --overwrite`")
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            try:
+                return (path, *load_checkpoint(path))
+            except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+                problem = f"it cannot be loaded ({type(err).__name__}: {str(err)[:200]})"
+        _warn(f"checkpoint {path.name} is not intact ({problem}); falling back to an older one")
+    raise UserError(f"no intact checkpoint in {run_dir / 'checkpoints'} (each is damaged or incomplete, see the "
+                    f"warnings above); start the run again with `fedmole run CONFIG --out {run_dir} --overwrite`")
+
+
+def _warn(message: str) -> None:
+    """A warning the user should see now (stderr) and find later (run.log)."""
+    log.warning(message)
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------- round loop
@@ -449,16 +525,24 @@ def write_exports(fed: Federation) -> None:
 
 def run_experiment(cfg: Config, run_dir: Path, progress_mode: str | None = None, make_engine=None) -> dict:
     """Run a whole federation and write the run directory; returns the summary. The clients run in this
-    process unless `make_engine(cfg)` supplies another engine (see `_setup`)."""
-    handler = _attach_log_file(run_dir)
-    try:
-        t0 = time.time()
-        dump_config(cfg, run_dir / "config.yaml")
-        fed = _setup(cfg, run_dir, progress_mode, make_engine)
-        return _execute(fed, 1, time.time() - t0)
-    finally:
-        log.removeHandler(handler)
-        handler.close()
+    process unless `make_engine(cfg)` supplies another engine (see `_setup`). The run directory's lock is
+    held throughout (a second run or resume of it exits with code 2)."""
+    with hold(run_dir):
+        write_marker(run_dir)
+        handler = _attach_log_file(run_dir)
+        try:
+            t0 = time.time()
+            dump_config(cfg, run_dir / "config.yaml")
+            try:
+                fed = _setup(cfg, run_dir, progress_mode, make_engine)
+            except UserError:  # nothing was computed: leave the directory as it was claimed, for the next try
+                for name in ("config.yaml", "partition.json", "run.log"):
+                    (run_dir / name).unlink(missing_ok=True)
+                raise
+            return _execute(fed, 1, time.time() - t0)
+        finally:
+            log.removeHandler(handler)
+            handler.close()
 
 
 # -------------------------------------------------------------------------------------------- resume
@@ -490,61 +574,75 @@ def _truncate_artifacts(run_dir: Path, last_round: int) -> None:
 
 def check_resumable(run_dir: Path, config_path: Path | None = None, overrides: list[str] | None = None) -> Config:
     """The config of the run in `run_dir`, after checking that it can be resumed with the requested config
-    (a UserError otherwise); cheap, so engines call it before starting anything."""
-    return _resume_configs(Path(run_dir), config_path, overrides)[0]
+    from an intact checkpoint (a UserError otherwise); cheap, so engines call it before starting anything."""
+    run_dir = Path(run_dir)
+    _require_run_dir(run_dir)
+    with hold(run_dir):
+        return _resume_plan(run_dir, config_path, overrides)[0]
 
 
-def _resume_configs(run_dir: Path, config_path: Path | None, overrides: list[str] | None) -> tuple[Config, Config]:
-    from fedmole.config import load_config
-
+def _require_run_dir(run_dir: Path) -> None:
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a fedmole run directory (no config.yaml); check the path")
+
+
+def _refuse(diff: list[str], why: str, fix: str) -> None:
+    if diff:
+        raise UserError(f"refusing to resume: {why} (the result would match neither run):\n  " + "\n  ".join(diff)
+                        + f"\n{fix}")
+
+
+def _resume_plan(run_dir: Path, config_path: Path | None, overrides: list[str] | None):
+    """(the run's config, the requested config, the newest intact checkpoint as `intact_checkpoint` returns
+    it), after refusing a config that differs from the run's (requested with --config/--set, or config.yaml
+    edited since the checkpoint was written). Only `output.*` and `comm.budget_mb` may change; a new budget
+    is written to config.yaml."""
+    from fedmole.config import load_config, validate_config
+
     cfg = load_config(run_dir / "config.yaml")
     requested = load_config(config_path or run_dir / "config.yaml", overrides or [])
-    ignore = {"output"}  # where and how progress is shown may change; nothing that affects results
-    old_d = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
-    new_d = {k: v for k, v in requested.to_dict().items() if k not in ignore}
-    # the traffic cap only decides where a run stops, not what its rounds compute: a run stopped by its
-    # budget continues with a larger one (the new cap is written to config.yaml)
-    old_d["comm"] = {**old_d["comm"], "budget_mb": None}
-    new_d["comm"] = {**new_d["comm"], "budget_mb": None}
-    diff = config_diff(old_d, new_d)
-    if diff:
-        raise UserError("refusing to resume with a different config (the result would match neither run):\n  "
-                        + "\n  ".join(diff) + "\nStart a new run with `fedmole run` to change settings")
+    _refuse(config_diff(resumable_config(cfg.to_dict()), resumable_config(requested.to_dict())),
+            "the requested config differs from the run's", "Start a new run with `fedmole run` to change settings")
+    ckpt = intact_checkpoint(run_dir)
+    saved = ckpt[1].get("config")
+    if saved is not None:  # checkpoints record the config they were written with
+        _refuse(config_diff(resumable_config(validate_config(saved).to_dict()), resumable_config(cfg.to_dict())),
+                f"{run_dir / 'config.yaml'} was changed after checkpoint {ckpt[0].name} was written",
+                "Restore the values on the left in config.yaml, or start a new run with `fedmole run`")
     if requested.comm.budget_mb != cfg.comm.budget_mb:
         log.info("resume: comm.budget_mb %s -> %s", cfg.comm.budget_mb, requested.comm.budget_mb)
         cfg.comm.budget_mb = requested.comm.budget_mb
         dump_config(cfg, run_dir / "config.yaml")
-    if latest_checkpoint(run_dir) is None:
-        raise UserError(f"{run_dir} has no complete checkpoint to resume from; start it again with "
-                        f"`fedmole run CONFIG --out {run_dir} --overwrite`")
-    return cfg, requested
+    return cfg, requested, ckpt
 
 
 def resume_experiment(run_dir: Path, config_path: Path | None = None, overrides: list[str] | None = None,
                       progress_mode: str | None = None, make_engine=None) -> dict:
-    """Continue a run from its last complete checkpoint; the result equals the uninterrupted run.
-    `make_engine` as in `run_experiment` (the clients' states are loaded into whichever engine runs)."""
+    """Continue a run from its newest intact checkpoint; the result equals the uninterrupted run.
+    `make_engine` as in `run_experiment` (the clients' states are loaded into whichever engine runs).
+    Holds the run directory's lock throughout; torn last lines of the JSONL files are cut first."""
     run_dir = Path(run_dir)
-    cfg, requested = _resume_configs(run_dir, config_path, overrides)
-    ckpt = latest_checkpoint(run_dir)
-    handler = _attach_log_file(run_dir)
-    try:
-        meta, server_tensors, client_states = load_checkpoint(ckpt)
-        if meta["round"] >= cfg.federation.rounds and (run_dir / "summary.json").is_file():
-            return json.loads((run_dir / "summary.json").read_text())
-        log.info("resuming %s after round %s", run_dir, meta["round"])
-        fed = _setup(cfg, run_dir, progress_mode or requested.output.progress, make_engine)
-        fed.strategy.load_state_dict(server_tensors, meta["server"])
-        fed.engine.load_client_states(client_states)
-        fed.metrics.truncate(meta["metrics_records"])
-        _truncate_artifacts(run_dir, meta["round"])
-        fed.progress.steps = meta["round"] * cfg.clients_per_round * cfg.train.local_steps
-        return _execute(fed, meta["round"] + 1, meta.get("wall_seconds", 0.0))
-    finally:
-        log.removeHandler(handler)
-        handler.close()
+    _require_run_dir(run_dir)
+    with hold(run_dir):
+        write_marker(run_dir)
+        handler = _attach_log_file(run_dir)
+        try:
+            for path in sorted(run_dir.glob("*.jsonl")):
+                repair_jsonl(path)
+            cfg, requested, (ckpt, meta, server_tensors, client_states) = _resume_plan(run_dir, config_path, overrides)
+            if meta["round"] >= cfg.federation.rounds and (run_dir / "summary.json").is_file():
+                return json.loads((run_dir / "summary.json").read_text())
+            log.info("resuming %s after round %s (%s)", run_dir, meta["round"], ckpt.name)
+            fed = _setup(cfg, run_dir, progress_mode or requested.output.progress, make_engine)
+            fed.strategy.load_state_dict(server_tensors, meta["server"])
+            fed.engine.load_client_states(client_states)
+            fed.metrics.truncate(meta["metrics_records"])
+            _truncate_artifacts(run_dir, meta["round"])
+            fed.progress.steps = meta["round"] * cfg.clients_per_round * cfg.train.local_steps
+            return _execute(fed, meta["round"] + 1, meta.get("wall_seconds", 0.0))
+        finally:
+            log.removeHandler(handler)
+            handler.close()
 
 
 def write_summary(fed: Federation, wall: float, engine_name: str) -> dict:
