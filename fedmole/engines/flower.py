@@ -611,43 +611,43 @@ def sim_backend_config(cfg: Config) -> dict:
 
 def run_flower_sim(cfg: Config, run_dir: Path, progress_mode: str | None = None, resume: bool = False) -> dict:
     """Run the federation on Flower's simulation engine (Ray) in this process; every process it started is
-    stopped by PID at the end, also on error or Ctrl-C. Returns the summary (written to run_dir).
-    `resume`: continue the run in `run_dir` from its last checkpoint (`cfg` must be that run's config)."""
+    stopped by PID at the end, also on error or Ctrl-C, and by a watchdog when this process is killed
+    (`engines/watchdog.py`). Returns the summary (written to run_dir). `resume`: continue the run in
+    `run_dir` from its last checkpoint (`cfg` must be that run's config)."""
     from flwr.simulation import run_simulation
 
+    from fedmole.engines.watchdog import SimulationGuard
+
     saved_env = {k: os.environ.get(k) for k in [*FLOWER_ENV, "FLWR_HOME", "OMP_NUM_THREADS"]}
-    home = tempfile.mkdtemp(prefix="fedmole-flwr-")
-    state_dir = tempfile.mkdtemp(prefix="fedmole-state-")
-    ray_dir = tempfile.mkdtemp(prefix="fedmole-ray-")  # Ray's session files, removed with the others
-    backend = sim_backend_config(cfg)
-    backend["init_args"]["_temp_dir"] = ray_dir
-    os.environ.update(FLOWER_ENV)
-    os.environ["FLWR_HOME"] = home
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    bound = {"config": config_text(cfg), "out": str(run_dir), "overwrite": False, "state-dir": state_dir,
-             "engine-name": "flower-sim", "progress": progress_mode or cfg.output.progress, "resume": resume}
-    STOP.clear()
-    try:
-        with ProcessTracker():
-            try:
-                run_simulation(server_app=make_server_app(bound), client_app=make_client_app(bound),
-                               num_supernodes=cfg.federation.num_clients, backend_config=backend)
-            finally:
-                STOP.set()  # after Ctrl-C the ServerApp thread would otherwise wait for replies forever
-                import ray
+    with SimulationGuard() as guard:
+        home, state_dir, ray_dir = (guard.path / name for name in ("flwr", "state", "ray"))
+        for d in (home, state_dir, ray_dir):
+            d.mkdir()
+        backend = sim_backend_config(cfg)
+        backend["init_args"]["_temp_dir"] = str(ray_dir)  # Ray's session files
+        os.environ.update(FLOWER_ENV)
+        os.environ["FLWR_HOME"] = str(home)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        bound = {"config": config_text(cfg), "out": str(run_dir), "overwrite": False, "state-dir": str(state_dir),
+                 "engine-name": "flower-sim", "progress": progress_mode or cfg.output.progress, "resume": resume}
+        STOP.clear()
+        try:
+            with ProcessTracker():
+                try:
+                    run_simulation(server_app=make_server_app(bound), client_app=make_client_app(bound),
+                                   num_supernodes=cfg.federation.num_clients, backend_config=backend)
+                finally:
+                    STOP.set()  # after Ctrl-C the ServerApp thread would otherwise wait for replies forever
+                    import ray
 
-                if ray.is_initialized():
-                    ray.shutdown()
-    finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        import shutil
-
-        for tmp in (home, state_dir, ray_dir):
-            shutil.rmtree(tmp, ignore_errors=True)
+                    if ray.is_initialized():
+                        ray.shutdown()
+        finally:
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     summary = run_dir / "summary.json"
     if not summary.is_file():
         raise RunFailed(f"the Flower simulation ended without writing {summary}; see {run_dir / 'run.log'}")
