@@ -401,14 +401,19 @@ def test_random_malformed_replies_are_rejected_or_harmless(arenas, method):
 # ====================================================================================== careless input
 @pytest.fixture
 def fedmole_cli(monkeypatch, capsys):
-    """Run the CLI in this process with model loading forbidden: (exit code, stderr). An error reported
-    after a model started loading fails the test instead of passing as exit 2."""
+    """Run the CLI in this process with model loading (and WordNet, the data set of the configs on which only
+    config and run-directory mistakes are made) forbidden: (exit code, stderr). An error reported after
+    that fails the test instead of passing as exit 2."""
+    import fedmole.data.sources
     import fedmole.models
 
-    def forbidden(*a, **k):
-        raise AssertionError("a model was loaded before the input was checked")
+    def forbidden(what):
+        def load(*a, **k):
+            raise AssertionError(f"{what} was loaded before the input was checked")
+        return load
 
-    monkeypatch.setattr(fedmole.models, "load_model", forbidden)
+    monkeypatch.setattr(fedmole.models, "load_model", forbidden("a model"))
+    monkeypatch.setattr(fedmole.data.sources, "load_wordnet", forbidden("WordNet"))
 
     def call(*args: str) -> tuple[int, str]:
         monkeypatch.setattr(sys, "argv", ["fedmole", *map(str, args)])
@@ -831,18 +836,20 @@ def _kill_simulation(run_dir: Path, tmp: Path) -> None:
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     me = psutil.Process(proc.pid)
     seen: dict[int, float] = {}
-    deadline = time.time() + 400
-    while latest_checkpoint(run_dir) is None:  # the simulation is running rounds
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        assert time.time() < deadline
+    try:
+        deadline = time.time() + 900  # Ray starts slowly on a busy machine
+        while latest_checkpoint(run_dir) is None:  # the simulation is running rounds
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.time() < deadline
+            for p in me.children(recursive=True):
+                seen.setdefault(p.pid, p.create_time())
+            time.sleep(0.2)
         for p in me.children(recursive=True):
             seen.setdefault(p.pid, p.create_time())
-        time.sleep(0.2)
-    for p in me.children(recursive=True):
-        seen.setdefault(p.pid, p.create_time())
-    assert len(seen) >= 3 and list(tmp.glob("fedmole-sim-*"))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+        assert len(seen) >= 3 and list(tmp.glob("fedmole-sim-*"))
+    finally:
+        proc.send_signal(signal.SIGKILL)  # also when the test failed: the watchdog cleans up after it
+        proc.wait()
 
     def survivors() -> list[int]:
         alive = []
