@@ -9,7 +9,7 @@
     fedmole export RUN_DIR (--client ID | --global) --out DIR [--round N] [--merge]
     fedmole eval RUN_DIR [--round N] [--split test|val] [--client ID]
     fedmole generate DIR --prompt TEXT [--max-new-tokens N]   (or RUN_DIR --client ID)
-    fedmole flower app CONFIG --out DIR [--set key=value ...]
+    fedmole flower app CONFIG --out DIR [--set key=value ...] [--flowertune general-nlp|finance|medical|code]
     fedmole flower certs --out DIR [--host IP_OR_NAME ...]
     fedmole flower keys --out DIR [--name NAME ...]
 
@@ -166,6 +166,8 @@ def print_results(summary: dict, run_dir: Path) -> None:
                       f"{res['last_mean']:.2f}")
     out.print(table)
     head = summary.get(summary["headline"])
+    if head and metric == "score":
+        print_score_parts(run_dir, summary["headline"], head["selected_round"])
     if head and head["per_client"]:
         per = Table(title=f"per client ({summary['headline']}, round {head['selected_round']})")
         per.add_column("client")
@@ -182,7 +184,26 @@ def print_results(summary: dict, run_dir: Path) -> None:
     if "dp" in summary:
         dp = summary["dp"]
         out.print(f"differential privacy: epsilon {dp['epsilon']:.2f} at delta {dp['delta']:g}")
+    if "dp_embeddings" in summary:
+        emb = summary["dp_embeddings"]
+        nominal = "  (nominal: the clip bound comes from the data)" if emb["clip"] is None else ""
+        out.print(f"embedding DP: epsilon up to {emb['epsilon_max']:.4g} per client (delta 0){nominal}")
     out.print(f"state_digest: {summary['state_digest']}  ·  {summary['wall_seconds']:.1f} s")
+
+
+def print_score_parts(run_dir: Path, model: str, rnd: int) -> None:
+    """When the tasks mix classification and generation, what `score` averages and each part's value."""
+    from fedmole.reporting.metrics import SCORE_PARTS, score_parts
+    from fedmole.reporting.scalars import read_jsonl
+
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    if len(score_parts(records)) < 2:
+        return
+    alone = {r["metric"]: r["value"] for r in records if r["metric"] in SCORE_PARTS and r["client"] is None
+             and r["round"] == rnd and r["model"] == model and r["split"] == "test"}
+    parts = ", ".join(f"{SCORE_PARTS[m]} {alone[m]:.2f}" for m in SCORE_PARTS if m in alone)
+    out.print(f"score averages accuracy (classification examples) and ROUGE-L F (generation examples) per example; "
+              f"{model} test @ round {rnd}: {parts}", highlight=False)
 
 
 @app.command()
@@ -246,6 +267,9 @@ def flower_write_app(
     out_dir: Path = typer.Option(..., "--out", help="Directory to write the Flower app to."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     run_out: str = typer.Option("", "--run-out", help="Run directory the ServerApp writes (run config `out`)."),
+    flowertune: str | None = typer.Option(None, "--flowertune", help="Write a FlowerTune LLM Leaderboard project "
+                                          "for this challenge: general-nlp, finance, medical or code "
+                                          "(docs/flowertune.md)."),
 ) -> None:
     """Write a Flower app directory (pyproject.toml + components) for `flwr run DIR [FEDERATION]`."""
     from fedmole.config import load_config
@@ -253,15 +277,34 @@ def flower_write_app(
     cfg = load_config(config, set_)
     if out_dir.exists() and (out_dir / "pyproject.toml").exists():
         raise UserError(f"{out_dir} already holds a pyproject.toml; choose another --out")
+    run_out = str(Path(run_out).resolve()) if run_out else ""
+    if flowertune is not None:
+        write_flowertune(cfg, flowertune, out_dir, run_out)
+        return
     from fedmole.engines.flower import write_app
 
-    path = write_app(cfg, out_dir, str(Path(run_out).resolve()) if run_out else "")
+    path = write_app(cfg, out_dir, run_out)
     n = cfg.federation.num_clients
     out.print(f"Flower app: {path}\n"
               f"  simulate: flwr run {out_dir} local-simulation --run-config \"out='/abs/runs/NAME'\"\n"
               f"  deploy:   flwr run {out_dir} FEDERATION --run-config \"out='/abs/runs/NAME' "
               f"engine-name='flower-deploy'\"\n            with one SuperNode per client: "
               f"--node-config 'partition-id=I num-partitions={n}'")
+
+
+def write_flowertune(cfg, challenge: str, out_dir: Path, run_out: str) -> None:
+    from fedmole.engines import flowertune
+
+    ch = flowertune.challenge_of(challenge)
+    cfg, changed = flowertune.project_config(cfg, ch)
+    path = flowertune.write_project(cfg, ch, out_dir, run_out)
+    for line in changed:
+        out.print(f"  set for the challenge: {line}", highlight=False)
+    out.print(f"FlowerTune {ch.name} project ({cfg.algorithm.name}, {cfg.model.name}): {path}\n"
+              f"  run:  cd {out_dir} && flwr run . local --stream "
+              f"--federation-config \"num-supernodes={ch.supernodes}\""
+              f"\n  submit: see {out_dir / 'README.md'} (the leaderboard fixes {ch.dataset} and {ch.supernodes} "
+              f"SuperNodes)", highlight=False)
 
 
 @flower_app.command("certs")

@@ -67,7 +67,7 @@ def generate_cmd(
     round_: str | None = typer.Option(None, "--round", help=ROUND_HELP),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Tokens to generate at most."),
     template: str = typer.Option("auto", "--template",
-                                 help="auto (chat template if any, else the run's), chat, alpaca, plain, raw."),
+                                 help="auto (the template the run trained with), chat, alpaca, plain, raw."),
     sample: bool = typer.Option(False, "--sample", help="Sample (temperature 0.7, top-p 0.9) instead of greedy."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda (default: the run's)."),
 ) -> None:

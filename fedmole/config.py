@@ -233,10 +233,11 @@ class RankTierLoRAConfig(AlgorithmConfig, LoRAKeys):
 
 
 class TierEvalKeys(Section):
-    tier_eval: Literal["own", "none"] = Field(
+    tier_eval: Literal["own", "budget", "none"] = Field(
         "own", description="also evaluate each client below the highest tier on the model it can run: the "
         "global LoRA at its own rank r_i (the model `fedmole export --client` writes), labelled global_k{k_i} "
-        "like FLAME's tier-wise evaluation (own), or only the global model (none)"
+        "like FLAME's tier-wise evaluation (own); only that model, so each client is evaluated once at its "
+        "budget (budget); or only the global model (none)"
     )
 
 
@@ -254,7 +255,10 @@ class HetLoRAConfig(RankTierLoRAConfig, TierEvalKeys, FinetuneEvalKeys, ProxKeys
         "per_matrix", description="aggregation weight ‖update‖_F per adapted matrix, or summed over a client's matrices"
     )
     self_pruning: bool = Field(False, description="rank self-pruning: tail regulariser + drop the tail when it shrinks")
-    prune_gamma: float = Field(0.75, gt=0, lt=1, description="self-pruning keeps the first ceil(γ r_i) components")
+    prune_gamma: float = Field(
+        0.75, gt=0, lt=1, description="self-pruning keeps the first ceil(γ r_i) components, so a client prunes only "
+        "while ceil(γ r_i) < r_i, i.e. r_i >= 1/(1-γ): never at rank 1, at rank 2 only with γ <= 0.5"
+    )
     prune_lambda: float = Field(1e-3, ge=0, description="self-pruning regulariser weight λ")
 
     def cross_check(self, cfg: "Config") -> None:
@@ -366,9 +370,10 @@ class FLAMEConfig(AlgorithmConfig, LoRAKeys):
     skip_unactivated_upload: bool = Field(
         True, description="clients do not upload experts they never activated (their weight is 0 when t > 0)"
     )
-    tier_eval: Literal["own", "all", "none"] = Field(
+    tier_eval: Literal["own", "all", "budget", "none"] = Field(
         "own", description="tier-wise evaluation of the global model at k < K with the tier-average s: on each "
-        "client at its own tier (own), at every tier (all), or not at all"
+        "client at its own tier besides the full model (own), at every tier (all), at its own tier only so each "
+        "client is evaluated once, on the model its budget runs (budget), or not at all"
     )
 
     @model_validator(mode="after")
@@ -487,6 +492,12 @@ class FedAMoLEConfig(AlgorithmConfig, LoRAKeys):
                 "algorithm.dp_embeddings privatises the RSEA embeddings, which static_arch/random_dispatch never "
                 "compute; set algorithm.dp_embeddings=false or use RSEA"
             )
+        if self.dp_embeddings and self.rank < 2:
+            raise ValueError(
+                f"algorithm.dp_embeddings with algorithm.rank={self.rank}: at rank 1 the noise magnitude is "
+                f"Gamma(shape=1), whose signed density is unbounded at 0, so the release has no finite epsilon "
+                f"(docs/fedamole.md, privacy cost); use algorithm.rank >= 2"
+            )
         return self
 
     @property
@@ -601,6 +612,13 @@ class DPConfig(Section):
         "update", description="clip the whole update to C, or each (module, expert) update to C (sparse experts); "
         "with `expert` the accountant uses sigma / sqrt(most groups any client uploads)"
     )
+    noise: Literal["secure", "seeded"] = Field(
+        "secure", description="source of every DP noise a client draws (this section's update noise and "
+        "fedamole's algorithm.dp_embeddings): secure = a generator seeded from the client's OS entropy, which "
+        "nobody else can reproduce; seeded = derived from (federation.seed, round, client), so anyone who knows "
+        "the seed, the server included, can regenerate and subtract it: for simulations and bit-exact tests "
+        "only (run.log warns)"
+    )
 
     @field_validator("noise_multiplier")
     @classmethod
@@ -654,8 +672,14 @@ class TiersConfig(Section):
 class TrainConfig(Section):
     local_steps: int = Field(10, ge=1, description="optimiser steps per client per round")
     batch_size: int = Field(4, ge=1, description="local batch size")
-    lr: float = Field(5e-5, gt=0, description="client learning rate in round 1")
-    lr_decay: float = Field(0.99, gt=0, le=1, description="per-round multiplicative decay: lr * decay^(round-1)")
+    lr: float = Field(5e-5, gt=0, description="client learning rate in round 1 (cosine: the peak, before round 1)")
+    lr_schedule: Literal["exponential", "cosine"] = Field(
+        "exponential", description="per-round learning rate, constant within a round: exponential = lr * "
+        "lr_decay^(round-1); cosine = lr_min + (lr - lr_min) * (1 + cos(pi * round / rounds)) / 2, the FlowerTune "
+        "template's schedule (the last round trains at lr_min)"
+    )
+    lr_decay: float = Field(0.99, gt=0, le=1, description="exponential schedule: per-round multiplicative decay")
+    lr_min: float = Field(0.0, ge=0, description="cosine schedule: the learning rate of the last round")
     optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="local optimiser, fresh every round")
     weight_decay: float = Field(0.0, ge=0, description="optimiser weight decay")
     momentum: float = Field(0.0, ge=0, lt=1, description="sgd only")
@@ -677,6 +701,13 @@ class TrainConfig(Section):
         if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
             return v
         raise ValueError("allowed: auto, cpu, cuda, cuda:N")
+
+    @model_validator(mode="after")
+    def _cosine(self):
+        if self.lr_schedule == "cosine" and self.lr_min > self.lr:
+            raise ValueError(f"train.lr_min={self.lr_min} exceeds train.lr={self.lr}: the cosine schedule falls from "
+                             f"train.lr to train.lr_min; set lr_min below lr")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- eval
@@ -703,6 +734,15 @@ class EvalConfig(Section):
         "val_score", description="validation quantity that picks the reported round"
     )
     init: bool = Field(False, description="also evaluate the untrained model as round 0")
+    test: Literal["every", "selected"] = Field(
+        "every", description="when the test split is evaluated: at every evaluation (every), or only at the "
+        "round selected on validation and at the last round (selected: rounds evaluate val only and clients "
+        "keep a snapshot of each model they validated, tested after the last round)"
+    )
+    models: list[str] | None = Field(
+        None, description="evaluate only these model labels (glob patterns, e.g. [personalized] or "
+        "[global, 'global_k*']); null: every model the method evaluates"
+    )
 
 
 # -------------------------------------------------------------------------------------------- output

@@ -2,9 +2,10 @@
 TEXT` (a client's model straight from a run's checkpoint): text generation with a personalised model,
 streamed to the terminal token by token.
 
-The prompt is formatted with `--template`: `auto` (default) uses the tokenizer's chat template when it has
-one and otherwise the template the run trained with (`data.prompt`: alpaca, plain); `chat`, `alpaca` and
-`plain` force one; `raw` passes the text as is. Decoding is greedy unless `--sample`.
+The prompt is formatted with `--template`: `auto` (default) uses the template the run trained with, as the
+run's config.yaml or the export's fedmole_export.json records it (`data.prompt` and `data.system_prompt`), so
+the model is prompted in the format it was trained on; `chat`, `alpaca` and `plain` force one; `raw` passes
+the text as is. Decoding is greedy unless `--sample`.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def format_prompt(text: str, tokenizer, cfg, template: str = "auto") -> list[int
     if template == "raw":
         return tokenizer(text)["input_ids"]
     if template == "auto":
-        template = "chat" if getattr(tokenizer, "chat_template", None) else cfg.data.prompt
+        template = cfg.data.prompt  # the run's own: a tokenizer's chat template is not what an alpaca run saw
     example = Example(instruction=text, context="", response="")
     return prompt_ids(example, tokenizer, template, cfg.data.system_prompt)
 

@@ -9,11 +9,16 @@ Round r (1-based):
      personalised evaluations arrive inside the training replies;
   5. metrics are appended and an atomic checkpoint is written.
 
+With `eval.test: selected` the rounds evaluate validation only and the clients keep snapshots of what they
+evaluated (client/snapshots.py); after the last round every client tests, per model, the snapshot of the
+round selected on validation and of the last round. Test results carry per-example outcomes
+(outcomes.jsonl), in either mode.
+
 Every message's serialised bytes are recorded in comm.jsonl (fedmole/comm.py); with `comm.budget_mb` a
 round whose worst-case traffic would pass the budget is not started and the run ends after the previous one.
 
 Run directory: config.yaml (resolved), partition.json, metrics.jsonl, metrics.csv, comm.jsonl, summary.json,
-run.log, checkpoints/round_NNNN/ (written to a temporary directory, then renamed).
+outcomes.jsonl, run.log, checkpoints/round_NNNN/ (written to a temporary directory, then renamed).
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ from fedmole.config import Config, dump_config
 from fedmole.errors import UserError
 from fedmole.faults import plan_fault
 from fedmole.paths import atomic_write_text
-from fedmole.reporting.metrics import MetricsLog, select_model, summarize
+from fedmole.client import snapshots
+from fedmole.reporting.metrics import MetricsLog, OutcomesLog, best_val_round, select_model, summarize
 from fedmole.reporting.progress import RunProgress
 from fedmole.rundir import claim, hold, repair_jsonl, sha256_file, write_marker
 
@@ -60,20 +66,26 @@ def eval_due(cfg: Config, rnd: int) -> bool:
     return rnd % cfg.eval.every == 0 or rnd == cfg.federation.rounds
 
 
-def train_sizes(run_dir: Path) -> dict[int, int]:
-    """Each client's train split in the run's partition (partition.json), which bounds the sample count
-    of its replies; {} when the run directory has none."""
+def split_sizes(run_dir: Path) -> dict[int, dict[str, int]]:
+    """Each client's split sizes in the run's partition (partition.json): its train split bounds the sample
+    count of its replies, its test split the per-example outcomes of a test result; {} when the run directory
+    has none."""
     path = run_dir / "partition.json"
     if not path.is_file():
         return {}
-    return {int(c["client"]): int(c["sizes"]["train"]) for c in json.loads(path.read_text())["clients"]}
+    clients = json.loads(path.read_text())["clients"]
+    return {int(c["client"]): {k: int(v) for k, v in c["sizes"].items()} for c in clients}
 
 
-def reply_limits(cfg: Config, train_size: int | None) -> Limits:
+def reply_limits(cfg: Config, sizes: dict[str, int] | None) -> Limits:
     """The bounds every reply is held to; the sample count's is `replies.max_examples` when set, else the
-    client's train split."""
-    r = cfg.replies
-    return Limits(r.max_mb, r.max_value, r.max_examples if r.max_examples is not None else train_size)
+    client's train split, and a test result's outcomes are at most its test split (`sizes`, as `split_sizes`
+    gives them; None: unknown). A set `replies.max_examples` says the clients hold node-local data, which
+    the partition does not describe."""
+    r, sizes = cfg.replies, sizes or {}
+    if r.max_examples is not None:
+        return Limits(r.max_mb, r.max_value, r.max_examples)
+    return Limits(r.max_mb, r.max_value, sizes.get("train"), sizes.get("test"))
 
 
 def run_dir_path(cfg: Config, out: str | Path | None, config_path: str | Path | None) -> Path:
@@ -119,7 +131,8 @@ def config_digest(cfg_dict: dict) -> str:
 
 
 def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsLog, keep_last: int | None,
-                    wall_seconds: float = 0.0) -> Path:
+                    wall_seconds: float = 0.0, outcomes_records: int = 0, cpu_seconds: float = 0.0,
+                    seconds: dict | None = None) -> Path:
     """Write checkpoints/round_NNNN atomically (temp dir + rename) and prune old ones. Its manifest.json holds
     the sha256 of every file and of the resolved config (in state.json), which resume verifies."""
     root = run_dir / "checkpoints"
@@ -137,8 +150,9 @@ def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsL
             client_tensors[f"{cid}::{k}"] = v.contiguous()
     save_file(client_tensors, tmp / "clients.safetensors")
     config = strategy.cfg.to_dict()
-    meta = {"round": rnd, "metrics_records": len(metrics.records), "server": server_meta, "clients": client_meta,
-            "wall_seconds": wall_seconds, "config": config}
+    meta = {"round": rnd, "metrics_records": len(metrics.records), "outcomes_records": outcomes_records,
+            "server": server_meta, "clients": client_meta, "wall_seconds": wall_seconds, "cpu_seconds": cpu_seconds,
+            "seconds": seconds or {}, "config": config}
     (tmp / "state.json").write_text(json.dumps(meta))
     manifest = {"files": {name: sha256_file(tmp / name) for name in CHECKPOINT_FILES},
                 "config_sha256": config_digest(config)}
@@ -152,14 +166,18 @@ def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsL
     return final
 
 
-def load_checkpoint(path: Path) -> tuple[dict, dict, dict[int, ClientState]]:
-    """(meta, server tensors, client states) of a checkpoint directory."""
+def load_checkpoint(path: Path, with_snapshots: bool = False) -> tuple[dict, dict, dict[int, ClientState]]:
+    """(meta, server tensors, client states) of a checkpoint directory. The clients' snapshots of evaluated
+    models (`eval.test: selected`) only `with_snapshots` (resume needs them; a client's model does not)."""
     meta = json.loads((path / "state.json").read_text())
     server = load_file(path / "server.safetensors")
-    states: dict[int, ClientState] = {int(c): ClientState({}, m) for c, m in meta["clients"].items()}
+    states: dict[int, ClientState] = {int(c): ClientState({}, dict(m)) for c, m in meta["clients"].items()}
     for k, v in load_file(path / "clients.safetensors").items():
         cid, name = k.split("::", 1)
         states.setdefault(int(cid), ClientState()).tensors[name] = v
+    if not with_snapshots:
+        for st in states.values():
+            snapshots.take(st)
     return meta, server, states
 
 
@@ -199,7 +217,7 @@ def intact_checkpoint(run_dir: Path) -> tuple[Path, dict, dict, dict[int, Client
         problem = checkpoint_problem(path)
         if problem is None:
             try:
-                return (path, *load_checkpoint(path))
+                return (path, *load_checkpoint(path, with_snapshots=True))
             except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
                 problem = f"it cannot be loaded ({type(err).__name__}: {str(err)[:200]})"
         _warn(f"checkpoint {path.name} is not intact ({problem}); falling back to an older one")
@@ -225,9 +243,31 @@ class Federation:
         self.engine = engine
         self.progress = progress
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.outcomes = OutcomesLog(run_dir / "outcomes.jsonl")
+        self.deferred = cfg.eval.test == "selected"  # test only the round selected on val and the last one
         self.comm = CommLog(run_dir / "comm.jsonl", cfg.comm.dtype, cfg.comm.budget_mb)
         self.wall_before, self.started = 0.0, time.time()
+        self.setup_seconds = 0.0
+        self.cpu_before, self.cpu_started = 0.0, time.process_time()
+        self.seconds_before: dict[str, float] = {}  # where the time went in earlier sessions (resume)
         self.rounds_completed, self.last_checkpoint, self.stopped = 0, 0, None
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this process spent on the run so far (all threads), earlier sessions included; the
+        clients' time when they run in this process (in-process engine), not that of other processes."""
+        return self.cpu_before + time.process_time() - self.cpu_started
+
+    def seconds(self) -> dict[str, float]:
+        """Where the wall time went, earlier sessions included: set-up (data, model, adapters), the clients'
+        local training and evaluation (in-process engine only: the clients run here), the rest (server work,
+        messages, checkpoints, artefacts)."""
+        out = dict(self.seconds_before)
+        out["setup"] = out.get("setup", 0.0) + self.setup_seconds
+        runtime = getattr(self.engine, "runtime", None)
+        for k, v in (runtime.seconds if runtime is not None else {}).items():
+            out[k] = out.get(k, 0.0) + v
+        out["other"] = max(self.wall_seconds() - sum(v for k, v in out.items() if k != "other"), 0.0)
+        return {k: round(v, 2) for k, v in out.items()}
 
     def wall_seconds(self) -> float:
         """Wall time of the run so far, earlier sessions (before a resume) included."""
@@ -242,13 +282,54 @@ class Federation:
         for cid, p in plans.items():
             fault = plan_fault(self.cfg, rnd, cid)
             out[cid] = Payload(p.tensors, {**p.config, "fault": fault}) if fault else p
-        return out
+        return self._keep_snapshots(out)
+
+    # ------------------------------------------------------------------ deferred test (eval.test: selected)
+    def validated_models(self) -> list[str]:
+        return sorted({r["model"] for r in self.metrics.records if r["split"] == "val" and r["client"] is None})
+
+    def best_rounds(self) -> dict[str, int]:
+        """Per model label, the round with the best mean validation so far (the one `summary` will select)."""
+        return {m: best_val_round(self.metrics.records, m, self.cfg.eval.select_on) for m in self.validated_models()}
+
+    def _keep_snapshots(self, plans: dict[int, Payload]) -> dict[int, Payload]:
+        """Deferred test: tell every client which snapshot of each model it still needs (the best so far)."""
+        if not self.deferred:
+            return plans
+        keep = self.best_rounds()
+        return {c: Payload(p.tensors, {**p.config, "snapshot_keep": keep}) for c, p in plans.items()}
+
+    def test_selected(self) -> None:
+        """Deferred test: every client evaluates the test split on its snapshots of the round selected on
+        validation and of the last validated round, for every model label."""
+        last = {m: max(r["round"] for r in self.metrics.records if r["model"] == m and r["split"] == "val")
+                for m in self.validated_models()}
+        wanted = {m: sorted({best, last[m]}) for m, best in self.best_rounds().items()}
+        if not wanted:
+            return
+        rnd = self.rounds_completed
+        plans = {c: Payload({}, {"round": rnd, "test_snapshots": wanted}) for c in range(self.cfg.federation.num_clients)}
+        replies, failures = self.engine.evaluate(rnd, self._send(rnd, "evaluate", plans))
+        replies = self._receive(rnd, "evaluate", replies, rounds=wanted)
+        self.metrics.add([self._round_record(rnd, "test_failed", 1, cid) for cid in sorted(failures)])
+        self._log_evals(rnd, {c: r.evals for c, r in replies.items()})
+
+    def _log_evals(self, rnd: int, per_client: dict[int, list[dict]]) -> None:
+        """Eval results as metric records (each at its own `round` when it carries one: deferred tests) and
+        their per-example outcomes."""
+        by_round: dict[int, dict[int, list[dict]]] = {}
+        for cid, evals in sorted(per_client.items()):
+            self.outcomes.add(rnd, cid, evals)
+            for e in evals:
+                by_round.setdefault(e.get("round", rnd), {}).setdefault(cid, []).append(e)
+        for r, evals in sorted(by_round.items()):
+            self.metrics.log_evals(r, evals)
 
     def _accept(self, rnd: int, plans: dict[int, Payload], replies: dict[int, Reply]) -> tuple[dict, dict]:
         """Replies that pass validation (`Strategy.reply_rules`; updates bounded to `replies.max_update_norm`
         when set), and the reasons of those that do not."""
         accepted, rejected = {}, {}
-        sizes = train_sizes(self.run_dir)
+        sizes = split_sizes(self.run_dir)
         for cid, reply in sorted(replies.items()):
             rules = self.strategy.reply_rules(cid, plans[cid])
             reason = check_reply(reply, rules, reply_limits(self.cfg, sizes.get(cid)))
@@ -278,22 +359,25 @@ class Federation:
         cache: dict = {}
         return {c: Payload(transfer(p.tensors, self.comm.dtype, cache), p.config) for c, p in plans.items()}
 
-    def _receive(self, rnd: int, phase: str, replies: dict[int, Reply]) -> dict[int, Reply]:
+    def _receive(self, rnd: int, phase: str, replies: dict[int, Reply],
+                 rounds: dict[str, list[int]] | None = None) -> dict[int, Reply]:
         """Record the replies' bytes and cast them as `comm.dtype` does. A reply whose tensors cannot be
-        measured is left as it is (training: `_accept` rejects it); evaluation replies are checked here."""
+        measured is left as it is (training: `_accept` rejects it); evaluation replies are checked here
+        (`rounds`: the snapshots a deferred test asked for)."""
         ok = {c: r for c, r in replies.items() if wire_problem(r) is None}
         self.comm.log(rnd, phase, "up", {c: r.tensors for c, r in ok.items()})
         for r in ok.values():
             r.tensors = transfer(r.tensors, self.comm.dtype)
-        return self._accept_evaluations(rnd, replies) if phase == "evaluate" else replies
+        return self._accept_evaluations(rnd, replies, rounds) if phase == "evaluate" else replies
 
-    def _accept_evaluations(self, rnd: int, replies: dict[int, Reply]) -> dict[int, Reply]:
-        """Replies to a global evaluation: evaluation results only; the others are logged and recorded
-        (`eval_rejected`, with the reason) and left out."""
-        limits = reply_limits(self.cfg, None)
+    def _accept_evaluations(self, rnd: int, replies: dict[int, Reply],
+                            rounds: dict[str, list[int]] | None = None) -> dict[int, Reply]:
+        """Replies to a global evaluation (or a deferred test of the snapshot `rounds`): evaluation results
+        only; the others are logged and recorded (`eval_rejected`, with the reason) and left out."""
+        sizes = split_sizes(self.run_dir)
         accepted, recs = {}, []
         for cid, reply in sorted(replies.items()):
-            reason = check_evaluation(reply, limits)
+            reason = check_evaluation(reply, reply_limits(self.cfg, sizes.get(cid)), rounds)
             if reason is None:
                 accepted[cid] = reply
                 continue
@@ -322,10 +406,10 @@ class Federation:
         plans = self.strategy.configure_evaluate(rnd, list(range(self.cfg.federation.num_clients)))
         if not plans:
             return
-        replies, failures = self.engine.evaluate(rnd, self._send(rnd, "evaluate", plans))
+        replies, failures = self.engine.evaluate(rnd, self._send(rnd, "evaluate", self._keep_snapshots(plans)))
         replies = self._receive(rnd, "evaluate", replies)
         self.metrics.add([self._round_record(rnd, f"eval_{kind}", 1, cid) for cid, (kind, _) in sorted(failures.items())])
-        self.metrics.log_evals(rnd, {c: r.evals for c, r in replies.items()})
+        self._log_evals(rnd, {c: r.evals for c, r in replies.items()})
 
     def run_round(self, rnd: int) -> bool:
         """Run round `rnd`; False when the communication budget does not allow it (nothing changed)."""
@@ -363,7 +447,7 @@ class Federation:
         if cfg.dp.enabled:
             recs.append(self._round_record(rnd, "dp_epsilon", self.epsilon(rnd, accepted)))
         self.metrics.add(recs)
-        self.metrics.log_evals(rnd, {c: r.evals for c, r in accepted.items() if r.evals})
+        self._log_evals(rnd, {c: r.evals for c, r in accepted.items() if r.evals})
         self.write_artifacts(rnd)
         if due:
             self.evaluate_global(rnd)
@@ -374,7 +458,7 @@ class Federation:
 
     def checkpoint(self, rnd: int) -> None:
         save_checkpoint(self.run_dir, rnd, self.strategy, self.engine, self.metrics, self.cfg.checkpoint.keep_last,
-                        self.wall_seconds())
+                        self.wall_seconds(), self.outcomes.count, self.cpu_seconds(), self.seconds())
         self.last_checkpoint = rnd
 
     def epsilon(self, rnd: int, accepted: dict[int, Reply] | None = None) -> float:
@@ -401,6 +485,8 @@ class Federation:
                 break
         if self.rounds_completed > self.last_checkpoint:  # stopped early between two checkpoints
             self.checkpoint(self.rounds_completed)
+        if self.deferred:
+            self.test_selected()
 
     def skips(self) -> dict[str, int]:
         counts = {kind: 0 for kind in FAILURE_KINDS}
@@ -417,7 +503,8 @@ class Federation:
         every client's state under `client/{id}/...`."""
         if self.strategy.has_global:
             return self.strategy.global_state
-        return {f"client/{cid}/{k}": v for cid, st in self.engine.client_states().items() for k, v in st.tensors.items()}
+        return {f"client/{cid}/{k}": v for cid, st in self.engine.client_states().items() for k, v in st.tensors.items()
+                if not k.startswith(snapshots.PREFIX)}
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -503,8 +590,11 @@ def _setup(cfg: Config, run_dir: Path, progress_mode: str | None, make_engine=No
     return Federation(cfg, run_dir, strategy, engine, progress)
 
 
-def _execute(fed: Federation, start_round: int, wall_before: float) -> dict:
+def _execute(fed: Federation, start_round: int, wall_before: float, cpu_before: float = 0.0,
+             setup_seconds: float = 0.0, seconds_before: dict | None = None) -> dict:
     fed.wall_before, fed.started = wall_before, time.time()
+    fed.setup_seconds, fed.seconds_before = setup_seconds, dict(seconds_before or {})
+    fed.cpu_before, fed.cpu_started = cpu_before, time.process_time()
     try:
         fed.run(start_round)
     finally:
@@ -531,7 +621,7 @@ def run_experiment(cfg: Config, run_dir: Path, progress_mode: str | None = None,
         write_marker(run_dir)
         handler = _attach_log_file(run_dir)
         try:
-            t0 = time.time()
+            t0, cpu0 = time.time(), time.process_time()
             dump_config(cfg, run_dir / "config.yaml")
             try:
                 fed = _setup(cfg, run_dir, progress_mode, make_engine)
@@ -539,7 +629,7 @@ def run_experiment(cfg: Config, run_dir: Path, progress_mode: str | None = None,
                 for name in ("config.yaml", "partition.json", "run.log"):
                     (run_dir / name).unlink(missing_ok=True)
                 raise
-            return _execute(fed, 1, time.time() - t0)
+            return _execute(fed, 1, time.time() - t0, time.process_time() - cpu0, time.time() - t0)
         finally:
             log.removeHandler(handler)
             handler.close()
@@ -566,7 +656,7 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 def _truncate_artifacts(run_dir: Path, last_round: int) -> None:
     """Drop records of rounds after the checkpoint from every per-round artefact file."""
     for path in run_dir.glob("*.jsonl"):
-        if path.name == "metrics.jsonl":
+        if path.name in ("metrics.jsonl", "outcomes.jsonl"):  # cut by record count (their checkpoint meta)
             continue
         lines = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x).get("round", 0) <= last_round]
         atomic_write_text(path, "".join(x + "\n" for x in lines))
@@ -633,13 +723,16 @@ def resume_experiment(run_dir: Path, config_path: Path | None = None, overrides:
             if meta["round"] >= cfg.federation.rounds and (run_dir / "summary.json").is_file():
                 return json.loads((run_dir / "summary.json").read_text())
             log.info("resuming %s after round %s (%s)", run_dir, meta["round"], ckpt.name)
+            t0 = time.time()
             fed = _setup(cfg, run_dir, progress_mode or requested.output.progress, make_engine)
             fed.strategy.load_state_dict(server_tensors, meta["server"])
             fed.engine.load_client_states(client_states)
             fed.metrics.truncate(meta["metrics_records"])
+            fed.outcomes.truncate(meta.get("outcomes_records", 0))
             _truncate_artifacts(run_dir, meta["round"])
             fed.progress.steps = meta["round"] * cfg.clients_per_round * cfg.train.local_steps
-            return _execute(fed, meta["round"] + 1, meta.get("wall_seconds", 0.0))
+            return _execute(fed, meta["round"] + 1, meta.get("wall_seconds", 0.0), meta.get("cpu_seconds", 0.0),
+                            time.time() - t0, meta.get("seconds"))
         finally:
             log.removeHandler(handler)
             handler.close()
@@ -661,6 +754,8 @@ def write_summary(fed: Federation, wall: float, engine_name: str) -> dict:
         "global": sel["global"],
         "skipped": fed.skips(),
         "wall_seconds": round(wall, 2),
+        "cpu_seconds": round(fed.cpu_seconds(), 2),
+        "seconds": fed.seconds(),
         "state_digest": state_digest(fed.final_state()),
         "comm": fed.comm.totals(),
         **strategy.summary_extra(),

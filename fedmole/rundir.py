@@ -44,11 +44,12 @@ _guard = threading.Lock()
 
 # what a run writes: a directory written before markers existed is recognised by holding only these
 RUN_ENTRIES = {"config.yaml", "partition.json", "metrics.jsonl", "metrics.csv", "comm.jsonl", "summary.json",
-               "run.log", "checkpoints", "report", "tensorboard", MARKER, LOCK}
+               "run.log", "checkpoints", "report", "tensorboard", "flowertune.json", MARKER, LOCK}
+RUN_PATTERNS = ("eval_round_*.json", "peft_[0-9]*", "fedmole_[0-9]*")  # FlowerTune's model dirs: peft_/fedmole_<round>
 
 
 def _run_entry(name: str) -> bool:
-    return (name in RUN_ENTRIES or name.endswith(".jsonl") or fnmatch.fnmatch(name, "eval_round_*.json")
+    return (name in RUN_ENTRIES or name.endswith(".jsonl") or any(fnmatch.fnmatch(name, p) for p in RUN_PATTERNS)
             or (name.startswith(".") and name.endswith(".tmp")))
 
 

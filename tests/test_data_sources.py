@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedmole.config import ColumnMap, DataConfig
-from fedmole.data.sources import load_examples
+from fedmole.data.sources import load_examples, map_columns
 from fedmole.errors import UserError
 
 DATA = Path(__file__).parent / "fixtures" / "data"
@@ -162,3 +162,90 @@ def test_hf_dataset_not_available_offline_is_a_user_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(UserError, match="could not be loaded offline.*set data.path to a local copy"):
         load(source="dolly", path="fedmole-tests/no-such-dataset")
+
+
+# ------------------------------------------------------------------------ mixed-task data sets
+def _mixed_rows(n: int) -> list[dict]:
+    """Natural Instructions-style mixture: only the classification rows carry choices and a label."""
+    rows = []
+    for i in range(n):
+        if i % 2:
+            rows.append({"instruction": f"Is {i} even?", "choices": ["yes", "no"], "label": i % 2, "task": "parity"})
+        else:
+            rows.append({"instruction": f"Spell the number {i}.", "response": f"number {i}", "task": "spell"})
+    return rows
+
+
+MIXED = ColumnMap(choices="choices", label="label")
+
+
+def test_rows_without_choices_are_generation_examples_in_a_mixed_jsonl(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _mixed_rows(4)))
+    examples = load(source="jsonl", path=str(path), columns=MIXED)
+    assert [(ex.task, ex.choices, ex.label, ex.response) for ex in examples] == [
+        ("spell", None, None, "number 0"), ("parity", ["yes", "no"], 1, "no"),
+        ("spell", None, None, "number 2"), ("parity", ["yes", "no"], 1, "no"),
+    ]
+
+
+def test_a_mixed_hf_dataset_with_null_or_empty_choices_loads_both_kinds(tmp_path):
+    import datasets
+
+    rows = [{"instruction": "Is 1 even?", "response": "", "choices": ["yes", "no"], "label": 1},
+            {"instruction": "Spell 2.", "response": "two", "choices": None, "label": None},
+            {"instruction": "Spell 3.", "response": "three", "choices": [], "label": None}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    examples = map_columns(datasets.load_from_disk(str(tmp_path / "ds")).to_list(), MIXED, "ds", "ds")
+    assert [(ex.choices, ex.label, ex.response) for ex in examples] == [
+        (["yes", "no"], 1, "no"), (None, None, "two"), (None, None, "three")]
+
+
+def test_a_generation_row_of_a_mixture_without_response_names_the_row(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [_mixed_rows(2)[1], {"instruction": "Spell 4."}]))
+    with pytest.raises(UserError, match=r"record 2 has no column 'response' \(a row without choices is a "
+                                        r"generation example\)"):
+        load(source="jsonl", path=str(path), columns=MIXED)
+
+
+def test_a_choices_column_no_record_has_is_a_user_error(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _mixed_rows(4)))
+    with pytest.raises(UserError, match=r"no record has the choices column 'options'.*instruction, response"):
+        load(source="jsonl", path=str(path), columns=ColumnMap(choices="options", label="label"))
+
+
+def test_a_mixed_task_jsonl_runs_end_to_end_and_reports_accuracy_and_rouge_l_apart(tmp_path, capsys):
+    from fedmole.config import load_config
+    from fedmole.run import load_federated_data, run_experiment
+
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _mixed_rows(120)))
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "smoke.yaml", [
+        "data.source=jsonl", f"data.path={path}", "data.max_examples=null", "data.columns.choices=choices",
+        "data.columns.label=label", "partition.scheme=iid", "federation.num_clients=2", "federation.rounds=1",
+        "train.local_steps=1", "eval.max_examples=20", "eval.generation.max_new_tokens=2", "train.num_threads=1"])
+    (tmp_path / "run").mkdir()
+    summary = run_experiment(cfg, tmp_path / "run", "none")
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    test = {(r["client"], r["metric"]): r["value"] for r in records if r["split"] == "test" and r["model"] == "global"}
+    for client in load_federated_data(cfg):
+        kinds = [ex.is_classification for ex in client.test[: cfg.eval.max_examples]]
+        n_cls, n_gen = sum(kinds), len(kinds) - sum(kinds)
+        assert n_cls and n_gen  # both kinds in every client's test split
+        acc, rouge = test[(client.client_id, "accuracy")], test[(client.client_id, "rouge_l")]
+        assert round(acc * n_cls / 100, 6) == int(round(acc * n_cls / 100))  # a share of the n_cls answers
+        # score: the per-example mean over both kinds, each example counted once with its own metric
+        assert test[(client.client_id, "score")] == pytest.approx((acc * n_cls + rouge * n_gen) / (n_cls + n_gen))
+    assert {(None, "accuracy"), (None, "rouge_l"), (None, "score")} <= set(test)
+    assert summary["metric"] == "score"
+    # the command line's results say what the score averages and give each part
+    from fedmole.cli import print_results
+
+    print_results(summary, tmp_path / "run")
+    printed = " ".join(capsys.readouterr().out.split())
+    head = summary["headline"]
+    assert (f"score averages accuracy (classification examples) and ROUGE-L F (generation examples) per example; "
+            f"{head} test @ round 1: accuracy {test[(None, 'accuracy')]:.2f}, ROUGE-L F "
+            f"{test[(None, 'rouge_l')]:.2f}") in printed

@@ -140,10 +140,12 @@ def test_shared_prompt_choice_scores_equal_full_sequences(tiny_tok, name):
             assert sc.tokens[i] == sum(1 for t in f["labels"] if t != -100)
             assert sc.ce[i] / sc.tokens[i] == pytest.approx(_unpadded_mean_ce(model, f), abs=1e-4)
         assert sc.gold_is_train and sc.best == min(range(len(feats)), key=lambda i: sc.ce[i] / sc.tokens[i])
-    # the prompts ran once, as one left-padded batch, then only the choices' own tokens (right-padded rows)
+    # the prompts ran once, as one left-padded batch, then only the choices' own tokens: the choices of each
+    # length together, unpadded, without their last token (EOS is predicted from the token before it, never fed)
     rows = [t for sc in scores for t in sc.tokens]
+    by_width = {w: rows.count(w) for w in sorted(set(rows)) if w > 1}
     assert seen == [len(CHOICE_EXAMPLES) * max(_prompt_length(ex, tiny_tok) for ex in CHOICE_EXAMPLES),
-                    len(rows) * max(rows)]
+                    *[n * (w - 1) for w, n in by_width.items()]]
 
 
 def test_choice_scoring_falls_back_to_full_sequences_when_a_choice_does_not_fit(tiny_tok):

@@ -59,10 +59,11 @@ def _write_data(path: Path) -> Path:
     return path
 
 
-def _config(data: Path, algorithm: dict, model: str = "tiny-llama", **sections) -> dict:
+def _config(data: Path, algorithm: dict, model: str = "tiny-llama", prompt: str = "alpaca", **sections) -> dict:
     return {
         "model": {"name": model},
-        "data": {"source": "jsonl", "path": str(data), "columns": {"choices": "choices", "label": "label"}},
+        "data": {"source": "jsonl", "path": str(data), "columns": {"choices": "choices", "label": "label"},
+                 "prompt": prompt},
         "partition": {"scheme": "iid", "splits": {"train": 0.7, "aux": 0.1, "val": 0.1, "test": 0.1}},
         "algorithm": algorithm,
         "federation": {"num_clients": 3, "rounds": 2, "seed": 7},
@@ -90,7 +91,8 @@ def runs(tmp_path_factory):
         "fedamole": _run(root, "fedamole", _config(data, {"name": "fedamole", "num_experts": 4, "expert_choices": 2,
                                                           "min_experts": 2, "max_experts": 4, "top_k": 2, "rank": 4,
                                                           "alpha": 8})),
-        "local": _run(root, "local", _config(data, {"name": "local", "rank": 4, "alpha": 8})),
+        # trained with the plain prompt template: eval and generate must use it, not alpaca or a chat template
+        "local": _run(root, "local", _config(data, {"name": "local", "rank": 4, "alpha": 8}, prompt="plain")),
         "flame": _run(root, "flame", _config(data, {"name": "flame", "experts": "pretrained", "rank": 4, "alpha": 8},
                                              model="tiny-olmoe", tiers={"per_client": [1, 2, 4]})),
     }
@@ -280,6 +282,8 @@ def test_local_models_export_per_client_and_re_evaluate_exactly(runs, tmp_path, 
     result = evaluate_run(run)
     assert result["models"] == ["personalized"]
     assert all(r["recorded"] is not None for r in result["records"])
+    # the run trained and evaluated with the plain template; eval reproduces it only by using that template too
+    assert _resolved(run)["data"]["prompt"] == "plain"
     assert _compare_with_recorded(result) >= 3 * 2
 
 
@@ -324,13 +328,46 @@ def test_generate_streams_exactly_the_greedy_output(runs, tmp_path):
     assert direct.exit_code == 0 and direct.output == res.output
 
 
-def test_prompts_use_the_chat_template_when_the_tokenizer_has_one(tiny_tok):
-    cfg = validate_config({"data": {"prompt": "alpaca"}})
-    plain = format_prompt("Define cat.", tiny_tok, cfg)
-    assert "### Instruction:\nDefine cat." in tiny_tok.decode(plain)
+CHAT = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>"
+
+
+def test_auto_prompts_use_the_runs_own_template_even_when_the_tokenizer_has_a_chat_template(tiny_tok):
     chat = copy.deepcopy(tiny_tok)
-    chat.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>"
-    ids = format_prompt("Define cat.", chat, cfg)
-    assert chat.decode(ids) == "<|user|>Define cat.\n<|assistant|>"
+    chat.chat_template = CHAT
+    alpaca = validate_config({"data": {"prompt": "alpaca"}})
+    assert "### Instruction:\nDefine cat." in chat.decode(format_prompt("Define cat.", chat, alpaca))
+    assert chat.decode(format_prompt("Define cat.", chat, alpaca, "chat")) == "<|user|>Define cat.\n<|assistant|>"
+    trained_on_chat = validate_config({"data": {"prompt": "chat", "system_prompt": "Be brief."}})
+    assert chat.decode(format_prompt("Define cat.", chat, trained_on_chat)) == (
+        "<|system|>Be brief.\n<|user|>Define cat.\n<|assistant|>")
+    plain = validate_config({"data": {"prompt": "plain"}})
+    assert tiny_tok.decode(format_prompt("Define cat.", tiny_tok, plain), skip_special_tokens=True) == "Define cat.\n"
     with pytest.raises(UserError, match="--template"):
-        format_prompt("x", chat, cfg, "jinja")
+        format_prompt("x", chat, plain, "jinja")
+
+
+def test_generate_prompts_an_export_with_the_template_its_run_trained_with(runs, tmp_path):
+    """The `local` run trained with `plain`; its export's tokenizer is given a chat template, which the default
+    (`--template auto`) must not use."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "plain-export"
+    export_run(runs["local"], out, client=1)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.chat_template = CHAT
+    tok.save_pretrained(out)
+
+    def answer(*template):
+        res = CliRunner().invoke(app, ["generate", str(out), "--prompt", "Define the word cat.",
+                                       "--max-new-tokens", "6", *template])
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    model, tok = fedmole.load_model(out)
+    cfg = validate_config(json.loads((out / "fedmole_export.json").read_text())["config"])
+    ids = format_prompt("Define the word cat.", tok, cfg)
+    # the run's plain template, not the chat template
+    assert tok.decode(ids, skip_special_tokens=True) == "Define the word cat.\n"
+    assert answer() == answer("--template", "plain")
+    assert answer().strip() == generate(model, tok, ids, 6, stream=False).strip()
+    assert format_prompt("Define the word cat.", tok, cfg, "chat") != ids

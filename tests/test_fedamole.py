@@ -234,14 +234,14 @@ def test_embeddings_are_token_means_and_dp_clips_to_the_largest_batch_mean_norm(
     clean_u = torch.einsum("nrd,td->tnr", mod.A, tokens).mean(0)  # and of A_e x
 
     cfg.algorithm.dp_embeddings = False
-    emb, n_tokens = client.embeddings(1)
+    emb, n_tokens, _ = client.embeddings(1)
     cfg.algorithm.dp_embeddings = True
     assert n_tokens == tokens.shape[0]
     assert torch.allclose(emb[f"{path}/router/t"], clean_t, atol=1e-5)
     for i, e in enumerate(mod.held.tolist()):
         assert torch.allclose(emb[f"{path}/{e}/u"], clean_u[i], atol=1e-5)
 
-    noisy, _ = client.embeddings(1)  # eta = 0.05: noise ~ r/(2 eta) = 40 per coordinate, always clipped
+    noisy, _, _ = client.embeddings(1)  # eta = 0.05: noise ~ r/(2 eta) = 40 per coordinate, always clipped
     tau_t = max((b @ mod.W_t.t()).mean(0).norm() for b in batches)  # the largest per-batch MEAN norm
     sum_bound = max((b @ mod.W_t.t()).sum(0).norm() for b in batches)  # the reference code's (wrong) bound
     assert noisy[f"{path}/router/t"].norm() == pytest.approx(float(tau_t), rel=1e-4)
@@ -298,3 +298,27 @@ def test_three_round_run_clients_with_different_data_end_with_different_experts(
     models = {(r["round"], r["model"]) for r in recs if r["split"] == "test" and r["metric"] == "score"}
     assert models == {(0, "global")} | {(rnd, m) for rnd in (1, 2, 3) for m in ("global", "personalized")}
 
+
+
+@pytest.mark.parametrize("extra,kept_is_one", [(["algorithm.static_arch=true"], True), ([], False)])
+def test_diagnostics_record_how_many_experts_clients_keep_and_how_peaked_routing_is(tmp_path, extra, kept_is_one):
+    """Per round: the share of its previous experts each client holds again (1 for a static architecture) next
+    to what a random re-deal keeps (n/N), the routing entropy H(p)/log n of local training, the relative update
+    of A and W_t; RSEA rounds also record how peaked the expert-to-client affinities are."""
+    cfg = load_config(SMOKE, ["federation.rounds=3", "eval.max_examples=2", *extra])
+    run_experiment(cfg, tmp_path, "none")
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    kept = [r for r in recs if r["metric"] == "experts_kept"]
+    assert {r["round"] for r in kept} == {2, 3} and {r["client"] for r in kept} == set(CLIENTS)
+    assert all(0 <= r["value"] <= 1 for r in kept)
+    assert all(r["value"] == 1.0 for r in kept) == kept_is_one
+    random_keep = {(r["round"], r["client"]): r["value"] for r in recs if r["metric"] == "experts_kept_random"}
+    held = {(r["round"], r["client"]): r["value"] for r in recs if r["metric"] == "experts_mean"}
+    assert all(v == pytest.approx(held[k] / cfg.algorithm.num_experts) for k, v in random_keep.items())
+    entropy = [r["value"] for r in recs if r["metric"] == "router_entropy"]
+    assert len(entropy) == 3 * len(CLIENTS) and all(0 < h <= 1 for h in entropy)
+    names = {r["metric"] for r in recs if r["client"] is None and r["split"] == "round"}
+    assert {"update_A_domain", "update_A_shared", "update_W_t_router", "B_norm_domain"} <= names
+    assert ("affinity_peak" in names) == (not kept_is_one)
+    peaks = [r["value"] for r in recs if r["metric"] == "affinity_peak"]
+    assert all(1 <= p <= len(CLIENTS) for p in peaks)

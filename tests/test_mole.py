@@ -12,10 +12,12 @@ from fedmole.adapters.mole import AMoLELinear
 from fedmole.models.tiny import tiny_llama
 
 
-def naive_amole(x, W0, A, B, W_t, A_s, B_s, scaling, top_k, h=None):
-    """y_t = W0 x + s B_s A_s h + sum_{e in top-k} g_e s B_e A_e h, with z_e = <A_e x, W_t x>/sqrt(r), looping
-    over tokens and experts. `h` is the LoRA input (x after dropout), the router always sees x."""
+def naive_amole(x, W0, A, B, W_t, A_s, B_s, scaling, top_k, h=None, h_e=None):
+    """y_t = W0 x + s B_s A_s h + sum_{e in top-k} g_e s B_e A_e h_e, with z_e = <A_e x, W_t x>/sqrt(r),
+    looping over tokens and experts. `h` (T, d) is the shared expert's LoRA input and `h_e` (T, n, d) each
+    domain expert's (x after that expert's dropout); the router always sees x."""
     h = x if h is None else h
+    h_e = x.unsqueeze(1).expand(-1, A.shape[0], -1) if h_e is None else h_e
     r = W_t.shape[0]
     rows = []
     for t in range(x.shape[0]):
@@ -29,7 +31,7 @@ def naive_amole(x, W0, A, B, W_t, A_s, B_s, scaling, top_k, h=None):
         if A_s is not None:
             y = y + scaling * (B_s @ (A_s @ ht))
         for e in chosen:
-            y = y + (p[e] / norm) * scaling * (B[e] @ (A[e] @ ht))
+            y = y + (p[e] / norm) * scaling * (B[e] @ (A[e] @ h_e[t, e]))
         rows.append(y)
     return torch.stack(rows)
 
@@ -67,16 +69,24 @@ def test_fast_layer_matches_naive_loop_outputs_and_gradients(top_k, shared):
     assert (y - layer.base(x)).abs().max() > 1e-2  # the experts really contribute
 
 
-def test_dropout_applies_to_the_lora_input_only():
+def test_dropout_applies_to_the_lora_input_only_with_one_mask_per_expert():
     layer = _layer(dropout=0.5).train()
     x = torch.randn(1, 8, 12)
     torch.manual_seed(3)
     y = layer(x)
-    torch.manual_seed(3)
-    h = F.dropout(x.reshape(-1, 12), 0.5, training=True)  # the same mask: dropout is the layer's first draw
-    y_ref = naive_amole(x.reshape(-1, 12), layer.base.weight, layer.A, layer.B, layer.W_t, layer.A_s, layer.B_s,
-                        layer.scaling, 2, h=h).view_as(y)
+    torch.manual_seed(3)  # the same masks: the shared expert's is the layer's first draw, the experts' the second
+    X = x.reshape(-1, 12)
+    h = F.dropout(X, 0.5, training=True)
+    h_e = F.dropout(X.unsqueeze(1).expand(-1, 5, -1), 0.5, training=True)  # (T, n, d): expert e's input
+    y_ref = naive_amole(X, layer.base.weight, layer.A, layer.B, layer.W_t, layer.A_s, layer.B_s,
+                        layer.scaling, 2, h=h, h_e=h_e).view_as(y)
     assert (y - y_ref).abs().max() < 1e-5
+    # the masks differ between experts (one shared mask would zero the same features for every expert)
+    kept = h_e != 0  # (T, n, d)
+    assert (kept[:, 0] != kept[:, 1]).any() and (kept[:, 0] != (h != 0)).any()
+    one_mask = naive_amole(X, layer.base.weight, layer.A, layer.B, layer.W_t, layer.A_s, layer.B_s, layer.scaling,
+                           2, h=h, h_e=h.unsqueeze(1).expand(-1, 5, -1)).view_as(y)
+    assert (y - one_mask).abs().max() > 1e-3
     layer.pop_load_balance()
     layer.eval()  # and no dropout in eval mode
     y_eval = layer(x)
@@ -134,6 +144,25 @@ def test_load_balancing_loss_hand_case():
         layer.eval()
         layer(x)
         assert layer.pop_load_balance() is None  # nothing is recorded outside training
+
+
+def test_zero_lb_weight_records_no_load_balancing_terms(tiny_tok):
+    """With lb_weight 0 nobody collects the terms, so the layers must not record them (each holds a graph)."""
+    from fedmole.algorithms import get_algorithm
+    from fedmole.config import load_config
+
+    cfg = load_config(None, ["algorithm.name=fedamole", "algorithm.num_experts=4", "algorithm.lb_weight=0", "partition.splits.aux=0.1"])
+    model = tiny_llama(len(tiny_tok))
+    adapters = get_algorithm("fedamole").build_adapters(model, cfg)
+    model.train()
+    for _ in range(3):
+        model(torch.randint(0, len(tiny_tok), (2, 6)))
+    assert all(not m._lb_terms for m in adapters.modules.values())
+    cfg = load_config(None, ["algorithm.name=fedamole", "algorithm.num_experts=4", "partition.splits.aux=0.1"])
+    adapters = get_algorithm("fedamole").build_adapters(tiny_llama(len(tiny_tok)), cfg)
+    adapters.model.train()
+    adapters.model(torch.randint(0, len(tiny_tok), (2, 6)))
+    assert all(len(m._lb_terms) == 1 for m in adapters.modules.values())
 
 
 def test_expert_state_round_trips_through_the_adapter_set(tiny_tok):

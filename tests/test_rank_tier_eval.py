@@ -70,3 +70,18 @@ def test_tier_eval_none_evaluates_only_the_global_model(tmp_path):
     summary, _, recs = _run(tmp_path, "hetlora", "algorithm.tier_eval=none")
     assert {r["model"] for r in recs} == {"global"}
     assert not summary.get("other_models")
+
+
+@pytest.mark.parametrize("name,extra", [("hetlora", []), ("flexlora", []),
+                                        ("flame", ["algorithm.experts=lora", "algorithm.top_k=8"])])
+def test_tier_eval_budget_evaluates_each_client_once_on_the_model_its_budget_runs(tmp_path, name, extra):
+    """`tier_eval: budget`: the top tier on the full model, every other client only at its own tier; the numbers
+    are those the `own` evaluation gives the same models."""
+    summary, _, recs = _run(tmp_path, name, *extra, "algorithm.tier_eval=budget")
+    for c in range(4):
+        assert {r["model"] for r in recs if r["client"] == c} == {OWN.get(c, "global")}, c
+    (tmp_path / "own").mkdir()
+    _, _, own = _run(tmp_path / "own", name, *extra, "algorithm.tier_eval=own")
+    key = lambda r: (r["client"], r["model"], r["metric"])  # noqa: E731
+    expected = {key(r): r["value"] for r in own}
+    assert {key(r): r["value"] for r in recs} == {k: v for k, v in expected.items() if k in {key(r) for r in recs}}

@@ -87,8 +87,122 @@ PRESETS = {
 }
 
 
+# ------------------------------------------------------------------------------------------- powered
+# The `powered` preset (issue 15): numbers that can separate methods. Mostly classification (accuracy by
+# choice scoring) on the WordNet classification tasks, 150 test and 60 validation examples per client, test
+# evaluated only at the round selected on validation and at the last round (`eval.test: selected`), per-example
+# outcomes kept, 3 seeds (partition, tiers and initialisation all follow federation.seed). FedIT and FedIT-FT
+# are one run (its global and its personalised model); FDLoRA evaluates only its personalised (fused) model.
+POWERED_PERSONAL_RUNS = {
+    "local": ["algorithm.name=local"],
+    "fedit": ["algorithm.name=fedit", "algorithm.personalize_by_finetune=true"],
+    "fdlora": ["algorithm.name=fdlora", "eval.models=[personalized]"],
+    "fedamole": ["algorithm.name=fedamole"],
+    "fedamole_r": ["algorithm.name=fedamole", "algorithm.static_arch=true"],
+    "fedamole_s": ["algorithm.name=fedamole", "algorithm.shared_expert=false"],
+}
+POWERED_PERSONAL_METHODS = {  # method -> (run, model label)
+    "local": ("local", "personalized"), "fedit": ("fedit", "global"), "fedit_ft": ("fedit", "personalized"),
+    "fdlora": ("fdlora", "personalized"), "fedamole": ("fedamole", "personalized"),
+    "fedamole_r": ("fedamole_r", "personalized"), "fedamole_s": ("fedamole_s", "personalized"),
+}
+# tier scenario: FLAME's dense LoRA-expert variant (8 experts of r = 8 on q, v; top-4 at full compute) against
+# HetLoRA / FlexLoRA at r_i = 8 k_i / 4 on the same q, v: the same adapted weights (like for like). Each client
+# is evaluated once, on the model its budget runs (`tier_eval: budget`).
+POWERED_TIER_RUNS = {
+    "flame": ["algorithm.name=flame", "algorithm.experts=lora", "algorithm.num_experts=8", "algorithm.top_k=4"],
+    "flame_no_rescaler": ["algorithm.name=flame", "algorithm.experts=lora", "algorithm.num_experts=8",
+                          "algorithm.top_k=4", "algorithm.rescaler=none"],
+    "flame_t0": ["algorithm.name=flame", "algorithm.experts=lora", "algorithm.num_experts=8", "algorithm.top_k=4",
+                 "algorithm.temperature=0"],
+    "hetlora": ["algorithm.name=hetlora"],
+    "flexlora": ["algorithm.name=flexlora"],
+}
+POWERED_TIER_METHODS = {m: (m, "global") for m in POWERED_TIER_RUNS}
+
+CHOICE_SPLITS = ["partition.splits.train=0.55", "partition.splits.aux=0.04", "partition.splits.val=0.12",
+                 "partition.splits.test=0.29", "partition.caps.aux=20", "partition.caps.val=60",
+                 "partition.caps.test=150"]
+NOUN_DOMAINS = "data.domains=[" + ",".join(f"noun.{c}" for c in
+                                          ("artifact", "person", "plant", "animal", "act", "communication", "state",
+                                           "attribute")) + "]"
+POWERED_SCENARIOS = {
+    # one classification task per client (like Natural Instructions, one task per client)
+    "task": {"kind": "personal", "clients": 3, "overrides": [
+        "data.tasks=[hypernym_choice,isa,synonym_choice]", "data.max_examples=3000",
+        "partition.scheme=meta", "partition.by=task", *CHOICE_SPLITS]},
+    # label skew (like SNLI / AG News): WordNet's 8-way noun category task, Dirichlet over the label
+    "label0.1": {"kind": "personal", "clients": 3, "overrides": [
+        "data.tasks=[category]", "data.max_examples=3000", "partition.scheme=dirichlet", "partition.by=label",
+        "partition.alpha=0.1", "partition.min_size=600", *CHOICE_SPLITS]},
+    # domain skew (like Dolly's categories): the three word-level choice tasks over 8 noun domains, Dirichlet
+    # over the domain
+    "domain1.0": {"kind": "personal", "clients": 3, "overrides": [
+        "data.tasks=[hypernym_choice,isa,synonym_choice]", NOUN_DOMAINS, "data.max_examples=3000",
+        "partition.scheme=dirichlet", "partition.by=domain", "partition.alpha=1.0", "partition.min_size=600",
+        *CHOICE_SPLITS]},
+    # generation (ROUGE-L): one generation task per client, at the size the budget allows
+    "gen": {"kind": "personal", "clients": 3, "overrides": [
+        "data.tasks=[definition,hypernym,synonym]", "data.max_examples=2000", "partition.scheme=meta",
+        "partition.by=task", "partition.splits.train=0.7", "partition.splits.aux=0.04", "partition.splits.val=0.08",
+        "partition.splits.test=0.18", "partition.caps.aux=20", "partition.caps.val=25", "partition.caps.test=50",
+        "eval.generation.max_new_tokens=24"]},
+    # compute tiers k = 4, 2, 1 of K = 4, three clients each (6 of the 9 train per round), domain skew alpha 1.0
+    # over 8 noun domains of the three word-level choice tasks
+    "tiers": {"kind": "tiers", "clients": 9, "overrides": [
+        "data.tasks=[hypernym_choice,isa,synonym_choice]", NOUN_DOMAINS, "data.max_examples=8000",
+        "partition.scheme=dirichlet", "partition.by=domain", "partition.alpha=1.0", "partition.min_size=600",
+        *CHOICE_SPLITS, "federation.clients_per_round=6", "tiers.levels=[4,2,1]", "tiers.mix=uniform",
+        "algorithm.tier_eval=budget", "algorithm.target_modules=[q_proj,v_proj]"]},
+}
+POWERED = {
+    "seeds": [42, 62, 82], "jobs": 2,
+    # 4 rounds of 12 steps of batch 4 at lr 1e-3; validation at rounds 2 and 4 (eval.every=2: the last round is
+    # always evaluated), test at the round selected on validation and at the last round
+    "overrides": ["data.prompt=plain", "federation.rounds=4", "train.local_steps=12", "train.batch_size=4",
+                  "train.lr=1e-3", "train.max_length=128", "train.num_threads=1", "eval.every=2",
+                  "eval.test=selected", "eval.max_examples=null", "eval.batch_size=16", "checkpoint.keep_last=1"],
+    # N = 3 C experts per module, as the paper's N = 30 for C = 10: each client holds about 6 of them
+    "fedamole": ["algorithm.evaluate_dispatched=false"],
+    "scenarios": POWERED_SCENARIOS,
+    "runs": {"personal": POWERED_PERSONAL_RUNS, "tiers": POWERED_TIER_RUNS},
+    "methods": {"personal": POWERED_PERSONAL_METHODS, "tiers": POWERED_TIER_METHODS},
+}
+# The short-horizon ablation of issue 15: does RSEA's re-assignment start to carry information (clients keeping
+# the experts they trained, FedAMoLE pulling ahead of its static random architecture) when the routers and
+# expert keys train for longer? The powered preset's label0.1 scenario at 3x the rounds (12 x 12 steps), FedAMoLE
+# and FedAMoLE-R only, the same 3 seeds and the same data.
+HORIZON = {
+    **POWERED,
+    "overrides": [o if not o.startswith("federation.rounds=") else "federation.rounds=12" for o in POWERED["overrides"]],
+    "scenarios": {"label0.1": POWERED_SCENARIOS["label0.1"]},
+    "runs": {"personal": {m: POWERED_PERSONAL_RUNS[m] for m in ("fedamole", "fedamole_r")}},
+    "methods": {"personal": {m: POWERED_PERSONAL_METHODS[m] for m in ("fedamole", "fedamole_r")}},
+}
+PRESETS["powered"] = POWERED
+PRESETS["horizon"] = HORIZON
+RUN_TABLE_PRESETS = ("powered", "horizon")  # presets whose methods are (run, model label) pairs
+
+
+def method_table(preset: str, scenarios: list[str] | None = None) -> dict[str, dict[str, dict]]:
+    """scenario -> method -> {"run", "model"}: which run directory and model label each method is scored on.
+    In the classic presets every method is its own run, scored on its headline model."""
+    if preset not in RUN_TABLE_PRESETS:
+        return {scen: {m: {"run": m, "model": None} for m in SCENARIOS[scen]["methods"]}
+                for scen in scenarios or list(SCENARIOS)}
+    p = PRESETS[preset]
+    return {scen: {m: {"run": run, "model": label} for m, (run, label) in p["methods"][p["scenarios"][scen]["kind"]].items()}
+            for scen in scenarios or list(p["scenarios"])}
+
+
+def scenario_names(preset: str) -> list[str]:
+    return list(PRESETS[preset]["scenarios"] if preset in RUN_TABLE_PRESETS else SCENARIOS)
+
+
 def runs(preset: str, scenarios: list[str] | None = None) -> list[dict]:
-    """Every (scenario, method, seed) run of a preset, with its full override list."""
+    """Every (scenario, run, seed) of a preset with its full override list; `method` names the run."""
+    if preset in RUN_TABLE_PRESETS:
+        return _run_table_runs(PRESETS[preset], scenarios)
     p = PRESETS[preset]
     out = []
     for scen in scenarios or list(SCENARIOS):
@@ -113,3 +227,22 @@ def runs(preset: str, scenarios: list[str] | None = None) -> list[dict]:
                 out.append({"scenario": scen, "method": method, "seed": seed,
                             "overrides": over + [f"federation.seed={seed}"]})
     return out
+
+
+def _run_table_runs(p: dict, scenarios: list[str] | None) -> list[dict]:
+    """Seed by seed (a finished seed is a complete replicate), and within a seed the costliest runs first, so
+    that the two workers finish together."""
+    order = {"tiers": 0, "label0.1": 1, "gen": 2, "domain1.0": 3, "task": 4}
+    out = []
+    for scen in scenarios or list(p["scenarios"]):
+        spec = p["scenarios"][scen]
+        for run, run_over in p["runs"][spec["kind"]].items():
+            name = run_over[0].split("=", 1)[1]
+            over = [*p["overrides"], f"federation.num_clients={spec['clients']}", *spec["overrides"]]
+            if name == "fedamole":
+                over += [*p["fedamole"], f"algorithm.num_experts={3 * spec['clients']}"]
+            over += run_over
+            for seed in p["seeds"]:
+                out.append({"scenario": scen, "method": run, "seed": seed, "overrides": over + [f"federation.seed={seed}"]})
+    return sorted(out, key=lambda r: (p["seeds"].index(r["seed"]), order.get(r["scenario"], 9),
+                                      0 if r["method"].startswith("fedamole") or r["method"] == "fedit" else 1))

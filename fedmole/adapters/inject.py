@@ -98,6 +98,15 @@ class AdapterSet:
         for p in self.parameters().values():  # frozen until a training loop asks for gradients
             p.requires_grad_(False)
 
+    def settings(self) -> dict[str, dict]:
+        """Run-time settings that change what the adapters compute but are not tensors (FLAME's active
+        experts k), by module path: with `state()`, everything needed to rebuild the current model."""
+        return {path: mod.settings() for path, mod in self.modules.items() if hasattr(mod, "settings")}
+
+    def apply_settings(self, settings: dict[str, dict]) -> None:
+        for path, values in settings.items():
+            self.modules[path].apply_settings(values)
+
     def init_state(self, seed: int, **kwargs) -> dict[str, torch.Tensor]:
         """Fresh initial adapter state from one seeded generator, in sorted module order (device-independent)."""
         gen = torch.Generator().manual_seed(seed)

@@ -9,9 +9,10 @@ a shared expert s and the router matrix W_t (r x d_in):
     p(x)   = softmax_{e in E_c} z(x)                                     over the held experts only
     g_e(x) = p_e(x) / sum_{e' in top-k(x)} p_e'(x)                       renormalised over the k selected
 
-with s_lora = alpha / r and dropout on the LoRA input only (the router sees the un-dropped x). During
-training every call also records the load-balancing term n * sum_e P_e f_e, where P_e is the mean router
-probability and f_e the share of the T*k (token, slot) selections that went to e.
+with s_lora = alpha / r and dropout on the LoRA input only (the router sees the un-dropped x). Each expert
+draws its own dropout mask (the shared expert too), as one PEFT adapter per expert would. During training
+every call also records the load-balancing term n * sum_e P_e f_e (when `load_balance` is on), where P_e is
+the mean router probability and f_e the share of the T*k (token, slot) selections that went to e.
 
 Storage: the held experts are batched, A: (n, r, d_in), B: (n, d_out, r), so a forward pass is a handful of
 matmuls with no Python loop over experts. The routed mixture is computed densely over the held experts with
@@ -38,7 +39,7 @@ SHARED, ROUTER = "shared", "router"
 
 class AMoLELinear(nn.Module):
     def __init__(self, base: nn.Linear, num_experts: int, rank: int, alpha: float, dropout: float = 0.0,
-                 top_k: int = 2, shared_expert: bool = True):
+                 top_k: int = 2, shared_expert: bool = True, load_balance: bool = True):
         super().__init__()
         if top_k > num_experts:
             raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts}")
@@ -47,6 +48,7 @@ class AMoLELinear(nn.Module):
         self.scaling = float(alpha) / rank
         self.dropout_p = float(dropout)
         self.shared_expert = shared_expert
+        self.load_balance = load_balance  # record the load-balancing term in training (off: lb_weight 0)
         d_in, d_out = base.in_features, base.out_features
         device = base.weight.device
         self.W_t = nn.Parameter(torch.zeros(rank, d_in, device=device))  # router / token projection
@@ -59,6 +61,7 @@ class AMoLELinear(nn.Module):
         self.register_buffer("held", torch.arange(num_experts, device=device), persistent=False)
         self.set_tensors(self.init_tensors(torch.Generator().manual_seed(0)))
         self._lb_terms: list[torch.Tensor] = []
+        self._entropy = [0.0, 0]  # training: sum over tokens of the normalised routing entropy, tokens
 
     @property
     def num_held(self) -> int:
@@ -84,12 +87,17 @@ class AMoLELinear(nn.Module):
         g = g / g.sum(dim=-1, keepdim=True)  # renormalised over the top-k
         G = torch.zeros_like(p).scatter(-1, top, g)  # (T, n), zero outside each token's top-k
         if self.training and torch.is_grad_enabled():
-            f = torch.bincount(top.reshape(-1), minlength=n).to(p.dtype) / top.numel()  # share of selections
-            self._lb_terms.append(n * (p.mean(dim=0) * f).sum())
+            with torch.no_grad():  # diagnostics: how peaked the routing is, H(p) / log n in [0, 1]
+                self._entropy[0] += float(-(p * p.clamp(min=1e-12).log()).sum() / math.log(n)) if n > 1 else 0.0
+                self._entropy[1] += p.shape[0]
+            if self.load_balance:
+                f = torch.bincount(top.reshape(-1), minlength=n).to(p.dtype) / top.numel()  # share of selections
+                self._lb_terms.append(n * (p.mean(dim=0) * f).sum())
 
-        if self.training and self.dropout_p > 0:
-            h = F.dropout(X, self.dropout_p, training=True)
-            down = (h @ self.A.reshape(n * r, -1).t()).view(-1, n, r)  # (T, n, r): A_e drop(x)
+        if self.training and self.dropout_p > 0:  # one mask per expert: A_e drop_e(x)
+            h = F.dropout(X, self.dropout_p, training=True)  # the shared expert's
+            dropped = F.dropout(X.unsqueeze(1).expand(-1, n, -1), self.dropout_p, training=True)  # (T, n, d_in)
+            down = torch.einsum("tnd,nrd->tnr", dropped, self.A)  # (T, n, r)
         else:
             h, down = X, K
         B_cat = self.B.transpose(1, 2).reshape(n * r, -1)  # (n*r, d_out): the held B_e side by side
@@ -105,6 +113,13 @@ class AMoLELinear(nn.Module):
         total = torch.stack(self._lb_terms).sum()
         self._lb_terms = []
         return total
+
+    def pop_routing_entropy(self) -> float | None:
+        """Mean over the training tokens since the last call of the routing entropy H(p) / log n (1: uniform
+        over the held experts, 0: one expert takes all), and forget them; None if there were none."""
+        total, tokens = self._entropy
+        self._entropy = [0.0, 0]
+        return total / tokens if tokens else None
 
     @torch.no_grad()
     def embed(self, x_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -106,6 +106,13 @@ class RoutedExperts(nn.Module):
             raise ValueError(f"active experts k={k} is outside 1..K={self.K}")
         self.k = k
 
+    def settings(self) -> dict:
+        """The run-time setting that is not a tensor: how many experts each token activates."""
+        return {"k": self.k}
+
+    def apply_settings(self, settings: dict) -> None:
+        self.set_active_experts(int(settings["k"]))
+
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, M) router logits -> gate weights g (N, k) in fp32 and expert ids (N, k)."""
         p = torch.softmax(logits.float(), dim=-1)  # (N, M)

@@ -72,8 +72,11 @@ class Strategy:
     headline: ClassVar[str] = GLOBAL  # which evaluation the method's papers report
 
     def __init__(self, cfg: Config, adapters: "AdapterSet"):
+        from fedmole.privacy import warn_if_reproducible
+
         self.cfg = cfg
         self.global_state: Tensors = self.initial_state(adapters)
+        warn_if_reproducible(cfg)  # run.log says when the clients' DP noise is reproducible by the server
 
     def initial_state(self, adapters: "AdapterSet") -> Tensors:
         """The round-0 global state, drawn once on the server from the federation seed."""
@@ -83,8 +86,8 @@ class Strategy:
         """Instructions common to every client of a round."""
         from fedmole.client.train import round_lr
 
-        return {"round": rnd, "lr": round_lr(self.cfg.train, rnd), "steps": self.cfg.train.local_steps,
-                "eval_personalized": evaluate and self.personalized}
+        return {"round": rnd, "lr": round_lr(self.cfg.train, rnd, self.cfg.federation.rounds),
+                "steps": self.cfg.train.local_steps, "eval_personalized": evaluate and self.personalized}
 
     def configure_train(self, rnd: int, clients: list[int], evaluate: bool) -> dict[int, Payload]:
         raise NotImplementedError

@@ -109,7 +109,8 @@ class Client(ClientProcedure):
         evals = rt.evaluate(cid, GLOBAL)
         batches = self.aux_batches(cid)
         if not state.tensors or not batches:
-            return Reply(evals=evals + [{**e, "model": PERSONALIZED} for e in evals])
+            # no private adapter yet: the personalised model is the global one (evaluated once when both are asked)
+            return Reply(evals=evals + (rt.relabel(evals, PERSONALIZED) if evals else rt.evaluate(cid, PERSONALIZED)))
         w, _ = fusion_search(lambda w: self.fusion_objective(payload.tensors, state.tensors, w, batches),
                                  self.cfg.algorithm.fusion_budget, self.cfg.algorithm.fusion_bound)
         state.meta["fusion"] = [float(w[0]), float(w[1])]

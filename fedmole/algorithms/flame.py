@@ -371,8 +371,9 @@ class Server(Strategy):
         lower = sorted({k for k in self.tiers if k < self.K}, reverse=True)
         plans = {}
         for c in clients:
-            evals = [{"label": GLOBAL, "k": self.K, "log_s": {}}]
-            tiers = lower if mode == "all" else [self.tiers[c]] if mode == "own" and self.tiers[c] < self.K else []
+            own_only = mode == "budget" and self.tiers[c] < self.K  # only the model this client can run
+            evals = [] if own_only else [{"label": GLOBAL, "k": self.K, "log_s": {}}]
+            tiers = lower if mode == "all" else [self.tiers[c]] if mode in ("own", "budget") and self.tiers[c] < self.K else []
             for k in tiers:
                 log_s = self.tier_log_s(k)
                 if log_s is not None:

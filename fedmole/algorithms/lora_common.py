@@ -86,15 +86,19 @@ class RankTierServer(LoRAServer):
             if self.ranks[c] not in own:
                 own[self.ranks[c]] = {TIER_PREFIX + k: v for k, v in self.export_state(c).items()}
             plans[c] = Payload({**plan.tensors, **own[self.ranks[c]]},
-                               {**plan.config, "tier_label": f"{GLOBAL}_k{self.tiers[c]}"})
+                               {**plan.config, "tier_label": f"{GLOBAL}_k{self.tiers[c]}",
+                                "tier_only": alg.tier_eval == "budget"})
         return plans
 
 
 def evaluate_tiers(proc: ClientProcedure, cid: int, payload: Payload) -> Reply:
-    """Client half of `RankTierServer.configure_evaluate`: the global model, then the own-rank model."""
+    """Client half of `RankTierServer.configure_evaluate`: the global model (unless `tier_only`), then the
+    own-rank model."""
     rt = proc.runtime
-    rt.adapters.load({k: v for k, v in payload.tensors.items() if not k.startswith(TIER_PREFIX)})
-    evals = rt.evaluate(cid, GLOBAL)
+    evals = []
+    if not payload.config.get("tier_only"):  # tier_eval: budget evaluates a lower tier on its own model only
+        rt.adapters.load({k: v for k, v in payload.tensors.items() if not k.startswith(TIER_PREFIX)})
+        evals = rt.evaluate(cid, GLOBAL)
     label = payload.config.get("tier_label")
     if label:
         rt.adapters.load({k[len(TIER_PREFIX):]: v for k, v in payload.tensors.items() if k.startswith(TIER_PREFIX)})

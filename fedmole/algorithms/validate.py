@@ -15,7 +15,10 @@ Every field of a reply is checked against what the server asked that client for.
 Common to every reply (`Limits`): a dense, finite tensor of the expected shape and dtype whose values stay
 within `replies.max_value`, a total size within `replies.max_mb`, a sample count that is an integer between 1
 and what the client was asked to train on (its train split), metrics that are named finite numbers, and
-evaluation results of the form `{"model", "split": val|test, "metrics": {name: finite number}}`.
+evaluation results of the form `{"model", "split": val|test, "metrics": {name: finite number}}`, a test result
+optionally with its per-example outcomes (`examples`, at most the client's test split, each of the form
+`client/evaluate.py` `outcome` writes) and, in the deferred test (`eval.test: selected`), the `round` of the
+snapshot it tested, one the server asked for.
 
 A rejected reply is logged with its reason, recorded in metrics.jsonl (`client_rejected`, with `reason`)
 and never touches the global state. `bound_update` optionally scales an accepted update down to
@@ -39,6 +42,8 @@ Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 MAX_METRICS = 256  # metric names a reply may carry (per reply and per evaluation)
 MAX_EVALS = 64  # evaluation results a reply may carry
+EVAL_KEYS = frozenset({"model", "split", "metrics"})  # every evaluation result; optionally `examples`, `round`
+OUTCOME_KEYS = frozenset({"uid", "gold", "pred", "choice_scores", "correct", "rouge_l", "value"})
 NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # metric names and model labels
 SPLITS = ("val", "test")
 # metrics whose range is known: evaluation scores are percentages, losses and counts are not negative
@@ -149,6 +154,7 @@ class ReplyRules:
     extra: dict[str, Check] = field(default_factory=dict)
     relations: tuple[Callable[[dict], str | None], ...] = ()  # checks across `extra` fields, after each passed
     evals: bool = False
+    eval_rounds: dict[str, list[int]] | None = None  # deferred test: the snapshot rounds asked for, per label
 
     def must_send(self) -> frozenset[str]:
         return frozenset(self.tensors) if self.required is None else self.required
@@ -161,6 +167,7 @@ class Limits:
     max_mb: float
     max_value: float = math.inf
     max_examples: int | None = None  # the client's train split; None: no upper bound known
+    max_outcomes: int | None = None  # the client's test split: per-example outcomes of one test result
 
 
 # ------------------------------------------------------------------------------------------ replies
@@ -196,10 +203,11 @@ def check_reply(reply: "Reply", rules: ReplyRules, limits: Limits) -> str | None
     return None
 
 
-def check_evaluation(reply: "Reply", limits: Limits) -> str | None:
+def check_evaluation(reply: "Reply", limits: Limits, rounds: dict[str, list[int]] | None = None) -> str | None:
     """None if a reply to a global evaluation is acceptable: evaluation results only (its sample count is
-    not used)."""
-    rules = ReplyRules({}, evals=True)
+    not used). `rounds`: the snapshots a deferred test asked for (model label -> rounds); each result then
+    names the round of one of them."""
+    rules = ReplyRules({}, evals=True, eval_rounds=rounds)
     for check in (_check_tensors, _check_metrics, _check_evals, _check_extra):
         why = check(reply, rules, limits)
         if why is not None:
@@ -285,16 +293,71 @@ def _check_evals(reply, rules, limits) -> str | None:
     if len(evals) > MAX_EVALS:
         return f"{len(evals)} evaluation results, at most {MAX_EVALS} are accepted"
     for i, e in enumerate(evals):
-        if not isinstance(e, dict) or set(e) != {"model", "split", "metrics"}:
-            return f"evals[{i}] must be a mapping with exactly model, split and metrics, got {_show(e)}"
+        if not isinstance(e, dict) or not EVAL_KEYS <= set(e) or set(e) - EVAL_KEYS - {"examples", "round"}:
+            return f"evals[{i}] must be a mapping with exactly model, split and metrics (a test result may add " \
+                   f"examples, a deferred test's its round), got {_show(e)}"
         if not isinstance(e["model"], str) or not NAME.fullmatch(e["model"]):
             return f"evals[{i}].model {_show(e['model'])} is not a model label"
         if e["split"] not in SPLITS:
             return f"evals[{i}].split must be one of {', '.join(SPLITS)}, got {_show(e['split'])}"
-        why = _metric_problem(e["metrics"], f"evals[{i}].metrics")
+        why = (_metric_problem(e["metrics"], f"evals[{i}].metrics") or _round_problem(e, rules.eval_rounds, i)
+               or _examples_problem(e, limits, i))
         if why is not None:
             return why
     return None
+
+
+def _round_problem(e: dict, asked: dict[str, list[int]] | None, i: int) -> str | None:
+    """A deferred test's result names the round of a snapshot the server asked for; no other result has one."""
+    if asked is None:
+        return f"evals[{i}].round: only results of a deferred test carry a round" if "round" in e else None
+    rnd, allowed = e.get("round"), asked.get(e["model"], [])
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd not in allowed:
+        return f"evals[{i}].round must be one of the rounds asked for model {e['model']!r} ({allowed}), " \
+               f"got {_show(rnd)}"
+    return None
+
+
+def _examples_problem(e: dict, limits: Limits, i: int) -> str | None:
+    """Per-example outcomes of a test result (written to outcomes.jsonl): a list of at most the client's test
+    split, each with exactly the fields of `client/evaluate.py` `outcome`, of their types."""
+    if "examples" not in e:
+        return None
+    examples, hi = e["examples"], limits.max_outcomes
+    if e["split"] != "test":
+        return f"evals[{i}].examples: only a test result carries per-example outcomes"
+    if not isinstance(examples, list):
+        return f"evals[{i}].examples must be a list of outcomes, got {type(examples).__name__}"
+    if hi is not None and len(examples) > hi:
+        return f"evals[{i}].examples holds {len(examples)} outcomes, more than the {hi} test examples of this client"
+    if len(examples) > e["metrics"].get("n", math.inf):
+        return f"evals[{i}].examples holds {len(examples)} outcomes, more than the {e['metrics']['n']} examples scored"
+    for j, x in enumerate(examples):
+        why = _outcome_problem(x)
+        if why is not None:
+            return f"evals[{i}].examples[{j}] {why}"
+    return None
+
+
+def _outcome_problem(x) -> str | None:
+    if not isinstance(x, dict) or set(x) != OUTCOME_KEYS:
+        return f"must be a mapping with exactly {', '.join(sorted(OUTCOME_KEYS))}, got {_show(x)}"
+    scores = x["choice_scores"]
+    checks = {
+        "uid": isinstance(x["uid"], str),
+        "gold": isinstance(x["gold"], str) or _is_index(x["gold"]),
+        "pred": x["pred"] is None or isinstance(x["pred"], str) or _is_index(x["pred"]),
+        "choice_scores": scores is None or (isinstance(scores, list) and all(is_finite_number(v) for v in scores)),
+        "correct": x["correct"] is None or (_is_index(x["correct"]) and x["correct"] <= 1),
+        "rouge_l": x["rouge_l"] is None or (is_finite_number(x["rouge_l"]) and 0.0 <= x["rouge_l"] <= 1.0),
+        "value": is_finite_number(x["value"]) and 0.0 <= x["value"] <= 100.0,
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    return f"has a malformed {bad[0]}: {_show(x[bad[0]])}" if bad else None
+
+
+def _is_index(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _check_extra(reply, rules, limits) -> str | None:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -56,31 +57,50 @@ def candidate_ce(
 
     The prompt is run once per example and its key/value cache shared by the example's choices, which then
     cost only their own few tokens: the same numbers as scoring every prompt + choice sequence in full
-    (`sequence_ce` on `encode_candidates`), for about 1/len(choices) of the compute."""
+    (`sequence_ce` on `encode_candidates`), for about 1/len(choices) of the compute. The prompt's last logits
+    score every choice's first token; the choices of each length run together on a copy of the cache, without
+    padding and without their last token (EOS is predicted, never fed), so only real choice tokens cost."""
     batch = to_device(collate([{"input_ids": p} for p in prompts], pad_id), device)
     keep = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
     out = model(**batch, use_cache=True, **keep)
-    first = out.logits[:, -1].float()  # (B, V): predicts each choice's first token
-    rows = torch.tensor([i for i, cs in enumerate(choices) for _ in cs], device=device)
-    flat = [c for cs in choices for c in cs]
-    width = max(len(c) for c in flat)
-    ids = torch.tensor([c + [pad_id] * (width - len(c)) for c in flat], device=device)  # right-padded
-    real = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in flat], device=device)
-    cache = out.past_key_values
-    cache.batch_select_indices(rows)
-    lengths = batch["attention_mask"].sum(-1)[rows]
-    logits = model(
-        input_ids=ids, attention_mask=torch.cat([batch["attention_mask"][rows], real], dim=1),
-        position_ids=lengths[:, None] + torch.arange(width, device=device), past_key_values=cache, use_cache=True,
-    ).logits.float()
-    logits = torch.cat([first[rows, None], logits[:, :-1]], dim=1)  # (R, width): position t predicts ids[:, t]
-    ce = (F.cross_entropy(logits.transpose(1, 2), ids, reduction="none") * real).sum(-1).cpu().tolist()
-    n = real.sum(-1).cpu().tolist()
+    first = out.logits[:, -1].float().log_softmax(-1)  # (B, V): predicts each choice's first token
+    lengths = batch["attention_mask"].sum(-1)  # (B,)
+    flat = [(i, c) for i, cs in enumerate(choices) for c in cs]
+    ce = [0.0] * len(flat)
+    by_length: dict[int, list[int]] = {}
+    for j, (_, c) in enumerate(flat):
+        by_length.setdefault(len(c), []).append(j)
+    for width, js in sorted(by_length.items()):
+        rows = torch.tensor([flat[j][0] for j in js], device=device)
+        ids = torch.tensor([flat[j][1] for j in js], device=device)  # (R, width), no padding
+        total = -first[rows, ids[:, 0]]  # (R,)
+        if width > 1:
+            logits = model(
+                input_ids=ids[:, :-1], attention_mask=torch.cat([batch["attention_mask"][rows],
+                                                                 torch.ones_like(ids[:, :-1])], dim=1),
+                position_ids=lengths[rows, None] + torch.arange(width - 1, device=device),
+                past_key_values=_select_rows(out.past_key_values, rows), use_cache=True,
+            ).logits.float()  # (R, width - 1, V): position t predicts ids[:, t + 1]
+            total = total + F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").sum(-1)
+        for j, v in zip(js, total.cpu().tolist()):
+            ce[j] = v
     out_lists, at = [], 0
     for cs in choices:
-        out_lists.append((ce[at : at + len(cs)], n[at : at + len(cs)]))
+        out_lists.append((ce[at : at + len(cs)], [len(c) for c in cs]))
         at += len(cs)
     return out_lists
+
+
+def _select_rows(cache, rows: torch.Tensor):
+    """A cache holding `rows` of `cache`'s batch, leaving `cache` itself untouched (the layers' tensors are
+    replaced, never written into, by selection and by the forward that extends them)."""
+    if not hasattr(cache, "layers"):
+        cache = copy.deepcopy(cache)
+    else:
+        cache = copy.copy(cache)
+        cache.layers = [copy.copy(layer) for layer in cache.layers]
+    cache.batch_select_indices(rows)
+    return cache
 
 
 def _batches(items: list, size: int):
@@ -168,11 +188,15 @@ def evaluate_examples(
 
 @torch.no_grad()
 def evaluate_splits(
-    model, tokenizer, splits: dict[str, list[Example]], data_cfg, max_length: int, cfg: EvalConfig, device
+    model, tokenizer, splits: dict[str, list[Example]], data_cfg, max_length: int, cfg: EvalConfig, device,
+    outcomes: dict[str, list[dict]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """`evaluate_examples` of each split, computed together: the splits' examples share batches of up to
     `eval.batch_size` (on a CPU a decoding step of 10 sequences costs about as much as one of 5, since it is
-    bound by reading the weights), and each split's metrics are its own examples' alone."""
+    bound by reading the weights), and each split's metrics are its own examples' alone.
+
+    `outcomes`: for each split named as a key, the list is filled with one record per scored example (see
+    `outcome`), so that methods can be compared example by example."""
     model.eval()
     pad_id = tokenizer.pad_token_id
     template, system = data_cfg.prompt, data_cfg.system_prompt
@@ -188,9 +212,11 @@ def evaluate_splits(
     ce: dict[int, tuple[float, int]] = {}  # example -> (CE sum, tokens) of its training sequence
     correct: dict[int, float] = {}  # classification example -> 1/0
     rouge: dict[int, float] = {}  # generation example -> ROUGE-L F
+    choice: dict[int, ChoiceScores] = {}
     for i, sc in zip(cls, scores):
         if sc is None:  # the prompt fills max_length: dropped, as in training
             continue
+        choice[i] = sc
         correct[i] = float(sc.best == examples[i].label)
         if sc.gold_is_train:
             ce[i] = (sc.ce[examples[i].label], sc.tokens[examples[i].label])
@@ -199,14 +225,19 @@ def evaluate_splits(
     for chunk in _batches(encoded, cfg.batch_size):
         s, n = sequence_ce(model, [e for _, e in chunk], pad_id, device)
         ce.update({i: (a, b) for (i, _), a, b in zip(chunk, s.tolist(), n.tolist())})
+    predictions: dict[int, str] = {}
     if gen:
-        predictions = generate(model, tokenizer, [examples[i] for i in gen], data_cfg, max_length, cfg, device)
-        rouge.update({i: rouge_l(p, examples[i].response) for i, p in zip(gen, predictions)})
+        predictions = dict(zip(gen, generate(model, tokenizer, [examples[i] for i in gen], data_cfg, max_length,
+                                             cfg, device)))
+        rouge.update({i: rouge_l(p, examples[i].response) for i, p in predictions.items()})
 
     out, start = {}, 0
     for name, exs in splits.items():
         idx = range(start, start + len(exs))
         start += len(exs)
+        if outcomes is not None and name in outcomes:
+            outcomes[name].extend(outcome(examples[i], choice.get(i), predictions.get(i), rouge.get(i))
+                                  for i in idx if i in correct or i in rouge)
         total = [ce[i] for i in idx if i in ce]
         metrics = {"loss": sum(c for c, _ in total) / max(sum(t for _, t in total), 1), "n": float(len(exs))}
         out[name] = metrics
@@ -221,6 +252,19 @@ def evaluate_splits(
         if acc or rl:
             metrics["score"] = 100.0 * sum(acc + rl) / len(acc + rl)
     return out
+
+
+def outcome(ex: Example, scores: ChoiceScores | None, prediction: str | None, rouge: float | None) -> dict:
+    """One scored example: uid, gold and prediction (choice indices with each choice's mean token CE, or the
+    reference and the generated text), correct (classification) or rouge_l (generation), and `value`, the
+    example's share of the score (x100): a split's score is the mean of its examples' values."""
+    if scores is not None:
+        means = [c / max(n, 1) for c, n in zip(scores.ce, scores.tokens)]
+        correct = int(scores.best == ex.label)
+        return {"uid": ex.uid, "gold": ex.label, "pred": scores.best, "choice_scores": [round(m, 6) for m in means],
+                "correct": correct, "rouge_l": None, "value": 100.0 * correct}
+    return {"uid": ex.uid, "gold": ex.response, "pred": prediction, "choice_scores": None, "correct": None,
+            "rouge_l": rouge, "value": 100.0 * rouge}
 
 
 @torch.no_grad()

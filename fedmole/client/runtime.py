@@ -9,6 +9,8 @@ clients run in or on which engine runs them.
 
 from __future__ import annotations
 
+import fnmatch
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -19,6 +21,7 @@ from fedmole.adapters import AdapterSet
 from fedmole.algorithms.base import ClientState
 from fedmole.client.data import BatchStream, EncodedClient, encode_client
 from fedmole.client.evaluate import evaluate_splits
+from fedmole.client.snapshots import Snapshot, Snapshots
 from fedmole.client.train import local_train
 from fedmole.config import Config
 from fedmole.data.partition import ClientData
@@ -42,6 +45,11 @@ class ClientRuntime:
         self.on_step: Callable[[int, float], None] | None = None  # progress display hook
         self.crash_at: int | None = None  # injected fault: raise after this local step
         self.eval_splits: tuple[str, ...] = ("val", "test")  # what `evaluate` covers unless told otherwise
+        # `eval.test: selected`: set by `execute` for one message; evaluations then cover val only and keep a
+        # snapshot of the evaluated model (client/snapshots.py), tagged with the message's round
+        self.snapshots: Snapshots | None = None
+        self.round = 0
+        self.seconds = {"train": 0.0, "evaluate": 0.0}  # wall time spent in local training and in evaluation
 
     def add_clients(self, clients: list[ClientData]) -> None:
         for c in clients:
@@ -72,10 +80,12 @@ class ClientRuntime:
         stream = BatchStream(
             len(data.train), self.cfg.train.batch_size, self.cfg.federation.seed, cid, state.meta.get("cursor")
         )
+        start = time.perf_counter()
         stats = local_train(
             self.model, params, data.train, stream, steps, lr, self.cfg.train, self.tokenizer.pad_token_id,
             self.device, extra_loss=extra_loss, before_step=before_step, on_step=self._step_hook,
         )
+        self.seconds["train"] += time.perf_counter() - start
         state.meta["cursor"] = stream.cursor
         return stats
 
@@ -90,10 +100,40 @@ class ClientRuntime:
     # -------------------------------------------------------------------------------------- evaluation
     def evaluate(self, cid: int, model_label: str, splits: tuple[str, ...] | None = None) -> list[dict]:
         """Evaluate the adapters currently loaded on the client's splits (default `eval_splits`), labelled
-        `model_label`."""
+        `model_label`; [] for a label `eval.models` leaves out. Under the deferred-test protocol (`snapshots`
+        set, no explicit `splits`) only val is evaluated and the model is kept as a snapshot. Test results
+        carry the per-example outcomes under `examples`."""
+        if not self.wants(model_label):
+            return []
+        deferred = self.snapshots is not None and splits is None
+        splits = ("val",) if deferred else splits or self.eval_splits
         data = self.data(cid)
+        outcomes: dict[str, list[dict]] = {"test": []} if "test" in splits else {}
+        start = time.perf_counter()
         metrics = evaluate_splits(
-            self.model, self.tokenizer, {split: getattr(data, split) for split in splits or self.eval_splits},
-            self.cfg.data, self.cfg.train.max_length, self.cfg.eval, self.device,
+            self.model, self.tokenizer, {split: getattr(data, split) for split in splits},
+            self.cfg.data, self.cfg.train.max_length, self.cfg.eval, self.device, outcomes=outcomes,
         )
-        return [{"model": model_label, "split": split, "metrics": m} for split, m in metrics.items()]
+        self.seconds["evaluate"] += time.perf_counter() - start
+        if deferred:
+            self.snapshots.setdefault(model_label, {})[self.round] = Snapshot(self.adapters.state(),
+                                                                              self.adapters.settings())
+        return [{"model": model_label, "split": split, "metrics": m,
+                 **({"examples": outcomes[split]} if split in outcomes else {})} for split, m in metrics.items()]
+
+    def relabel(self, evals: list[dict], model_label: str) -> list[dict]:
+        """`evals` of one model reported again under `model_label` (e.g. FDLoRA's personalised model before the
+        client has a private adapter is the global one), with its snapshot under the deferred-test protocol."""
+        if not self.wants(model_label):
+            return []
+        if self.snapshots is not None:
+            for label in {e["model"] for e in evals}:
+                snap = self.snapshots[label][self.round]
+                copy = Snapshot({k: v.clone() for k, v in snap.tensors.items()}, dict(snap.settings))
+                self.snapshots.setdefault(model_label, {})[self.round] = copy  # stored apart (safetensors)
+        return [{**e, "model": model_label} for e in evals]
+
+    def wants(self, model_label: str) -> bool:
+        """Whether `eval.models` asks for this model label (null: every label the method evaluates)."""
+        wanted = self.cfg.eval.models
+        return wanted is None or any(fnmatch.fnmatchcase(model_label, pattern) for pattern in wanted)

@@ -9,6 +9,7 @@ optimiser step (e.g. FedProx's proximal term).
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 
 import torch
@@ -39,8 +40,11 @@ def make_optimizer(params: Params, cfg: TrainConfig, lr: float) -> torch.optim.O
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def round_lr(cfg: TrainConfig, rnd: int) -> float:
-    """lr * decay^(round-1): constant within a round, decayed per round (rounds count from 1)."""
+def round_lr(cfg: TrainConfig, rnd: int, rounds: int) -> float:
+    """The learning rate of round `rnd` of `rounds` (counted from 1), constant within the round: lr * decay^(rnd-1)
+    (exponential), or lr_min + (lr - lr_min)(1 + cos(pi rnd / rounds)) / 2 (cosine, the FlowerTune template's)."""
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * rnd / rounds))
     return cfg.lr * cfg.lr_decay ** max(rnd - 1, 0)
 
 

@@ -157,12 +157,12 @@ def _looks_local(path: str) -> bool:
     return p.exists() or path.startswith((".", "/", "~")) or p.suffix in FILE_FORMATS
 
 
-def _require(record: dict, columns: list[str], origin: str, index: int) -> None:
+def _require(record: dict, columns: list[str], origin: str, index: int, why: str = "") -> None:
     missing = [c for c in columns if c not in record]
     if missing:
         raise UserError(
-            f"{origin}: record {index + 1} has no column {', '.join(map(repr, missing))}; columns present: "
-            f"{', '.join(record) or '(none)'}"
+            f"{origin}: record {index + 1} has no column {', '.join(map(repr, missing))}"
+            f"{f' ({why})' if why else ''}; columns present: {', '.join(record) or '(none)'}"
         )
 
 
@@ -183,28 +183,37 @@ def _string(record: dict, column: str, origin: str, index: int) -> str:
 # --------------------------------------------------------------------------------- generic mapping
 def map_columns(records: list[dict], cols: ColumnMap, origin: str, uid_prefix: str) -> list[Example]:
     """Examples from rows via `data.columns`. Optional columns under their default names (context, task,
-    domain) may be absent; any other column the user named must exist. With `choices` mapped, the gold index
-    comes from `label` (an index, or the gold choice's text) or else from the `response` text; a row with
-    an empty choices cell is a generation example."""
-    required = [cols.instruction] + [c for c in (cols.choices, cols.label) if c is not None]
-    if cols.choices is None or cols.label is None:
+    domain) may be absent; any other column the user named must exist.
+
+    With `choices` mapped, the rows may mix both kinds (as Natural Instructions-style mixtures do): a row
+    whose choices cell holds a list is a classification example, its gold index from `label` (an index, or
+    the gold choice's text) or else from the `response` text; a row without one (no such key, null, an
+    empty cell or an empty list) is a generation example and needs `response`."""
+    required = [cols.instruction]
+    if cols.choices is None:
         required.append(cols.response)
     # an optional column is required only when the user renamed it: a resolved config.yaml (run, resume,
     # eval) spells out the default names too, and those may be absent
     required += [getattr(cols, k) for k in ("context", "task", "domain")
                  if k in cols.model_fields_set and getattr(cols, k) != ColumnMap.model_fields[k].default]
     required = [c for c in required if c is not None]
+    if cols.choices is not None and records and not any(cols.choices in rec for rec in records):
+        raise UserError(
+            f"{origin}: no record has the choices column {cols.choices!r} (data.columns.choices); columns of "
+            f"record 1: {', '.join(records[0]) or '(none)'}"
+        )
     examples = []
     for i, rec in enumerate(records):
         _require(rec, required, origin, i)
         choices = label = None
-        if cols.choices is not None and rec[cols.choices] not in (None, ""):
+        if cols.choices is not None and not _no_choices(rec.get(cols.choices)):
             choices = _parse_choices(rec[cols.choices], origin, i)
-            raw = rec[cols.label] if cols.label is not None else _string(rec, cols.response, origin, i)
-            label = _parse_label(raw, choices, origin, i)
+            gold = cols.label if cols.label is not None else cols.response
+            _require(rec, [gold], origin, i, "a row with choices needs its gold choice")
+            label = _parse_label(rec[gold], choices, origin, i)
             response = choices[label]
         else:
-            _require(rec, [cols.response], origin, i)
+            _require(rec, [cols.response], origin, i, "a row without choices is a generation example")
             response = _string(rec, cols.response, origin, i)
         examples.append(
             Example(
@@ -219,6 +228,13 @@ def map_columns(records: list[dict], cols: ColumnMap, origin: str, uid_prefix: s
             )
         )
     return examples
+
+
+def _no_choices(value) -> bool:
+    """Whether a choices cell is empty: no value, an empty string or list (also a JSON "[]" CSV cell)."""
+    if isinstance(value, str):
+        return value.strip() in ("", "[]")
+    return value is None or value == []
 
 
 def _parse_choices(value, origin: str, index: int) -> list[str]:

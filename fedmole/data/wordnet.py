@@ -16,7 +16,7 @@ loaded only when `data.tasks` names them, so a config without `data.tasks` reads
 
 | task            | instruction                                                | choices (gold)                             |
 |-----------------|------------------------------------------------------------|--------------------------------------------|
-| category        | Which category does 'X' belong to in the sense: <def>?    | 8 noun categories (the synset's lexfile)   |
+| category        | 'X' (<definition>): which category?                        | 8 noun categories (the synset's lexfile)   |
 | isa             | Is 'X' a kind of 'Y'? / Is 'X' an instance of 'Y'?         | no, yes (Y: the true hypernym or another)  |
 | synonym_choice  | Which word is a synonym of 'X'?                            | 4 words (the synset's second lemma)        |
 | hypernym_choice | 'X' is a kind of what? / 'X' is an instance of what?       | 4 words (the first hypernym's first lemma) |
@@ -40,6 +40,7 @@ once under the fedmole cache directory.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -56,7 +57,7 @@ from fedmole.paths import atomic_write_text, cache_dir
 
 DEFAULT_WORDNET_DIR = "/usr/share/wordnet"
 CACHE_FORMAT = "v1"  # bump when the examples derived from a synset change
-CHOICE_CACHE_FORMAT = "v1"  # the same for the classification tasks' file
+CHOICE_CACHE_FORMAT = "v2"  # the same for the classification tasks' file
 
 TASKS = ("definition", "pos", "synonym", "hypernym", "usage")  # what `data.tasks: null` loads
 CHOICE_TASKS = ("category", "isa", "synonym_choice", "hypernym_choice")  # loaded when named in data.tasks
@@ -254,7 +255,7 @@ def _synset_choice_examples(s: Synset, first_lemma, pools: Pools) -> list[Exampl
 
     out = []
     if domain.startswith("noun.") and domain[5:] in CATEGORIES:
-        out.append(make("category", f"Which category does '{word}' belong to in the sense: {s.definition}?",
+        out.append(make("category", f"'{word}' ({s.definition}): which category?",
                         list(CATEGORIES), CATEGORIES.index(domain[5:])))
     answer = _hypernym_lemma(s, first_lemma)
     hyper_pool = pools.hypernyms.get(s.lexfile, [])
@@ -328,17 +329,27 @@ def load_wordnet(wordnet_dir: str | Path | None = None, tasks: list[str] | None 
     """WordNet examples from the caches (built first if missing): the five tasks (TASKS, about two seconds)
     unless `tasks` names a classification task, which adds the classification tasks' file. The examples
     come synset by synset in file order, and within a synset in ALL_TASKS order; filtering by `tasks` is
-    the caller's (`data.tasks`)."""
+    the caller's (`data.tasks`). A process that loads the same files again (a long-lived worker running many
+    runs) gets the examples from memory: they are never modified downstream."""
     unknown = [t for t in tasks or [] if t not in ALL_TASKS]
     if unknown:
         raise UserError(f"data.tasks names {unknown}, which WordNet does not have{did_you_mean(unknown[0], ALL_TASKS)}; "
                         f"its tasks: {', '.join(ALL_TASKS)}")
     five = tasks is None or any(t in TASKS for t in tasks)
-    examples = _read_cache(build_wordnet_cache(wordnet_dir=wordnet_dir)) if five else []
-    if tasks is not None and any(t in CHOICE_TASKS for t in tasks):
-        choices = _read_cache(build_wordnet_cache(wordnet_dir=wordnet_dir, choice_tasks=True))
+    choice = tasks is not None and any(t in CHOICE_TASKS for t in tasks)
+    paths = (build_wordnet_cache(wordnet_dir=wordnet_dir) if five else None,
+             build_wordnet_cache(wordnet_dir=wordnet_dir, choice_tasks=True) if choice else None)
+    return list(_read_caches(*paths))
+
+
+@functools.lru_cache(maxsize=1)
+def _read_caches(five: Path | None, choice: Path | None) -> tuple[Example, ...]:
+    """The examples of the five tasks' cache file and/or the classification tasks' one, merged by synset."""
+    examples = _read_cache(five) if five else []
+    if choice:
+        choices = _read_cache(choice)
         examples = _merge_by_synset(examples, choices) if five else choices
-    return examples
+    return tuple(examples)
 
 
 def _merge_by_synset(five: list[Example], choices: list[Example]) -> list[Example]:

@@ -333,22 +333,17 @@ def handle_message(msg: Message, context: Context, bound: dict | None = None) ->
     return Message(content, reply_to=msg)
 
 
-def make_client_app(bound: dict | None = None) -> ClientApp:
-    """A ClientApp; `bound` settings take precedence over the run config (used by `flower-sim`)."""
+def make_client_app(bound: dict | None = None, bind: Callable[[Context], dict] | None = None) -> ClientApp:
+    """A ClientApp; `bound` settings, or those `bind(context)` derives from the run config (FlowerTune
+    projects), take precedence over the run config (`bound` is used by `flower-sim`)."""
     app = ClientApp()
 
-    @app.train()
-    def _train(msg: Message, context: Context) -> Message:
-        return handle_message(msg, context, bound)
+    def handle(msg: Message, context: Context) -> Message:
+        return handle_message(msg, context, bind(context) if bind is not None else bound)
 
-    @app.evaluate()
-    def _evaluate(msg: Message, context: Context) -> Message:
-        return handle_message(msg, context, bound)
-
-    @app.query()
-    def _query(msg: Message, context: Context) -> Message:
-        return handle_message(msg, context, bound)
-
+    app.train()(handle)
+    app.evaluate()(handle)
+    app.query()(handle)
     return app
 
 

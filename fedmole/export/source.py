@@ -49,14 +49,15 @@ class RunCheckpoint:
     clients: dict[int, ClientState] = field(repr=False)
 
 
-def _rounds(run_dir: Path) -> list[int]:
+def checkpoint_rounds(run_dir: Path) -> list[int]:
+    """The rounds of the complete checkpoints of a run directory, ascending."""
     done = [p for p in (run_dir / "checkpoints").glob("round_*") if (p / "state.json").is_file()]
     return sorted(int(p.name.split("_")[1]) for p in done)
 
 
 def resolve_round(run_dir: Path, rnd: str | int | None) -> int:
     """`None` / "last": the newest checkpoint; "selected": summary.json's selected round; or a number."""
-    available = _rounds(run_dir)
+    available = checkpoint_rounds(run_dir)
     if not available:
         raise UserError(f"{run_dir} has no complete checkpoint (checkpoints/round_NNNN/); the run wrote none yet")
     listed = ", ".join(map(str, available))

@@ -51,6 +51,31 @@ class MetricsLog:
         self.path.write_text(text)
 
 
+class OutcomesLog:
+    """`outcomes.jsonl`: one record per scored test example, `{"round", "model", "client", "split", "uid",
+    "gold", "pred", "choice_scores", "correct", "rouge_l", "value"}` (client/evaluate.py `outcome`), so that
+    methods can be paired example by example. Only the record count is kept in memory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.count = sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
+
+    def add(self, rnd: int, client: int, evals: list[dict]) -> None:
+        lines = [json.dumps({"round": e.get("round", rnd), "model": e["model"], "client": client,
+                             "split": e["split"], **x}) for e in evals for x in e.get("examples", ())]
+        if lines:
+            with self.path.open("a") as fh:
+                fh.write("".join(line + "\n" for line in lines))
+            self.count += len(lines)
+
+    def truncate(self, n_records: int) -> None:
+        """Keep the first `n_records` records (used when resuming from a checkpoint)."""
+        if self.path.exists():
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()][:n_records]
+            self.path.write_text("".join(line + "\n" for line in lines))
+        self.count = min(self.count, n_records)
+
+
 def eval_records(rnd: int, per_client: dict[int, list[dict]]) -> list[dict]:
     """Records of per-client eval results plus, per (model, split, metric), their unweighted mean over clients."""
     recs, groups = [], defaultdict(list)
@@ -79,9 +104,40 @@ def _per_client(records, model, split, metric, rnd) -> dict[str, float]:
             and r["metric"] == metric}
 
 
+SCORE_PARTS = {"accuracy": "accuracy", "rouge_l": "ROUGE-L F"}  # what `score` may average, by record name
+
+
+def score_parts(records: list[dict]) -> list[str]:
+    """Which per-example metrics the run's `score` averages: `accuracy` (classification examples, 1/0),
+    `rouge_l` (generation examples, ROUGE-L F), or both when the evaluated examples mix the two kinds."""
+    seen = {r["metric"] for r in records if r["split"] in ("val", "test") and r["metric"] in SCORE_PARTS}
+    return [m for m in SCORE_PARTS if m in seen]
+
+
 def primary_metric(records: list[dict]) -> str:
     """The score reported: `score` when any evaluation produced it, else `loss`."""
     return "score" if any(r["metric"] == "score" and r["split"] == "test" for r in records) else "loss"
+
+
+def selection_metric(records: list[dict], model: str, select_on: str) -> str:
+    """The validation quantity that picks `model`'s reported round: the mean score when `select_on` is
+    val_score and the model's validation produced one, else the mean loss."""
+    if select_on == "val_score" and any(r["model"] == model and r["split"] == "val" and r["metric"] == "score"
+                                        for r in records):
+        return "score"
+    return "loss"
+
+
+def best_val_round(records: list[dict], model: str, select_on: str, rounds=None) -> int | None:
+    """The round (among `rounds`, default all) with the best mean validation score (highest) or loss (lowest);
+    ties go to the earliest round. None when `model` has no validation in those rounds."""
+    metric = selection_metric(records, model, select_on)
+    val = _mean_by_round(records, model, "val", metric)
+    candidates = [r for r in val if rounds is None or r in rounds]
+    if not candidates:
+        return None
+    sign = 1 if metric == "score" else -1
+    return max(candidates, key=lambda r: (sign * val[r], -r))
 
 
 def select_model(records: list[dict], model: str, select_on: str) -> dict | None:
@@ -90,13 +146,8 @@ def select_model(records: list[dict], model: str, select_on: str) -> dict | None
     test = _mean_by_round(records, model, "test", metric)
     if not test:
         return None
-    by_score = select_on == "val_score" and metric == "score"
-    val = _mean_by_round(records, model, "val", "score" if by_score else "loss")
-    candidates = [r for r in test if r in val] or sorted(test)
-    if by_score:
-        selected = max(candidates, key=lambda r: (val[r], -r))
-    else:
-        selected = min(candidates, key=lambda r: (val.get(r, math.inf), -r))
+    val = _mean_by_round(records, model, "val", selection_metric(records, model, select_on))
+    selected = best_val_round(records, model, select_on, set(test)) if any(r in val for r in test) else min(test)
     last = max(test)
     return {
         "metric": metric,

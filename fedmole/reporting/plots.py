@@ -4,6 +4,7 @@ report.py) and returns a Figure, or None when the run lacks the data (the report
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 import matplotlib
@@ -16,6 +17,11 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 MAX_MODULES = 8  # assignment heatmaps show at most this many modules (evenly spaced over the model)
 MAX_GROUPS = 12  # partition histogram: the largest groups, the rest summed as "other"
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders the numbers inside a name by value: layers.2 before layers.12."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def _fig(ncols: int = 1, nrows: int = 1, width: float = 5.5, height: float = 3.6, **kw):
@@ -35,6 +41,21 @@ def _mean_line(ax, x, y) -> None:
     ax.plot(x, y, "k-o", lw=2.2, ms=4, label="mean over clients")
 
 
+def _client_color(i: int, n: int):
+    """A distinct colour per client: tab10 / tab20 while they last, then evenly spaced over turbo."""
+    if n <= 10:
+        return plt.get_cmap("tab10")(i)
+    if n <= 20:
+        return plt.get_cmap("tab20")(i)
+    return plt.get_cmap("turbo")(i / max(n - 1, 1))
+
+
+def _client_legend(ax, n_clients: int) -> None:
+    """The legend naming every client line (and the mean), outside the axes on the right."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + n_clients // 16,
+              frameon=False, handlelength=1.5)
+
+
 def _series(records, model, split, metric, client):
     pts = sorted((r["round"], r["value"]) for r in records if r["model"] == model and r["split"] == split
                  and r["metric"] == metric and r["client"] == client)
@@ -47,18 +68,22 @@ def _clients(records, model, split, metric) -> list[int]:
 
 
 def metric_curves(run, model: str) -> Figure | None:
-    """Val and test of `model` (personalized / global / ...) per round: each client thin, the mean thick."""
+    """Val and test of `model` (personalized / global / ...) per round: each client a thin labelled line, the
+    mean thick. The y label says what the score averages (`run.score_label`)."""
     metric = run.metric
     if not _series(run.metrics, model, "test", metric, None)[0]:
         return None
-    fig, axes = _fig(2)
+    fig, axes = _fig(2, width=6.2)
     for ax, split in zip(axes[0], ("val", "test")):
-        for cid in _clients(run.metrics, model, split, metric):
-            ax.plot(*_series(run.metrics, model, split, metric, cid), lw=0.8, alpha=0.45)
+        clients = _clients(run.metrics, model, split, metric)
+        for i, cid in enumerate(clients):
+            ax.plot(*_series(run.metrics, model, split, metric, cid), lw=1.0, alpha=0.75,
+                    color=_client_color(i, len(clients)), label=f"client {cid}")
         x, y = _series(run.metrics, model, split, metric, None)
         _mean_line(ax, x, y)
-        ax.set(title=f"{model} · {split}", xlabel="round", ylabel=metric)
-        _rounds_axis(ax, grid=True, legend=True)
+        ax.set(title=f"{model} · {split}", xlabel="round", ylabel=run.score_label if metric == "score" else metric)
+        _rounds_axis(ax, grid=True)
+        _client_legend(ax, len(clients))
     fig.tight_layout()
     return fig
 
@@ -67,18 +92,19 @@ def train_loss(run) -> Figure | None:
     clients = _clients(run.metrics, "local", "train", "loss")
     if not clients:
         return None
-    fig, axes = _fig()
+    fig, axes = _fig(width=6.2)
     ax = axes[0][0]
     per_round = defaultdict(list)
-    for cid in clients:
+    for i, cid in enumerate(clients):
         x, y = _series(run.metrics, "local", "train", "loss", cid)
-        ax.plot(x, y, lw=0.8, alpha=0.45)
+        ax.plot(x, y, lw=1.0, alpha=0.75, color=_client_color(i, len(clients)), label=f"client {cid}")
         for r, v in zip(x, y):
             per_round[r].append(v)
     rounds = sorted(per_round)
     _mean_line(ax, rounds, [np.mean(per_round[r]) for r in rounds])
     ax.set(title="local training loss", xlabel="round", ylabel="loss")
-    _rounds_axis(ax, grid=True, legend=True)
+    _rounds_axis(ax, grid=True)
+    _client_legend(ax, len(clients))
     fig.tight_layout()
     return fig
 
@@ -105,7 +131,8 @@ def partition_histogram(run) -> Figure | None:
                 continue
         else:
             vals = np.array([c["histogram"].get(g, 0) for c in part["clients"]])
-        ax.bar(clients, vals, bottom=bottom, label=g, color=colors[i % len(colors)] if g != "other" else "0.7")
+        ax.bar(clients, vals, bottom=bottom, label=g or f"(no {part.get('by')})",
+               color=colors[i % len(colors)] if g != "other" else "0.7")
         bottom += vals
     ax.set(title=f"partition by {part.get('by')}", xlabel="client", ylabel="examples")
     ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -120,23 +147,25 @@ def experts_per_client(run) -> Figure | None:
     fig, axes = _fig()
     ax = axes[0][0]
     clients = sorted({int(c) for a in run.assignments for per in a["experts"].values() for c in per})
-    for cid in clients:
+    for i, cid in enumerate(clients):
         xs, ys = [], []
         for a in run.assignments:
             counts = [len(per[str(cid)]) for per in a["experts"].values() if str(cid) in per]
             if counts:
                 xs.append(a["round"])
                 ys.append(np.mean(counts))
-        ax.plot(xs, ys, "-o", ms=3, label=f"client {cid}")
+        ax.plot(xs, ys, "-o", ms=3, color=_client_color(i, len(clients)), label=f"client {cid}")
     ax.set(title="experts per client (mean over modules)", xlabel="round (0 = initial assignment)",
            ylabel="domain experts held")
     _rounds_axis(ax, grid=True)
-    ax.legend(fontsize=7, ncol=2)
+    _client_legend(ax, len(clients))
     fig.tight_layout()
     return fig
 
 
-def chosen_modules(modules: list[str]) -> list[str]:
+def chosen_modules(modules) -> list[str]:
+    """The modules in model order (layer numbers by value), at most MAX_MODULES evenly spaced over the model."""
+    modules = sorted(modules, key=natural_key)
     if len(modules) <= MAX_MODULES:
         return modules
     idx = np.linspace(0, len(modules) - 1, MAX_MODULES).round().astype(int)
@@ -148,7 +177,7 @@ def assignment_heatmap(run, rnd: int) -> Figure | None:
     rec = next((a for a in run.assignments if a["round"] == rnd), None)
     if rec is None:
         return None
-    modules = chosen_modules(sorted(rec["experts"]))
+    modules = chosen_modules(rec["experts"])
     n_experts = run.num_experts or 1 + max(e for per in rec["experts"].values() for ids in per.values() for e in ids)
     clients = sorted({int(c) for per in rec["experts"].values() for c in per})
     ncols = min(4, len(modules))
@@ -199,7 +228,7 @@ def routing_utilisation(run) -> Figure | None:
     if not run.activations:
         return None
     last = run.activations[-1]
-    layers = sorted({m for c in last["clients"] for m in c["counts"]})
+    layers = sorted({m for c in last["clients"] for m in c["counts"]}, key=natural_key)
     if not layers:
         return None
     n = max(len(c["counts"][m]) for c in last["clients"] for m in c["counts"])
@@ -279,7 +308,7 @@ def compare_curves(runs, model: str, split: str) -> Figure | None:
     ax = axes[0][0]
     for run, (x, y) in drawn:
         ax.plot(x, y, "-o", ms=3, label=run.name)
-    metrics = sorted({run.metric for run, _ in drawn})
+    metrics = sorted({run.score_label if run.metric == "score" else run.metric for run, _ in drawn})
     ax.set(title=f"{model} · {split} (mean over clients)", xlabel="round", ylabel=" / ".join(metrics))
     _rounds_axis(ax, grid=True, legend=True)
     fig.tight_layout()

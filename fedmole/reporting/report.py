@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from fedmole.errors import UserError
+from fedmole.reporting.metrics import SCORE_PARTS, score_parts
 from fedmole.reporting.scalars import read_jsonl, write_metrics_csv
 
 MODELS = ("personalized", "global")
@@ -42,6 +43,14 @@ class RunData:
     metric: str = "score"
     num_experts: int | None = None
     extra_models: list[str] = field(default_factory=list)
+    score_parts: list[str] = field(default_factory=list)  # what `score` averages: accuracy and/or rouge_l
+
+    @property
+    def score_label(self) -> str:
+        """`score` with what it averages, for axes and tables: "score (accuracy + ROUGE-L F)"."""
+        if not self.score_parts:
+            return "score"
+        return f"score ({' + '.join(SCORE_PARTS[m] for m in self.score_parts)})"
 
     @classmethod
     def load(cls, path: Path, name: str | None = None) -> "RunData":
@@ -62,6 +71,7 @@ class RunData:
         run.num_experts = (config or {}).get("algorithm", {}).get("num_experts")
         run.extra_models = sorted({r["model"] for r in metrics if r["split"] == "test"}
                                   - {None, "local", *MODELS})
+        run.score_parts = score_parts(metrics)
         return run
 
 
@@ -150,10 +160,37 @@ def _row(cells, head: bool = False) -> str:
     return "<tr>" + "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in cells) + "</tr>"
 
 
+def score_note(run: RunData) -> str:
+    """What the run's `score` averages, in words; with both kinds, the selected round's accuracy and ROUGE-L F
+    of the headline model next to it."""
+    parts = run.score_parts
+    if run.metric != "score" or not parts:
+        return f"metric: {run.metric}."
+    if parts == ["accuracy"]:
+        return "score = accuracy ×100: every evaluated example is a classification example (1 if the lowest-CE " \
+               "choice is the gold one, else 0)."
+    if parts == ["rouge_l"]:
+        return "score = ROUGE-L F ×100: every evaluated example is a generation example."
+    text = ("score = the mean over each client's evaluated examples of accuracy (classification examples, 1 or 0) "
+            "and ROUGE-L F (generation examples), ×100: this run's tasks mix both kinds, so the score averages "
+            "two metrics; metrics.jsonl also holds each alone (accuracy, rouge_l)")
+    s = run.summary or {}
+    head = s.get(s.get("headline") or "")
+    if head:
+        rnd = head["selected_round"]
+        alone = {r["metric"]: r["value"] for r in run.metrics if r["metric"] in SCORE_PARTS and r["client"] is None
+                 and r["round"] == rnd and r["model"] == s["headline"] and r["split"] == "test"}
+        if alone:
+            text += f". {s['headline']} test @ round {rnd}: " + ", ".join(
+                f"{SCORE_PARTS[m]} {alone[m]:.2f}" for m in SCORE_PARTS if m in alone)
+    return text + "."
+
+
 def _summary_table(run: RunData) -> str:
     s = run.summary
+    note = f"<p class=score-note>{html.escape(score_note(run))}</p>"
     if not s:
-        return "<p class=note>No summary.json: the run did not finish (figures show what it recorded).</p>"
+        return note + "<p class=note>No summary.json: the run did not finish (figures show what it recorded).</p>"
     rows = [_row(("model", "selected round", "val", "test @ selected", "last round", "test @ last"), True)]
     for model in MODELS:
         res = s.get(model)
@@ -166,18 +203,19 @@ def _summary_table(run: RunData) -> str:
              f"{s['rounds_completed']}" + (f" (stopped: {s['stopped']})" if s.get("stopped") else "")
              + (f" · {comm['megabytes']:.3f} MB communicated ({comm['dtype']})" if comm else "")
              + f" · {s['wall_seconds']:.1f} s")
-    return f"<p>{html.escape(facts)}</p><table>{''.join(rows)}</table>"
+    return f"<p>{html.escape(facts)}</p>{note}<table>{''.join(rows)}</table>"
 
 
 def comparison_rows(runs: list[RunData]) -> list[list]:
-    """One row per run: name, algorithm, headline, metric, selected round, val, test @ selected,
-    test @ last, rounds completed, stopped, MB communicated, wall seconds."""
+    """One row per run: name, algorithm, headline, metric (for `score`: what it averages), selected round, val,
+    test @ selected, test @ last, rounds completed, stopped, MB communicated, wall seconds."""
     rows = []
     for run in runs:
         s = run.summary or {}
         head = s.get(s.get("headline") or "") or {}
         comm = s.get("comm") or {}
-        rows.append([run.name, s.get("algorithm"), s.get("headline"), s.get("metric"), head.get("selected_round"),
+        metric = run.score_label if s.get("metric") == "score" else s.get("metric")
+        rows.append([run.name, s.get("algorithm"), s.get("headline"), metric, head.get("selected_round"),
                      head.get("val"), head.get("mean"), head.get("last_mean"), s.get("rounds_completed"),
                      s.get("stopped"), comm.get("megabytes"), s.get("wall_seconds")])
     return rows
