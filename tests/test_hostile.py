@@ -257,6 +257,8 @@ def test_every_kind_of_hostile_reply_is_rejected_and_the_round_goes_on(arenas, m
 
 
 # evaluation replies (the global model's evaluation on every client)
+OUTCOME = {"uid": "words:3", "gold": 1, "pred": 0, "choice_scores": [2.1, 1.7], "correct": 0, "rouge_l": None,
+           "value": 0.0}  # one scored test example, as client/evaluate.py `outcome` writes it
 EVAL_ATTACKS = {
     "evals as a mapping": ({"model": "global"}, "list"),
     "an eval that is a number": ([1], "mapping with exactly"),
@@ -266,6 +268,20 @@ EVAL_ATTACKS = {
     "score of 1e9": ([{"model": "global", "split": "test", "metrics": {"score": 1e9}}], "outside"),
     "model label with a path": ([{"model": "../../etc", "split": "test", "metrics": {}}], "model label"),
     "metrics as text": ([{"model": "global", "split": "val", "metrics": "good"}], "mapping"),
+    "a round outside a deferred test": ([{"model": "global", "split": "test", "metrics": {}, "round": 1}],
+                                        "only results of a deferred test"),
+    "outcomes of a val split": ([{"model": "global", "split": "val", "metrics": {}, "examples": []}], "only a test"),
+    "outcomes as a mapping": ([{"model": "global", "split": "test", "metrics": {}, "examples": {}}], "list"),
+    "more outcomes than scored": ([{"model": "global", "split": "test", "metrics": {"n": 1.0},
+                                    "examples": [OUTCOME, OUTCOME]}], "more than the 1 examples scored"),
+    "more outcomes than test examples": ([{"model": "global", "split": "test", "metrics": {},
+                                           "examples": [OUTCOME] * 10_000}], "test examples of this client"),
+    "an outcome with a NaN value": ([{"model": "global", "split": "test", "metrics": {},
+                                      "examples": [{**OUTCOME, "value": math.nan}]}], "malformed value"),
+    "an outcome with an unknown field": ([{"model": "global", "split": "test", "metrics": {},
+                                           "examples": [{**OUTCOME, "path": "/etc"}]}], "mapping with exactly"),
+    "an outcome with a score as text": ([{"model": "global", "split": "test", "metrics": {},
+                                          "examples": [{**OUTCOME, "choice_scores": ["1.0"]}]}], "choice_scores"),
 }
 
 
@@ -279,6 +295,25 @@ def test_every_kind_of_hostile_evaluation_reply_is_rejected(arenas):
         rejected = [r for r in fed.metrics.records if r["metric"] == "eval_rejected"]
         assert [r["client"] for r in rejected] == [1] and words in rejected[0]["reason"], (what, rejected)
         assert any(r["client"] == 0 and r["metric"] == "score" for r in fed.metrics.records), what
+
+
+TESTED = {"model": "global", "split": "test", "metrics": {"score": 50.0, "n": 1.0}, "examples": [OUTCOME]}
+DEFERRED_ATTACKS = {"a round not asked for": ({**TESTED, "round": 1}, "must be one of the rounds"),
+                    "no round": (TESTED, "must be one of the rounds"),
+                    "a round as text": ({**TESTED, "round": "2"}, "must be one of the rounds")}
+
+
+def test_a_deferred_test_reply_names_a_snapshot_round_the_server_asked_for(arenas):
+    """eval.test: selected: the test phase asks for the snapshots of some rounds (here round 2); a result of
+    another round, or of none, is rejected; one of round 2 with its per-example outcomes is accepted."""
+    fed = arenas("fedit").fed
+    for what, (bad, words) in DEFERRED_ATTACKS.items():
+        fed.metrics.truncate(0)
+        replies = {0: Reply(evals=[{**TESTED, "round": 2}]), 1: Reply(evals=[bad])}
+        accepted = fed._receive(3, "evaluate", replies, rounds={"global": [2]})
+        rejected = [r for r in fed.metrics.records if r["metric"] == "eval_rejected"]
+        assert list(accepted) == [0] and [r["client"] for r in rejected] == [1], what
+        assert words in rejected[0]["reason"], (what, rejected[0]["reason"])
 
 
 # malformed Flower messages: the reply body a ClientApp sends as JSON
@@ -873,7 +908,7 @@ def hostile_cases() -> dict[str, int]:
     """Every hand-written bad input of this module, by kind (each one must be rejected)."""
     return {
         "hostile training replies": len(REPLY_ATTACKS) * len(METHODS) + len(FLAME_ATTACKS) + len(FEDAMOLE_ATTACKS),
-        "hostile evaluation replies": len(EVAL_ATTACKS),
+        "hostile evaluation replies": len(EVAL_ATTACKS) + len(DEFERRED_ATTACKS),
         "malformed Flower replies": len(WIRE_ATTACKS),
         "careless command lines and files": len(CARELESS) + 1 + len(EXPORT_CASES),
         "a run directory in use": 2,

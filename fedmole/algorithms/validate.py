@@ -331,7 +331,7 @@ def _examples_problem(e: dict, limits: Limits, i: int) -> str | None:
     if hi is not None and len(examples) > hi:
         return f"evals[{i}].examples holds {len(examples)} outcomes, more than the {hi} test examples of this client"
     if len(examples) > e["metrics"].get("n", math.inf):
-        return f"evals[{i}].examples holds {len(examples)} outcomes, more than the {e['metrics']['n']} examples scored"
+        return f"evals[{i}].examples holds {len(examples)} outcomes, more than the {e['metrics']['n']:g} examples scored"
     for j, x in enumerate(examples):
         why = _outcome_problem(x)
         if why is not None:
