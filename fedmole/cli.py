@@ -95,20 +95,29 @@ def run(
     cfg = load_config(config, set_)
     if progress is not None:
         cfg.output.progress = progress
-    from fedmole.run import prepare_run_dir, run_experiment
+    from fedmole.rundir import claim, claimed
+    from fedmole.run import run_dir_path, run_experiment
 
-    run_dir = prepare_run_dir(cfg, out_dir, config, overwrite)
-    out.print(f"fedmole: {cfg.algorithm.name} on {cfg.model.name}, {cfg.federation.num_clients} clients, "
-              f"{cfg.federation.rounds} rounds -> {run_dir}")
-    if engine == "flower-sim":
-        from fedmole.engines.flower import run_flower_sim
-
-        summary = run_flower_sim(cfg, run_dir)
-    elif engine == "flower-deploy":
+    run_dir = run_dir_path(cfg, out_dir, config)
+    if engine == "flower-deploy":  # the ServerApp, another process, writes the run directory and locks it
+        claim(run_dir, overwrite)
+        announce(cfg, run_dir)
         summary = run_deploy(cfg, run_dir, superlink, root_certificates)
     else:
-        summary = run_experiment(cfg, run_dir)
+        with claimed(run_dir, overwrite):  # held from the check of the directory to the end of the run
+            announce(cfg, run_dir)
+            if engine == "flower-sim":
+                from fedmole.engines.flower import run_flower_sim
+
+                summary = run_flower_sim(cfg, run_dir)
+            else:
+                summary = run_experiment(cfg, run_dir)
     print_results(summary, run_dir)
+
+
+def announce(cfg, run_dir: Path) -> None:
+    out.print(f"fedmole: {cfg.algorithm.name} on {cfg.model.name}, {cfg.federation.num_clients} clients, "
+              f"{cfg.federation.rounds} rounds -> {run_dir}")
 
 
 @app.command()
@@ -122,22 +131,21 @@ def resume(
     root_certificates: Path | None = typer.Option(None, "--root-certificates", help=ROOT_CERTS_HELP),
 ) -> None:
     """Continue a run from its last complete checkpoint (exactly: same final state and metrics)."""
-    from fedmole.run import resume_experiment
+    from fedmole.rundir import hold
+    from fedmole.run import check_resumable, resume_experiment
 
     check_engine(engine)
     check_deploy_options(engine, superlink, root_certificates)
     out.print(f"fedmole: resuming {run_dir}")
-    if engine == "flower-sim":
-        from fedmole.engines.flower import run_flower_sim
-        from fedmole.run import check_resumable
-
-        cfg = check_resumable(run_dir, config, set_)
-        summary = run_flower_sim(cfg, run_dir, progress, resume=True)
-    elif engine == "flower-deploy":
-        from fedmole.run import check_resumable
-
+    if engine == "flower-deploy":  # the ServerApp, another process, resumes the run and locks it
         summary = run_deploy(check_resumable(run_dir, config, set_), run_dir, superlink, root_certificates,
                              resume=True)
+    elif engine == "flower-sim":
+        cfg = check_resumable(run_dir, config, set_)
+        with hold(run_dir):
+            from fedmole.engines.flower import run_flower_sim
+
+            summary = run_flower_sim(cfg, run_dir, progress, resume=True)
     else:
         summary = resume_experiment(run_dir, config, set_, progress)
     print_results(summary, run_dir)

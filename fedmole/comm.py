@@ -44,6 +44,7 @@ _ST_DTYPES = {
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+SENDABLE = frozenset(_ST_DTYPES)  # dtypes a message can carry
 _ST_ORDER = ["U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
              "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL"]
 _ST_RANK = {name: i for i, name in enumerate(_ST_ORDER)}

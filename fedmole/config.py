@@ -22,9 +22,13 @@ from fedmole.errors import UserError, did_you_mean
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
+    """Base of every config section: unknown keys are errors, assignments are validated, and every number
+    is finite (`.inf` and `.nan` are refused)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+SEED_MAX = 2**32 - 1  # seeds feed numpy and torch generators; both take 0..2^32-1 everywhere
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -95,7 +99,7 @@ class PartitionConfig(Section):
     alpha: float = Field(1.0, gt=0, description="Dirichlet concentration (dirichlet, quantity_skew)")
     min_size: int = Field(10, ge=1, description="minimum examples per client (dirichlet, quantity_skew)")
     groups_per_client: int = Field(1, ge=1, description="meta: number of groups (values of `by`) per client")
-    seed: int | None = Field(None, description="partition seed; default federation.seed")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="partition seed; default federation.seed")
     splits: SplitRatios = Field(default_factory=SplitRatios)
     caps: SplitCaps = Field(default_factory=SplitCaps)
 
@@ -546,7 +550,8 @@ class FederationConfig(Section):
     num_clients: int = Field(3, ge=1, description="number of clients (partitions)")
     clients_per_round: int | None = Field(None, ge=1, description="clients sampled per round; default all")
     rounds: int = Field(2, ge=1, description="communication rounds")
-    seed: int = Field(42, description="seed of everything: initialisation, sampling, local training")
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="seed of everything: initialisation, sampling, local "
+                      "training (0 to 2^32-1)")
     round_deadline: float | None = Field(
         None, gt=0, description="seconds a client may take to reply in a round; later replies are dropped "
         "(null: wait for every client)"
@@ -567,7 +572,7 @@ class FaultsConfig(Section):
     straggler_probability: float = Field(
         0.0, ge=0, le=1, description="a client replies after the round deadline (its reply is dropped)"
     )
-    seed: int | None = Field(None, description="fault seed; default federation.seed")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="fault seed; default federation.seed")
 
     @property
     def active(self) -> bool:
@@ -583,6 +588,20 @@ class RepliesConfig(Section):
         "or the unweighted coordinate-wise median / trimmed mean"
     )
     trim_ratio: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: share cut at each end per coordinate")
+    max_update_norm: float | None = Field(
+        None, gt=0, description="norm bounding: a client's update (each uploaded tensor minus what it was sent, "
+        "or the tensor itself when it was sent none, e.g. FLoRA's fresh LoRA; statistics such as embeddings "
+        "excluded) with a larger L2 norm is scaled down to this norm before aggregation, so that no client "
+        "dominates a mean; its norm is recorded as the client's `update_norm`. null = off"
+    )
+    max_value: float = Field(
+        1e6, gt=0, description="a reply holding a tensor value of larger magnitude is rejected (adapter weights "
+        "and statistics are far smaller; this keeps sums and squares of accepted values finite)"
+    )
+    max_examples: int | None = Field(
+        None, ge=1, description="largest sample count a reply may claim; null: the client's train split in the "
+        "run's partition.json. Set it when clients train on node-local data (Flower `data-path`)"
+    )
 
 
 class DPConfig(Section):
@@ -590,7 +609,10 @@ class DPConfig(Section):
 
     enabled: bool = Field(False, description="clip every uploaded update and add Gaussian noise")
     clip_norm: float = Field(1.0, gt=0, description="L2 bound C on a client's update (per group, see granularity)")
-    noise_multiplier: float = Field(1.0, ge=0, description="sigma: noise std is sigma * C per coordinate")
+    noise_multiplier: float = Field(
+        1.0, ge=0, le=1000, description="sigma: noise std is sigma * C per coordinate; 0 (no noise, epsilon = inf) "
+        "or 0.001 to 1000"
+    )
     delta: float = Field(1e-5, gt=0, lt=1, description="delta of the reported (epsilon, delta)")
     granularity: Literal["update", "expert"] = Field(
         "update", description="clip the whole update to C, or each (module, expert) update to C (sparse experts); "
@@ -603,6 +625,13 @@ class DPConfig(Section):
         "the seed, the server included, can regenerate and subtract it: for simulations and bit-exact tests "
         "only (run.log warns)"
     )
+
+    @field_validator("noise_multiplier")
+    @classmethod
+    def _noise(cls, v: float) -> float:
+        if 0 < v < 1e-3:  # the accountant divides by sigma^2 (and overflows below ~1e-150)
+            raise ValueError("must be 0 (no noise) or at least 0.001; noise this small gives no privacy")
+        return v
 
 
 # --------------------------------------------------------------------------------------------- tiers
@@ -627,7 +656,7 @@ class TiersConfig(Section):
     )
     shares: list[float] | None = Field(None, description="explicit share per level (overrides mix)")
     per_client: list[int] | None = Field(None, description="explicit k per client (overrides mix and shares)")
-    seed: int | None = Field(None, description="tier assignment seed; default federation.seed")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="tier assignment seed; default federation.seed")
 
     @model_validator(mode="after")
     def _check(self):
@@ -725,7 +754,8 @@ class EvalConfig(Section):
 # -------------------------------------------------------------------------------------------- output
 class OutputConfig(Section):
     dir: str = Field("runs", description="parent directory of run directories")
-    name: str | None = Field(None, description="run directory name; default: config name + timestamp")
+    name: str | None = Field(None, description="run directory name inside output.dir (no `..`, not absolute); "
+                             "default: config name + timestamp")
     progress: Literal["auto", "rich", "plain", "none"] = Field(
         "auto", description="progress display: rich bar on a terminal (auto), log lines (plain), or none"
     )
@@ -733,6 +763,18 @@ class OutputConfig(Section):
         False, description="also write the metrics and bytes per round as TensorBoard event files (run_dir/"
         "tensorboard/, at the end of the run); needs the `tensorboard` package"
     )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = Path(v).parts
+        if not v.strip() or Path(v).is_absolute() or any(p in ("..", ".") for p in v.replace("\\", "/").split("/")) \
+                or not parts:
+            raise ValueError("must be a directory name inside output.dir (e.g. exp1 or sweeps/exp1), without `..`, "
+                             "`.` or a leading `/`; to write elsewhere use --out or output.dir")
+        return v
 
     @field_validator("tensorboard")
     @classmethod
@@ -801,7 +843,7 @@ class Config(Section):
         if not isinstance(v, dict):
             raise ValueError("expected a mapping with at least `name`")
         name = v.get("name", "fedit")
-        if name not in ALGORITHMS:
+        if not isinstance(name, str) or name not in ALGORITHMS:
             raise ValueError(
                 f'unknown algorithm "{name}"{did_you_mean(name, ALGORITHMS)}; known: {", ".join(sorted(ALGORITHMS))}'
             )
@@ -856,6 +898,78 @@ class Config(Section):
 
 
 # ------------------------------------------------------------------------------------------- loading
+MAX_YAML_VALUES = 100_000  # a config holds a few hundred; more means nested aliases (&a / *a) multiplying
+
+
+def _expanded_size(data: Any, origin: str) -> int:
+    """How many values `data` holds once YAML aliases are expanded (capped just above the limit); a
+    UserError for a structure that contains itself."""
+    done: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(x: Any) -> int:
+        if not isinstance(x, (dict, list)):
+            return 1
+        if id(x) in done:
+            return done[id(x)]
+        if id(x) in active:
+            raise UserError(f"{origin}: a YAML alias refers to the value that contains it (a value cannot hold "
+                            f"itself); write the values out")
+        active.add(id(x))
+        items = [*x.keys(), *x.values()] if isinstance(x, dict) else x
+        n = min(1 + sum(size(v) for v in items), MAX_YAML_VALUES + 1)
+        active.discard(id(x))
+        done[id(x)] = n
+        return n
+
+    return size(data)
+
+
+def parse_yaml(text: str, origin: str) -> Any:
+    """YAML text -> data, or one UserError naming `origin`: invalid YAML, nesting too deep, or aliases that
+    expand to more than MAX_YAML_VALUES values (a "billion laughs" file)."""
+    try:
+        data = yaml.safe_load(text)
+        too_many = _expanded_size(data, origin) > MAX_YAML_VALUES
+    except yaml.YAMLError as err:
+        raise UserError(f"{origin} is not valid YAML: {err}") from None
+    except RecursionError:
+        raise UserError(f"{origin}: the YAML is nested too deeply to be a config") from None
+    if too_many:
+        raise UserError(f"{origin}: the YAML expands to more than {MAX_YAML_VALUES} values (aliases `*name` "
+                        f"repeating anchors `&name` within each other); a config needs a few hundred, write "
+                        f"the values out")
+    return data
+
+
+def read_config_file(path: Path) -> dict:
+    """The mapping in a YAML config file, or a UserError that names the file and what to fix."""
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.y*ml"))[:5]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise UserError(f"config path {path} is a directory{hint}; pass a YAML file, e.g. configs/smoke.yaml")
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"config file {path} cannot be read: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UserError(f"config file {path} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); "
+                        f"save it as UTF-8") from None
+    data = parse_yaml(text, f"config file {path}")
+    if data is None:
+        raise UserError(f"config file {path} is empty (or holds only comments), so every default would run on "
+                        f"the whole data set; write the settings you want, e.g. start from configs/smoke.yaml "
+                        f"(an explicit `{{}}` runs the defaults)")
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path}: the top level must be a mapping of sections (model, data, ...)")
+    return data
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`train.lr=1e-4` -> (['train', 'lr'], 0.0001). Values are parsed as YAML (numbers, bools, lists)."""
     if "=" not in item:
@@ -865,8 +979,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise UserError(f'override "{item}" has an empty key; write e.g. --set train.lr=1e-4')
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = parse_yaml(raw, f'override "{item}"') if raw.strip() else ""
+    except UserError as err:
+        if "not valid YAML" not in str(err):
+            raise
         value = raw
     return key.split("."), value
 
@@ -950,17 +1066,7 @@ def validate_config(data: dict) -> Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config file (or defaults when `path` is None), apply overrides and validate."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {path}: the top level must be a mapping of sections (model, data, ...)")
+    data = read_config_file(Path(path)) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     return validate_config(data)
 

@@ -23,20 +23,23 @@ outcomes.jsonl, run.log, checkpoints/round_NNNN/ (written to a temporary directo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedmole.adapters.state import state_digest
 from fedmole.algorithms.base import ClientState, Payload, Reply
-from fedmole.algorithms.validate import check_reply
+from fedmole.algorithms.validate import Limits, bound_update, check_evaluation, check_reply, wire_problem
 from fedmole.comm import MB, CommLog, specs_of, transfer
 from fedmole.config import Config, dump_config
 from fedmole.errors import UserError
@@ -45,6 +48,7 @@ from fedmole.paths import atomic_write_text
 from fedmole.client import snapshots
 from fedmole.reporting.metrics import MetricsLog, OutcomesLog, best_val_round, select_model, summarize
 from fedmole.reporting.progress import RunProgress
+from fedmole.rundir import claim, hold, repair_jsonl, sha256_file, write_marker
 
 log = logging.getLogger("fedmole")
 
@@ -62,18 +66,41 @@ def eval_due(cfg: Config, rnd: int) -> bool:
     return rnd % cfg.eval.every == 0 or rnd == cfg.federation.rounds
 
 
+def split_sizes(run_dir: Path) -> dict[int, dict[str, int]]:
+    """Each client's split sizes in the run's partition (partition.json): its train split bounds the sample
+    count of its replies, its test split the per-example outcomes of a test result; {} when the run directory
+    has none."""
+    path = run_dir / "partition.json"
+    if not path.is_file():
+        return {}
+    clients = json.loads(path.read_text())["clients"]
+    return {int(c["client"]): {k: int(v) for k, v in c["sizes"].items()} for c in clients}
+
+
+def reply_limits(cfg: Config, sizes: dict[str, int] | None) -> Limits:
+    """The bounds every reply is held to; the sample count's is `replies.max_examples` when set, else the
+    client's train split, and a test result's outcomes are at most its test split (`sizes`, as `split_sizes`
+    gives them; None: unknown). A set `replies.max_examples` says the clients hold node-local data, which
+    the partition does not describe."""
+    r, sizes = cfg.replies, sizes or {}
+    if r.max_examples is not None:
+        return Limits(r.max_mb, r.max_value, r.max_examples)
+    return Limits(r.max_mb, r.max_value, sizes.get("train"), sizes.get("test"))
+
+
+def run_dir_path(cfg: Config, out: str | Path | None, config_path: str | Path | None) -> Path:
+    """`--out`, else output.dir/output.name (default: the config's name and a timestamp)."""
+    if out is not None:
+        return Path(out)
+    name = cfg.output.name or f"{Path(config_path).stem if config_path else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.output.dir) / name
+
+
 def prepare_run_dir(cfg: Config, out: str | Path | None, config_path: str | Path | None, overwrite: bool) -> Path:
-    if out is None:
-        name = cfg.output.name or f"{Path(config_path).stem if config_path else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-        out = Path(cfg.output.dir) / name
-    run_dir = Path(out)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise UserError(
-                f"run directory {run_dir} already holds a run; choose another --out, pass --overwrite to replace it"
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """The run directory, created empty with its marker; an earlier fedmole run there is replaced only with
+    `overwrite` (see `fedmole.rundir.claimed`)."""
+    run_dir = run_dir_path(cfg, out, config_path)
+    claim(run_dir, overwrite)
     return run_dir
 
 
@@ -87,10 +114,27 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
+CHECKPOINT_FILES = ("server.safetensors", "clients.safetensors", "state.json")
+MANIFEST = "manifest.json"  # sha256 of every checkpoint file and of the resolved config
+
+
+def resumable_config(cfg_dict: dict) -> dict:
+    """The part of a resolved config a resume must keep: everything but `output` (where and how progress
+    is shown) and `comm.budget_mb` (a cap decides only where a run stops, so a stopped run may go on)."""
+    out = {k: v for k, v in cfg_dict.items() if k != "output"}
+    out["comm"] = {**out.get("comm", {}), "budget_mb": None}
+    return out
+
+
+def config_digest(cfg_dict: dict) -> str:
+    return hashlib.sha256(json.dumps(resumable_config(cfg_dict), sort_keys=True).encode()).hexdigest()
+
+
 def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsLog, keep_last: int | None,
                     wall_seconds: float = 0.0, outcomes_records: int = 0, cpu_seconds: float = 0.0,
                     seconds: dict | None = None) -> Path:
-    """Write checkpoints/round_NNNN atomically (temp dir + rename) and prune old ones."""
+    """Write checkpoints/round_NNNN atomically (temp dir + rename) and prune old ones. Its manifest.json holds
+    the sha256 of every file and of the resolved config (in state.json), which resume verifies."""
     root = run_dir / "checkpoints"
     root.mkdir(exist_ok=True)
     final = root / f"round_{rnd:04d}"
@@ -105,10 +149,14 @@ def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsL
         for k, v in st.tensors.items():
             client_tensors[f"{cid}::{k}"] = v.contiguous()
     save_file(client_tensors, tmp / "clients.safetensors")
+    config = strategy.cfg.to_dict()
     meta = {"round": rnd, "metrics_records": len(metrics.records), "outcomes_records": outcomes_records,
             "server": server_meta, "clients": client_meta, "wall_seconds": wall_seconds, "cpu_seconds": cpu_seconds,
-            "seconds": seconds or {}}
+            "seconds": seconds or {}, "config": config}
     (tmp / "state.json").write_text(json.dumps(meta))
+    manifest = {"files": {name: sha256_file(tmp / name) for name in CHECKPOINT_FILES},
+                "config_sha256": config_digest(config)}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -131,6 +179,56 @@ def load_checkpoint(path: Path, with_snapshots: bool = False) -> tuple[dict, dic
         for st in states.values():
             snapshots.take(st)
     return meta, server, states
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint in `path` cannot be trusted (a missing or changed file, a config that does not
+    match its digest), or None. Checkpoints of a run written before checksums existed (no checkpoint of the
+    run has a manifest) are accepted unverified."""
+    if not (path / MANIFEST).is_file():
+        if any((p / MANIFEST).is_file() for p in path.parent.glob("round_*")):
+            return f"{MANIFEST} is missing"
+        missing = [n for n in CHECKPOINT_FILES if not (path / n).is_file()]
+        return f"missing {', '.join(missing)}" if missing else None
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+        for name in CHECKPOINT_FILES:
+            if not (path / name).is_file():
+                return f"{name} is missing"
+            if sha256_file(path / name) != files[name]:
+                return f"{name} does not match its checksum (changed or damaged)"
+        config = json.loads((path / "state.json").read_text()).get("config")
+        if config is None or config_digest(config) != manifest["config_sha256"]:
+            return "its config does not match its checksum"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{MANIFEST} is unreadable ({type(err).__name__})"
+    return None
+
+
+def intact_checkpoint(run_dir: Path) -> tuple[Path, dict, dict, dict[int, ClientState]]:
+    """The newest checkpoint that passes its checksums and loads: (path, meta, server, client states).
+    Newer damaged or incomplete ones are skipped with a warning; a UserError when none is intact."""
+    found = sorted(p for p in (run_dir / "checkpoints").glob("round_*") if p.is_dir())
+    if not found:
+        raise UserError(f"{run_dir} has no complete checkpoint to resume from; start it again with "
+                        f"`fedmole run CONFIG --out {run_dir} --overwrite`")
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            try:
+                return (path, *load_checkpoint(path, with_snapshots=True))
+            except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+                problem = f"it cannot be loaded ({type(err).__name__}: {str(err)[:200]})"
+        _warn(f"checkpoint {path.name} is not intact ({problem}); falling back to an older one")
+    raise UserError(f"no intact checkpoint in {run_dir / 'checkpoints'} (each is damaged or incomplete, see the "
+                    f"warnings above); start the run again with `fedmole run CONFIG --out {run_dir} --overwrite`")
+
+
+def _warn(message: str) -> None:
+    """A warning the user should see now (stderr) and find later (run.log)."""
+    log.warning(message)
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------- round loop
@@ -213,7 +311,7 @@ class Federation:
         rnd = self.rounds_completed
         plans = {c: Payload({}, {"round": rnd, "test_snapshots": wanted}) for c in range(self.cfg.federation.num_clients)}
         replies, failures = self.engine.evaluate(rnd, self._send(rnd, "evaluate", plans))
-        replies = self._receive(rnd, "evaluate", replies)
+        replies = self._receive(rnd, "evaluate", replies, rounds=wanted)
         self.metrics.add([self._round_record(rnd, "test_failed", 1, cid) for cid in sorted(failures)])
         self._log_evals(rnd, {c: r.evals for c, r in replies.items()})
 
@@ -229,16 +327,32 @@ class Federation:
             self.metrics.log_evals(r, evals)
 
     def _accept(self, rnd: int, plans: dict[int, Payload], replies: dict[int, Reply]) -> tuple[dict, dict]:
-        """Replies that pass validation, and the reasons of those that do not."""
+        """Replies that pass validation (`Strategy.reply_rules`; updates bounded to `replies.max_update_norm`
+        when set), and the reasons of those that do not."""
         accepted, rejected = {}, {}
+        sizes = split_sizes(self.run_dir)
         for cid, reply in sorted(replies.items()):
-            reason = check_reply(reply, self.strategy.reply_spec(cid, plans[cid]), self.cfg.replies.max_mb)
+            rules = self.strategy.reply_rules(cid, plans[cid])
+            reason = check_reply(reply, rules, reply_limits(self.cfg, sizes.get(cid)))
             if reason is None:
-                accepted[cid] = reply
+                accepted[cid] = self._bounded(rnd, cid, reply, plans[cid], rules)
             else:
                 rejected[cid] = ("rejected", reason)
                 log.warning("round %s: reply of client %s rejected: %s", rnd, cid, reason)
         return accepted, rejected
+
+    def _bounded(self, rnd: int, cid: int, reply: Reply, plan: Payload, rules) -> Reply:
+        """The reply with its update scaled down to `replies.max_update_norm` (when set); its norm before
+        bounding is added to its metrics as `update_norm`."""
+        bound = self.cfg.replies.max_update_norm
+        if bound is None:
+            return reply
+        reply.tensors, norm = bound_update(reply.tensors, plan.tensors, rules.statistics, bound)
+        reply.metrics = {**reply.metrics, "update_norm": norm}
+        if norm > bound:
+            log.info("round %s: update of client %s has norm %.4g; scaled down to replies.max_update_norm=%s",
+                     rnd, cid, norm, bound)
+        return reply
 
     def _send(self, rnd: int, phase: str, plans: dict[int, Payload]) -> dict[int, Payload]:
         """Record the payloads' bytes; return them as they arrive (after `comm.dtype` compression)."""
@@ -246,11 +360,32 @@ class Federation:
         cache: dict = {}
         return {c: Payload(transfer(p.tensors, self.comm.dtype, cache), p.config) for c, p in plans.items()}
 
-    def _receive(self, rnd: int, phase: str, replies: dict[int, Reply]) -> dict[int, Reply]:
-        self.comm.log(rnd, phase, "up", {c: r.tensors for c, r in replies.items()})
-        for r in replies.values():
+    def _receive(self, rnd: int, phase: str, replies: dict[int, Reply],
+                 rounds: dict[str, list[int]] | None = None) -> dict[int, Reply]:
+        """Record the replies' bytes and cast them as `comm.dtype` does. A reply whose tensors cannot be
+        measured is left as it is (training: `_accept` rejects it); evaluation replies are checked here
+        (`rounds`: the snapshots a deferred test asked for)."""
+        ok = {c: r for c, r in replies.items() if wire_problem(r) is None}
+        self.comm.log(rnd, phase, "up", {c: r.tensors for c, r in ok.items()})
+        for r in ok.values():
             r.tensors = transfer(r.tensors, self.comm.dtype)
-        return replies
+        return self._accept_evaluations(rnd, replies, rounds) if phase == "evaluate" else replies
+
+    def _accept_evaluations(self, rnd: int, replies: dict[int, Reply],
+                            rounds: dict[str, list[int]] | None = None) -> dict[int, Reply]:
+        """Replies to a global evaluation (or a deferred test of the snapshot `rounds`): evaluation results
+        only; the others are logged and recorded (`eval_rejected`, with the reason) and left out."""
+        sizes = split_sizes(self.run_dir)
+        accepted, recs = {}, []
+        for cid, reply in sorted(replies.items()):
+            reason = check_evaluation(reply, reply_limits(self.cfg, sizes.get(cid)), rounds)
+            if reason is None:
+                accepted[cid] = reply
+                continue
+            recs.append({**self._round_record(rnd, "eval_rejected", 1, cid), "reason": reason})
+            log.warning("round %s: evaluation reply of client %s rejected: %s", rnd, cid, reason)
+        self.metrics.add(recs)
+        return accepted
 
     def _within_budget(self, rnd: int, plans: dict[int, Payload]) -> bool:
         """Whether the round's worst case (exact download, largest allowed upload) fits the budget."""
@@ -296,7 +431,8 @@ class Federation:
             first = next(iter(failures.values()))[1]
             raise RuntimeError(f"round {rnd}: every client failed with an error (see run.log); first: {first}")
 
-        recs = [self._round_record(rnd, f"client_{kind}", 1, cid) for cid, (kind, _) in sorted(failures.items())]
+        recs = [{**self._round_record(rnd, f"client_{kind}", 1, cid), **({"reason": why} if kind == "rejected" else {})}
+                for cid, (kind, why) in sorted(failures.items())]
         for cid, reply in accepted.items():
             recs += [{"round": rnd, "client": cid, "model": "local", "split": "train", "metric": m, "value": v}
                      for m, v in reply.metrics.items()]
@@ -395,8 +531,25 @@ def check_partition(cfg: Config, clients, run_dir: Path, consequence: str) -> st
     return parts
 
 
-def build_runtime(cfg: Config, clients):
-    """Tokenizer + frozen base model + the method's adapters + every client's encoded data."""
+def check_trainable(cfg: Config, clients, tokenizer) -> None:
+    """A UserError (before any model loads) for a client none of whose training examples fits
+    `train.max_length`: training drops an example whose prompt alone fills it. Stops at the first example
+    that fits, so it costs one tokenisation per client in the usual case."""
+    from fedmole.data.tokenize import encode_train, prompt_ids
+
+    d, limit = cfg.data, cfg.train.max_length
+    for c in clients:
+        if any(encode_train(ex, tokenizer, d.prompt, limit, d.system_prompt) is not None for ex in c.train):
+            continue
+        shortest = min((len(prompt_ids(ex, tokenizer, d.prompt, d.system_prompt)) for ex in c.train), default=0)
+        raise UserError(f"client {c.client_id}: none of its {len(c.train)} training examples fits train.max_length="
+                        f"{limit} tokens (its shortest prompt has {shortest} tokens), so it has nothing to train on; "
+                        f"raise train.max_length above {shortest}, or shorten the prompts (data.prompt=plain)")
+
+
+def build_runtime(cfg: Config, clients, check=None):
+    """Tokenizer + frozen base model + the method's adapters + every client's encoded data. The clients in
+    `check` (default: `clients`) are checked to have training data that fits, before the model loads."""
     from fedmole.algorithms import get_algorithm
     from fedmole.client.runtime import ClientRuntime
     from fedmole.models import load_model, load_tokenizer, resolve_device
@@ -405,6 +558,7 @@ def build_runtime(cfg: Config, clients):
         torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
     tokenizer = load_tokenizer(cfg.model)
+    check_trainable(cfg, clients if check is None else check, tokenizer)
     model = load_model(cfg.model, cfg.train.precision, cfg.train.device, vocab_size=len(tokenizer))
     adapters = get_algorithm(cfg.algorithm.name).build_adapters(model, cfg)
     runtime = ClientRuntime(cfg, model, tokenizer, adapters, device)
@@ -424,7 +578,7 @@ def _setup(cfg: Config, run_dir: Path, progress_mode: str | None, make_engine=No
     clients = load_federated_data(cfg)
     parts = check_partition(cfg, clients, run_dir, "the run cannot be resumed exactly. Start a new run")
     atomic_write_text(run_dir / "partition.json", parts)
-    runtime = build_runtime(cfg, clients if make_engine is None else [])
+    runtime = build_runtime(cfg, clients if make_engine is None else [], check=clients)
     algo = get_algorithm(cfg.algorithm.name)
     strategy = algo.Server(cfg, runtime.adapters)
     engine = InProcessEngine(algo.Client(cfg, runtime)) if make_engine is None else make_engine(cfg)
@@ -464,16 +618,24 @@ def write_exports(fed: Federation) -> None:
 
 def run_experiment(cfg: Config, run_dir: Path, progress_mode: str | None = None, make_engine=None) -> dict:
     """Run a whole federation and write the run directory; returns the summary. The clients run in this
-    process unless `make_engine(cfg)` supplies another engine (see `_setup`)."""
-    handler = _attach_log_file(run_dir)
-    try:
-        t0, cpu0 = time.time(), time.process_time()
-        dump_config(cfg, run_dir / "config.yaml")
-        fed = _setup(cfg, run_dir, progress_mode, make_engine)
-        return _execute(fed, 1, time.time() - t0, time.process_time() - cpu0, time.time() - t0)
-    finally:
-        log.removeHandler(handler)
-        handler.close()
+    process unless `make_engine(cfg)` supplies another engine (see `_setup`). The run directory's lock is
+    held throughout (a second run or resume of it exits with code 2)."""
+    with hold(run_dir):
+        write_marker(run_dir)
+        handler = _attach_log_file(run_dir)
+        try:
+            t0, cpu0 = time.time(), time.process_time()
+            dump_config(cfg, run_dir / "config.yaml")
+            try:
+                fed = _setup(cfg, run_dir, progress_mode, make_engine)
+            except UserError:  # nothing was computed: leave the directory as it was claimed, for the next try
+                for name in ("config.yaml", "partition.json", "run.log"):
+                    (run_dir / name).unlink(missing_ok=True)
+                raise
+            return _execute(fed, 1, time.time() - t0, time.process_time() - cpu0, time.time() - t0)
+        finally:
+            log.removeHandler(handler)
+            handler.close()
 
 
 # -------------------------------------------------------------------------------------------- resume
@@ -505,64 +667,78 @@ def _truncate_artifacts(run_dir: Path, last_round: int) -> None:
 
 def check_resumable(run_dir: Path, config_path: Path | None = None, overrides: list[str] | None = None) -> Config:
     """The config of the run in `run_dir`, after checking that it can be resumed with the requested config
-    (a UserError otherwise); cheap, so engines call it before starting anything."""
-    return _resume_configs(Path(run_dir), config_path, overrides)[0]
+    from an intact checkpoint (a UserError otherwise); cheap, so engines call it before starting anything."""
+    run_dir = Path(run_dir)
+    _require_run_dir(run_dir)
+    with hold(run_dir):
+        return _resume_plan(run_dir, config_path, overrides)[0]
 
 
-def _resume_configs(run_dir: Path, config_path: Path | None, overrides: list[str] | None) -> tuple[Config, Config]:
-    from fedmole.config import load_config
-
+def _require_run_dir(run_dir: Path) -> None:
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a fedmole run directory (no config.yaml); check the path")
+
+
+def _refuse(diff: list[str], why: str, fix: str) -> None:
+    if diff:
+        raise UserError(f"refusing to resume: {why} (the result would match neither run):\n  " + "\n  ".join(diff)
+                        + f"\n{fix}")
+
+
+def _resume_plan(run_dir: Path, config_path: Path | None, overrides: list[str] | None):
+    """(the run's config, the requested config, the newest intact checkpoint as `intact_checkpoint` returns
+    it), after refusing a config that differs from the run's (requested with --config/--set, or config.yaml
+    edited since the checkpoint was written). Only `output.*` and `comm.budget_mb` may change; a new budget
+    is written to config.yaml."""
+    from fedmole.config import load_config, validate_config
+
     cfg = load_config(run_dir / "config.yaml")
     requested = load_config(config_path or run_dir / "config.yaml", overrides or [])
-    ignore = {"output"}  # where and how progress is shown may change; nothing that affects results
-    old_d = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
-    new_d = {k: v for k, v in requested.to_dict().items() if k not in ignore}
-    # the traffic cap only decides where a run stops, not what its rounds compute: a run stopped by its
-    # budget continues with a larger one (the new cap is written to config.yaml)
-    old_d["comm"] = {**old_d["comm"], "budget_mb": None}
-    new_d["comm"] = {**new_d["comm"], "budget_mb": None}
-    diff = config_diff(old_d, new_d)
-    if diff:
-        raise UserError("refusing to resume with a different config (the result would match neither run):\n  "
-                        + "\n  ".join(diff) + "\nStart a new run with `fedmole run` to change settings")
+    _refuse(config_diff(resumable_config(cfg.to_dict()), resumable_config(requested.to_dict())),
+            "the requested config differs from the run's", "Start a new run with `fedmole run` to change settings")
+    ckpt = intact_checkpoint(run_dir)
+    saved = ckpt[1].get("config")
+    if saved is not None:  # checkpoints record the config they were written with
+        _refuse(config_diff(resumable_config(validate_config(saved).to_dict()), resumable_config(cfg.to_dict())),
+                f"{run_dir / 'config.yaml'} was changed after checkpoint {ckpt[0].name} was written",
+                "Restore the values on the left in config.yaml, or start a new run with `fedmole run`")
     if requested.comm.budget_mb != cfg.comm.budget_mb:
         log.info("resume: comm.budget_mb %s -> %s", cfg.comm.budget_mb, requested.comm.budget_mb)
         cfg.comm.budget_mb = requested.comm.budget_mb
         dump_config(cfg, run_dir / "config.yaml")
-    if latest_checkpoint(run_dir) is None:
-        raise UserError(f"{run_dir} has no complete checkpoint to resume from; start it again with "
-                        f"`fedmole run CONFIG --out {run_dir} --overwrite`")
-    return cfg, requested
+    return cfg, requested, ckpt
 
 
 def resume_experiment(run_dir: Path, config_path: Path | None = None, overrides: list[str] | None = None,
                       progress_mode: str | None = None, make_engine=None) -> dict:
-    """Continue a run from its last complete checkpoint; the result equals the uninterrupted run.
-    `make_engine` as in `run_experiment` (the clients' states are loaded into whichever engine runs)."""
+    """Continue a run from its newest intact checkpoint; the result equals the uninterrupted run.
+    `make_engine` as in `run_experiment` (the clients' states are loaded into whichever engine runs).
+    Holds the run directory's lock throughout; torn last lines of the JSONL files are cut first."""
     run_dir = Path(run_dir)
-    cfg, requested = _resume_configs(run_dir, config_path, overrides)
-    ckpt = latest_checkpoint(run_dir)
-    handler = _attach_log_file(run_dir)
-    try:
-        meta, server_tensors, client_states = load_checkpoint(ckpt, with_snapshots=True)
-        if meta["round"] >= cfg.federation.rounds and (run_dir / "summary.json").is_file():
-            return json.loads((run_dir / "summary.json").read_text())
-        log.info("resuming %s after round %s", run_dir, meta["round"])
-        t0 = time.time()
-        fed = _setup(cfg, run_dir, progress_mode or requested.output.progress, make_engine)
-        fed.strategy.load_state_dict(server_tensors, meta["server"])
-        fed.engine.load_client_states(client_states)
-        fed.metrics.truncate(meta["metrics_records"])
-        fed.outcomes.truncate(meta.get("outcomes_records", 0))
-        _truncate_artifacts(run_dir, meta["round"])
-        fed.progress.steps = meta["round"] * cfg.clients_per_round * cfg.train.local_steps
-        return _execute(fed, meta["round"] + 1, meta.get("wall_seconds", 0.0), meta.get("cpu_seconds", 0.0),
-                        time.time() - t0, meta.get("seconds"))
-    finally:
-        log.removeHandler(handler)
-        handler.close()
+    _require_run_dir(run_dir)
+    with hold(run_dir):
+        write_marker(run_dir)
+        handler = _attach_log_file(run_dir)
+        try:
+            for path in sorted(run_dir.glob("*.jsonl")):
+                repair_jsonl(path)
+            cfg, requested, (ckpt, meta, server_tensors, client_states) = _resume_plan(run_dir, config_path, overrides)
+            if meta["round"] >= cfg.federation.rounds and (run_dir / "summary.json").is_file():
+                return json.loads((run_dir / "summary.json").read_text())
+            log.info("resuming %s after round %s (%s)", run_dir, meta["round"], ckpt.name)
+            t0 = time.time()
+            fed = _setup(cfg, run_dir, progress_mode or requested.output.progress, make_engine)
+            fed.strategy.load_state_dict(server_tensors, meta["server"])
+            fed.engine.load_client_states(client_states)
+            fed.metrics.truncate(meta["metrics_records"])
+            fed.outcomes.truncate(meta.get("outcomes_records", 0))
+            _truncate_artifacts(run_dir, meta["round"])
+            fed.progress.steps = meta["round"] * cfg.clients_per_round * cfg.train.local_steps
+            return _execute(fed, meta["round"] + 1, meta.get("wall_seconds", 0.0), meta.get("cpu_seconds", 0.0),
+                            time.time() - t0, meta.get("seconds"))
+        finally:
+            log.removeHandler(handler)
+            handler.close()
 
 
 def write_summary(fed: Federation, wall: float, engine_name: str) -> dict:

@@ -72,17 +72,20 @@ def test_each_expert_is_averaged_over_exactly_its_holders(tiny_tok, replied):
 
 
 def test_replies_may_carry_embeddings_but_not_unassigned_experts(tiny_tok):
-    from fedmole.algorithms.validate import check_reply
+    from fedmole.algorithms.validate import Limits, check_reply
 
     _, server = _server(tiny_tok)
     plans = server.configure_train(1, CLIENTS, evaluate=False)
-    spec = server.reply_spec(0, plans[0])
+    rules, limits = server.reply_rules(0, plans[0]), Limits(4096.0)
     good = _reply(server, 0, plans[0], 0.0, _embeddings(server, 0, 1.0))
-    assert check_reply(good, spec, 4096.0) is None
+    assert check_reply(good, rules, limits) is None
+    assert check_reply(_reply(server, 0, plans[0], 0.0), rules, limits) is None  # no embeddings (empty aux split)
     m = server.modules[0]
     stranger = next(e for e in range(8) if e not in server.arch[0][m])
     bad = _reply(server, 0, plans[0], 0.0, {f"{m}/{stranger}/u": torch.zeros(4)})
-    assert "not assigned" in check_reply(bad, spec, 4096.0)
+    assert "not assigned" in check_reply(bad, rules, limits)
+    without_t = {k: v for k, v in _embeddings(server, 0, 1.0).items() if not k.endswith(f"{m}/router/t")}
+    assert "incomplete group" in check_reply(_reply(server, 0, plans[0], 0.0, without_t), rules, limits)
 
 
 def test_data_size_weighting_weights_by_training_examples(tiny_tok):

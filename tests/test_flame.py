@@ -174,15 +174,22 @@ def test_rescaler_is_averaged_within_tiers_never_across():
 
 
 def test_replies_may_skip_experts_and_carry_rescalers_but_nothing_else():
-    from fedmole.algorithms.validate import check_reply
+    from fedmole.algorithms.validate import Limits, check_reply
 
     server, _ = _server()
     payload = server.configure_train(1, [0], evaluate=False)[0]
-    spec = server.reply_spec(0, payload)
+    rules, limits = server.reply_rules(0, payload), Limits(100.0)
     some = {k: v for k, v in list(payload.tensors.items())[:10]}
     rescaler = {k: torch.zeros(1) for k in server.layers.rescaler_keys()}
-    assert check_reply(Reply({**some, **rescaler}, 5), spec, 100.0) is None
-    assert "unexpected" in check_reply(Reply({**some, "model.layers.0.mlp/99/gate_A": torch.zeros(1)}, 5), spec, 100.0)
+    k, steps = payload.config["k"], payload.config["steps"]
+    extra = {"k": k, "steps": steps, "tokens": 10, "counts": {m: [10] * k + [0] * (server.layers.M - k)
+                                                               for m in server.layers.layers}}
+    assert check_reply(Reply({**some, **rescaler}, 5, extra=extra), rules, limits) is None
+    assert "unexpected" in check_reply(Reply({**some, **rescaler, "model.layers.0.mlp/99/gate_A": torch.zeros(1)}, 5,
+                                             extra=extra), rules, limits)
+    assert "missing tensors" in check_reply(Reply(some, 5, extra=extra), rules, limits)  # the rescaler is required
+    too_many = {**extra, "counts": {m: [11] * server.layers.M for m in server.layers.layers}}
+    assert "more tokens" in check_reply(Reply({**some, **rescaler}, 5, extra=too_many), rules, limits)
 
 
 def test_fixed_rescaler_is_K_over_k():

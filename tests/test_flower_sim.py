@@ -105,7 +105,8 @@ def test_fedit_with_injected_drops_and_crashes_through_flower_sim_equals_inproce
 def test_an_error_in_the_server_app_surfaces_and_leaves_no_process(tmp_path, data_file):
     run_dir = tmp_path / "taken"
     run_dir.mkdir()
-    (run_dir / "metrics.jsonl").write_text("")  # the ServerApp refuses to overwrite a run
+    (run_dir / ".fedmole-run").write_text("{}")  # a fedmole run directory: the ServerApp refuses to overwrite it
+    (run_dir / "metrics.jsonl").write_text("")
     mark = uuid.uuid4().hex
     script = ("import sys; from pathlib import Path\n"
               "from fedmole.config import load_config\n"

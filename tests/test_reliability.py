@@ -15,7 +15,7 @@ import torch
 
 from fedmole.algorithms.aggregate import robust_mean, weighted_mean
 from fedmole.algorithms.base import Payload, Reply
-from fedmole.algorithms.validate import check_reply, spec_of
+from fedmole.algorithms.validate import Limits, ReplyRules, check_reply, spec_of
 from fedmole.config import load_config
 from fedmole.privacy import epsilon, privatize
 from fedmole.run import _setup, latest_checkpoint, run_experiment
@@ -167,14 +167,14 @@ def test_each_kind_of_hostile_reply_is_rejected_and_leaves_the_global_state_unch
 
 
 def test_check_reply_names_the_problem():
-    spec = spec_of({"m/lora/A": torch.zeros(2, 3)})
+    rules, limits = ReplyRules(spec_of({"m/lora/A": torch.zeros(2, 3)})), Limits(1.0)
     ok = Reply({"m/lora/A": torch.ones(2, 3)}, 5)
-    assert check_reply(ok, spec, 1.0) is None
-    assert "shape (3, 2)" in check_reply(Reply({"m/lora/A": torch.ones(3, 2)}, 5), spec, 1.0)
-    assert "NaN" in check_reply(Reply({"m/lora/A": torch.full((2, 3), float("nan"))}, 5), spec, 1.0)
-    assert "not assigned" in check_reply(Reply({"m/3/A": torch.ones(2, 3)}, 5), spec, 1.0)
-    assert "positive integer" in check_reply(Reply({}, True), spec, 1.0)
-    big = check_reply(Reply({"m/lora/A": torch.ones(2, 3)}, 5), spec, max_mb=1e-6)
+    assert check_reply(ok, rules, limits) is None
+    assert "shape (3, 2)" in check_reply(Reply({"m/lora/A": torch.ones(3, 2)}, 5), rules, limits)
+    assert "NaN" in check_reply(Reply({"m/lora/A": torch.full((2, 3), float("nan"))}, 5), rules, limits)
+    assert "not assigned" in check_reply(Reply({"m/3/A": torch.ones(2, 3)}, 5), rules, limits)
+    assert "positive integer" in check_reply(Reply({}, True), rules, limits)
+    big = check_reply(Reply({"m/lora/A": torch.ones(2, 3)}, 5), rules, Limits(max_mb=1e-6))
     assert "exceeds replies.max_mb=1e-06" in big
 
 

@@ -31,7 +31,8 @@ def test_smoke_run_through_the_cli(tmp_path):
     for name in ("config.yaml", "partition.json", "metrics.jsonl", "summary.json", "run.log"):
         assert (run_dir / name).is_file(), name
     ckpt = run_dir / "checkpoints" / "round_0002"
-    assert {p.name for p in ckpt.iterdir()} == {"server.safetensors", "clients.safetensors", "state.json"}
+    assert {p.name for p in ckpt.iterdir()} == {"server.safetensors", "clients.safetensors", "state.json",
+                                                "manifest.json"}
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
 
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -96,6 +97,7 @@ def test_client_sampling_is_seeded_per_round():
 
 def test_existing_run_directory_is_refused_without_overwrite(tmp_path):
     (tmp_path / "r").mkdir()
+    (tmp_path / "r" / ".fedmole-run").write_text("{}")
     (tmp_path / "r" / "summary.json").write_text("{}")
     proc = subprocess.run([sys.executable, "-m", "fedmole.cli", "run", str(SMOKE), "--out", str(tmp_path / "r")],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from fedmole.algorithms.validate import ReplyRules
 from fedmole.config import Config
 
 if TYPE_CHECKING:
@@ -108,6 +109,12 @@ class Strategy:
         """Tensors (name -> (shape, dtype)) this client may upload. Default: exactly those it was sent.
         Methods whose clients upload other tensors (statistics, fresh adapters) extend it."""
         return {k: (tuple(t.shape), t.dtype) for k, t in payload.tensors.items()}
+
+    def reply_rules(self, cid: int, payload: Payload) -> ReplyRules:
+        """Everything a reply to `payload` may hold (see `validate.ReplyRules`), checked before any
+        accounting or aggregation. Default: every tensor of `reply_spec`, all required; no `extra` fields;
+        evaluation results only when the payload asked for them. Methods that accept more or less say so."""
+        return ReplyRules(self.reply_spec(cid, payload), evals=bool(payload.config.get("eval_personalized")))
 
     def round_records(self, rnd: int) -> list[dict]:
         """Per-client facts about the round just aggregated, as metric records

@@ -37,6 +37,7 @@ from fedmole.adapters.state import key, parse_key
 from fedmole.algorithms import rsea
 from fedmole.algorithms.aggregate import client_weights
 from fedmole.algorithms.base import GLOBAL, PERSONALIZED, ClientProcedure, ClientState, Payload, Reply, Strategy
+from fedmole.algorithms.validate import ReplyRules
 from fedmole.errors import UserError
 
 EMBEDDINGS = ("t", "u")  # tensor names of the uploaded RSEA embeddings
@@ -155,6 +156,13 @@ class Server(Strategy):
                 spec[key(m, ROUTER, "t")] = (r, torch.float32)
                 spec.update({key(m, str(e), "u"): (r, torch.float32) for e in self.arch[cid][m]})
         return spec
+
+    def reply_rules(self, cid, payload):
+        """Every tensor it was sent; the embeddings (statistics) all together or none (an empty aux split)."""
+        spec = self.reply_spec(cid, payload)
+        emb = frozenset(k for k in spec if parse_key(k).name in EMBEDDINGS)
+        return ReplyRules(spec, required=frozenset(spec) - emb, together=(emb,) if emb else (), statistics=emb,
+                          evals=bool(payload.config.get("eval_personalized")))
 
     def aggregate_train(self, rnd, replies):
         before = dict(self.global_state)

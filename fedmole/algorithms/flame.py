@@ -47,11 +47,13 @@ from fedmole.algorithms.base import GLOBAL, ClientProcedure, ClientState, Payloa
 from fedmole.algorithms.fedprox import proximal_hook
 from fedmole.algorithms.lora_common import OPT_PREFIX
 from fedmole.algorithms.server_opt import ServerOptimizer
+from fedmole.algorithms.validate import Equal, Integer, ListOf, MapOf, ReplyRules
 from fedmole.config import ATTENTION_PROJECTIONS, EXPERT_PROJECTIONS
 from fedmole.errors import UserError
 from fedmole.tiers import assign_tiers
 
 RESCALER = "rescaler"
+LOG_S_BOUND = 20.0  # |log s| a client may report: s within e^-20..e^20 (honest values are near log(K/k))
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -243,6 +245,16 @@ def aggregate_experts(
     return new, {"experts_updated": updated, "experts_kept": kept}
 
 
+def counts_within_tokens(extra: dict) -> str | None:
+    """a_i^{l,j} <= S_i (a token reaches an expert at most once per layer) and sum_j a_i^{l,j} <= k S_i."""
+    tokens, k = extra["tokens"], extra["k"]
+    for module, counts in extra["counts"].items():
+        if max(counts, default=0) > tokens or sum(counts) > k * tokens:
+            return (f"extra.counts[{module!r}] routes more tokens than the {tokens} it trained on with k={k} "
+                    f"(max {max(counts)}, sum {sum(counts)})")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- FLOPs
 def flops_per_token(model: nn.Module, layers: RoutedLayers, k: int) -> dict[str, float]:
     """Analytic matmul FLOPs per token at k active experts (attention scores excluded).
@@ -350,6 +362,21 @@ class Server(Strategy):
         """The tensors it was sent (any subset: idle experts are skipped) plus its rescaler statistics."""
         return {**super().reply_spec(cid, payload),
                 **{key: ((1,), torch.float32) for key in self.layers.rescaler_keys()}}
+
+    def reply_rules(self, cid, payload):
+        """Every routed layer's log s (within +-LOG_S_BOUND), every non-expert tensor, any subset of the
+        experts; extra: k and steps as sent, the tokens S_i and the counts a_i^{l,j} (each at most S_i, at
+        most k S_i per layer), none beyond what `steps` batches of `train.max_length` tokens hold."""
+        spec, cfg, t = self.reply_spec(cid, payload), payload.config, self.cfg.train
+        rescalers = frozenset(self.layers.rescaler_keys())
+        most = cfg["steps"] * t.batch_size * t.max_length
+        count = Integer(0, most)
+        return ReplyRules(
+            spec, required=frozenset(k for k in spec if not is_expert(k)), statistics=rescalers,
+            ranges=dict.fromkeys(rescalers, (-LOG_S_BOUND, LOG_S_BOUND)),
+            extra={"k": Equal(cfg["k"]), "steps": Equal(cfg["steps"]), "tokens": count,
+                   "counts": MapOf(frozenset(self.layers.layers), ListOf(count, self.layers.M))},
+            relations=(counts_within_tokens,))
 
     def round_records(self, rnd):
         return self._round_facts

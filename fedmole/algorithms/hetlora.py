@@ -34,6 +34,7 @@ from fedmole.algorithms.base import ClientProcedure, ClientState, Payload, Reply
 from fedmole.algorithms.fedit import build_adapters
 from fedmole.algorithms.lora_common import RankTierServer, evaluate_tiers, train_lora
 from fedmole.algorithms.lora_ops import from_pairs, lora_pairs, product_norm, resize_rank
+from fedmole.algorithms.validate import Equal, Optional
 
 __all__ = ["Server", "Client", "build_adapters", "aggregate"]
 
@@ -104,6 +105,15 @@ class Server(RankTierServer):
             c: Payload(from_pairs({m: resize_rank(A, B, self.ranks[c]) for m, (A, B) in pairs.items()}), config)
             for c in clients
         }
+
+    def reply_rules(self, cid, payload):
+        """With self-pruning, `extra["rank"]` (optional) is the rank the client prunes to: ceil(γ r_i)."""
+        rules = super().reply_rules(cid, payload)
+        a, rank = self.cfg.algorithm, self.ranks[cid]
+        keep = math.ceil(a.prune_gamma * rank)
+        if a.self_pruning and keep < rank:
+            rules.extra = {"rank": Optional(Equal(keep))}
+        return rules
 
     def aggregate_train(self, rnd, replies):
         a = self.cfg.algorithm

@@ -20,6 +20,7 @@ dataset that is not available offline) becomes a `UserError` that says what to c
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Callable
@@ -72,10 +73,9 @@ def read_records(path: Path, fmt: str) -> list[dict]:
     """Rows of a local jsonl, json (a list of objects, or JSON Lines) or csv file."""
     if not path.is_file():
         raise UserError(f"data file {path} does not exist (data.path)")
+    text = _decode(path)
     if fmt == "csv":
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            return list(csv.DictReader(fh))
-    text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
+        return list(csv.DictReader(io.StringIO(text, newline="")))
     if fmt == "json":
         try:
             data = json.loads(text)
@@ -87,6 +87,17 @@ def read_records(path: Path, fmt: str) -> list[dict]:
                 raise UserError(f"{path}: expected a JSON list of objects (one per example)")
             return data
     return _jsonl_records(text, path)
+
+
+def _decode(path: Path) -> str:
+    """The file's text (UTF-8, a byte-order mark tolerated), or a UserError naming the line that is not."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); save the file as UTF-8 "
+                        f"(e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _jsonl_records(text: str, path: Path) -> list[dict]:
@@ -159,6 +170,16 @@ def _text(value) -> str:
     return "" if value is None else value if isinstance(value, str) else str(value)
 
 
+def _string(record: dict, column: str, origin: str, index: int) -> str:
+    """A text field every example needs (instruction, response): it must be a string, not null or a number
+    turned into text behind the user's back."""
+    value = record[column]
+    if not isinstance(value, str):
+        raise UserError(f"{origin}: record {index + 1}: column {column!r} must be text, got {value!r} "
+                        f"({type(value).__name__}); write it as a string (quoted) or drop the record")
+    return value
+
+
 # --------------------------------------------------------------------------------- generic mapping
 def map_columns(records: list[dict], cols: ColumnMap, origin: str, uid_prefix: str) -> list[Example]:
     """Examples from rows via `data.columns`. Optional columns under their default names (context, task,
@@ -193,10 +214,10 @@ def map_columns(records: list[dict], cols: ColumnMap, origin: str, uid_prefix: s
             response = choices[label]
         else:
             _require(rec, [cols.response], origin, i, "a row without choices is a generation example")
-            response = _text(rec[cols.response])
+            response = _string(rec, cols.response, origin, i)
         examples.append(
             Example(
-                instruction=_text(rec[cols.instruction]),
+                instruction=_string(rec, cols.instruction, origin, i),
                 response=response,
                 context=_text(rec.get(cols.context)) if cols.context else "",
                 choices=choices,
@@ -271,8 +292,8 @@ def _load_dolly(cfg: DataConfig) -> list[Example]:
         category = _text(rec["category"])
         out.append(
             Example(
-                instruction=_text(rec["instruction"]),
-                response=_text(rec["response"]),
+                instruction=_string(rec, "instruction", origin, i),
+                response=_string(rec, "response", origin, i),
                 context=_text(rec["context"]),
                 task=category,
                 domain=category,
@@ -331,8 +352,8 @@ def _load_alpaca(cfg: DataConfig) -> list[Example]:
         _require(rec, ["instruction", "input", "output"], origin, i)
         out.append(
             Example(
-                instruction=_text(rec["instruction"]),
-                response=_text(rec["output"]),
+                instruction=_string(rec, "instruction", origin, i),
+                response=_string(rec, "output", origin, i),
                 context=_text(rec["input"]),
                 task="alpaca",
                 domain="alpaca",

@@ -51,7 +51,7 @@ from safetensors.torch import load_file, save_file
 
 from fedmole.algorithms.base import ClientState, Payload, Reply
 from fedmole.comm import wire_dtype
-from fedmole.config import Config, validate_config
+from fedmole.config import Config, parse_yaml, validate_config
 from fedmole.errors import RunFailed, UserError
 
 log = logging.getLogger("fedmole")
@@ -119,11 +119,7 @@ def config_from_text(text: str) -> Config:
         from fedmole.config import load_config
 
         return load_config(text.strip())
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise UserError(f"the run config key `config` is not valid YAML: {err}") from None
-    return validate_config(data or {})
+    return validate_config(parse_yaml(text, "the run config key `config`") or {})
 
 
 def _settings(context: Context, bound: dict | None) -> dict:
@@ -151,17 +147,29 @@ def failure_content(kind: str, message: str) -> RecordDict:
     return RecordDict({"config": ConfigRecord({"failure": json.dumps([kind, message])})})
 
 
+REPORTED_FAILURES = ("dropped", "crashed", "late", "failed")  # what a ClientApp may report about itself
+REPLY_FIELDS = ("num_examples", "metrics", "evals", "extra")
+
+
 def parse_reply(content: RecordDict) -> tuple[Reply | None, tuple[str, str] | None]:
-    """(reply, None) or (None, (kind, message)) from a client's reply content."""
+    """(reply, None) or (None, (kind, message)) from a client's reply content. A reply that cannot be read
+    is a failure of kind `rejected` (the server's checks of a readable reply come later, in the round loop)."""
     conf = content.config_records.get("config")
     if conf is None:
         return None, ("failed", "the reply has no `config` record (not a fedmole ClientApp?)")
-    if "failure" in conf:
-        kind, message = json.loads(conf["failure"])
-        return None, (kind, message)
-    body = json.loads(conf["reply"])
-    return Reply(tensors=tensors_of(content.array_records.get("arrays")), num_examples=body["num_examples"],
-                 metrics=body["metrics"], evals=body["evals"], extra=body["extra"]), None
+    try:
+        if "failure" in conf:
+            kind, message = json.loads(conf["failure"])
+            if kind not in REPORTED_FAILURES or not isinstance(message, str):
+                return None, ("rejected", f"unreadable failure report {str(conf['failure'])[:120]!r}")
+            return None, (kind, message)
+        body = json.loads(conf["reply"])
+        if not isinstance(body, dict) or set(body) != set(REPLY_FIELDS):
+            return None, ("rejected", f"the reply body must hold exactly {', '.join(REPLY_FIELDS)}")
+        tensors = tensors_of(content.array_records.get("arrays"))
+    except (KeyError, TypeError, ValueError) as err:
+        return None, ("rejected", f"unreadable reply ({type(err).__name__}: {str(err)[:200]})")
+    return Reply(tensors=tensors, **body), None
 
 
 # ------------------------------------------------------------------------------- node-local state
@@ -598,43 +606,43 @@ def sim_backend_config(cfg: Config) -> dict:
 
 def run_flower_sim(cfg: Config, run_dir: Path, progress_mode: str | None = None, resume: bool = False) -> dict:
     """Run the federation on Flower's simulation engine (Ray) in this process; every process it started is
-    stopped by PID at the end, also on error or Ctrl-C. Returns the summary (written to run_dir).
-    `resume`: continue the run in `run_dir` from its last checkpoint (`cfg` must be that run's config)."""
+    stopped by PID at the end, also on error or Ctrl-C, and by a watchdog when this process is killed
+    (`engines/watchdog.py`). Returns the summary (written to run_dir). `resume`: continue the run in
+    `run_dir` from its last checkpoint (`cfg` must be that run's config)."""
     from flwr.simulation import run_simulation
 
+    from fedmole.engines.watchdog import SimulationGuard
+
     saved_env = {k: os.environ.get(k) for k in [*FLOWER_ENV, "FLWR_HOME", "OMP_NUM_THREADS"]}
-    home = tempfile.mkdtemp(prefix="fedmole-flwr-")
-    state_dir = tempfile.mkdtemp(prefix="fedmole-state-")
-    ray_dir = tempfile.mkdtemp(prefix="fedmole-ray-")  # Ray's session files, removed with the others
-    backend = sim_backend_config(cfg)
-    backend["init_args"]["_temp_dir"] = ray_dir
-    os.environ.update(FLOWER_ENV)
-    os.environ["FLWR_HOME"] = home
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    bound = {"config": config_text(cfg), "out": str(run_dir), "overwrite": False, "state-dir": state_dir,
-             "engine-name": "flower-sim", "progress": progress_mode or cfg.output.progress, "resume": resume}
-    STOP.clear()
-    try:
-        with ProcessTracker():
-            try:
-                run_simulation(server_app=make_server_app(bound), client_app=make_client_app(bound),
-                               num_supernodes=cfg.federation.num_clients, backend_config=backend)
-            finally:
-                STOP.set()  # after Ctrl-C the ServerApp thread would otherwise wait for replies forever
-                import ray
+    with SimulationGuard() as guard:
+        home, state_dir, ray_dir = (guard.path / name for name in ("flwr", "state", "ray"))
+        for d in (home, state_dir, ray_dir):
+            d.mkdir()
+        backend = sim_backend_config(cfg)
+        backend["init_args"]["_temp_dir"] = str(ray_dir)  # Ray's session files
+        os.environ.update(FLOWER_ENV)
+        os.environ["FLWR_HOME"] = str(home)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        bound = {"config": config_text(cfg), "out": str(run_dir), "overwrite": False, "state-dir": str(state_dir),
+                 "engine-name": "flower-sim", "progress": progress_mode or cfg.output.progress, "resume": resume}
+        STOP.clear()
+        try:
+            with ProcessTracker():
+                try:
+                    run_simulation(server_app=make_server_app(bound), client_app=make_client_app(bound),
+                                   num_supernodes=cfg.federation.num_clients, backend_config=backend)
+                finally:
+                    STOP.set()  # after Ctrl-C the ServerApp thread would otherwise wait for replies forever
+                    import ray
 
-                if ray.is_initialized():
-                    ray.shutdown()
-    finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        import shutil
-
-        for tmp in (home, state_dir, ray_dir):
-            shutil.rmtree(tmp, ignore_errors=True)
+                    if ray.is_initialized():
+                        ray.shutdown()
+        finally:
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     summary = run_dir / "summary.json"
     if not summary.is_file():
         raise RunFailed(f"the Flower simulation ended without writing {summary}; see {run_dir / 'run.log'}")

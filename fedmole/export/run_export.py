@@ -67,13 +67,23 @@ def manifest(ckpt: RunCheckpoint, fmt: str, client: int | None, extra: dict | No
 
 
 def _prepare_out(out: Path, overwrite: bool) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    """A fresh temporary directory next to `out`. `out` may be missing or empty; `--overwrite` replaces only
+    an earlier export (it holds fedmole_export.json), never a file or another directory."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory; choose a directory path for the export")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MANIFEST).is_file():
+            raise UserError(f"export directory {out} is not empty and is not a fedmole export (no {MANIFEST}), so "
+                            f"fedmole will not replace it, even with --overwrite; choose another --out")
         if not overwrite:
-            raise UserError(f"export directory {out} already exists and is not empty; choose another --out or "
-                            f"pass --overwrite")
+            raise UserError(f"export directory {out} already holds an export; choose another --out or pass "
+                            f"--overwrite to replace it")
     tmp = out.with_name(f".{out.name}.tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as err:
+        raise UserError(f"cannot write the export next to {out}: {err.strerror}; choose another --out") from None
     return tmp
 
 
@@ -82,8 +92,8 @@ def _commit(tmp: Path, out: Path) -> None:
     os.umask(mask)
     for f in tmp.rglob("*"):  # safetensors writes 0600 files; an export is meant to be shared like any file
         os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    if out.exists():  # an empty directory or an earlier export (`_prepare_out`)
+        shutil.rmtree(out)
     tmp.rename(out)
 
 

@@ -85,7 +85,7 @@ def resolve_round(run_dir: Path, rnd: str | int | None) -> int:
 
 def open_checkpoint(run_dir: str | Path, rnd: str | int | None = None) -> RunCheckpoint:
     """Load the config and the checkpoint of round `rnd` (see `resolve_round`) of a run directory."""
-    from fedmole.run import load_checkpoint
+    from fedmole.run import checkpoint_problem, load_checkpoint
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -96,6 +96,9 @@ def open_checkpoint(run_dir: str | Path, rnd: str | int | None = None) -> RunChe
     cfg = load_config(run_dir / "config.yaml")
     number = resolve_round(run_dir, rnd)
     path = run_dir / "checkpoints" / f"round_{number:04d}"
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UserError(f"checkpoint {path} is damaged ({problem}); choose another --round")
     meta, server, clients = load_checkpoint(path)
     return RunCheckpoint(run_dir, cfg, number, path, meta, server, clients)
 
