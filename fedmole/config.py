@@ -514,6 +514,13 @@ class FedAMoLEConfig(AlgorithmConfig, LoRAKeys):
                 "zero); set dp.enabled=false and use algorithm.dp_embeddings=true (the paper's embedding DP), or "
                 "keep dp.enabled with algorithm.static_arch=true or random_dispatch=true (no embeddings)"
             )
+        if cfg.eval.init and cfg.eval.clients is not None and cfg.eval.clients < fed.num_clients \
+                and not self.static_arch:
+            raise ValueError(
+                f"eval.init=true evaluates round 1's initial architecture, which fedamole draws over every client, "
+                f"but eval.clients={cfg.eval.clients} evaluates only some of the {fed.num_clients}; set "
+                f"eval.clients=null or eval.init=false"
+            )
         if cfg.eval.init and cfg.clients_per_round < fed.num_clients and not self.static_arch:
             raise ValueError(
                 "eval.init=true needs an initial architecture for every client, but with partial participation "
@@ -698,6 +705,11 @@ class EvalConfig(Section):
         None, description="evaluate only these model labels (glob patterns, e.g. [personalized] or "
         "[global, 'global_k*']); null: every model the method evaluates"
     )
+    clients: int | None = Field(
+        None, ge=1, description="evaluate the global model on this many clients, drawn per evaluation round "
+        "(seeded); null: on every client. With many clients (cross-device) an evaluation of all of them costs "
+        "more than the round; personalised evaluations always come from the round's clients"
+    )
 
 
 # -------------------------------------------------------------------------------------------- output
@@ -792,6 +804,11 @@ class Config(Section):
             raise ValueError(
                 f"federation.clients_per_round ({fed.clients_per_round}) exceeds federation.num_clients "
                 f"({fed.num_clients}); use at most {fed.num_clients} or null for all"
+            )
+        if self.eval.clients is not None and self.eval.clients > fed.num_clients:
+            raise ValueError(
+                f"eval.clients ({self.eval.clients}) exceeds federation.num_clients ({fed.num_clients}); use at "
+                f"most {fed.num_clients} or null for every client"
             )
         if alg.needs_aux and part.splits.aux <= 0:
             raise ValueError(

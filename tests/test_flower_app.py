@@ -14,14 +14,14 @@ import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from safetensors.torch import load_file
 
 import fedmole
 from fedmole.algorithms.base import ClientState
+from fedmole.client.store import read_state
 from fedmole.config import ALGORITHMS, load_config
 from fedmole.engines import flower
 from fedmole.errors import UserError
-from fedmole.run import latest_checkpoint, resume_experiment, run_experiment
+from fedmole.run import latest_checkpoint, load_checkpoint, resume_experiment, run_experiment
 
 ROOT = Path(fedmole.__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -188,16 +188,17 @@ def test_flame_over_flower_messages_with_a_fresh_process_per_message_equals_inpr
     assert got["state_digest"] == ref["state_digest"]
     assert _records(tmp_path / "flower") == _records(ref_dir)
     for name in ("round_0001", "round_0002"):  # checkpoints gather every client's state from its node
-        a, b = ref_dir / "checkpoints" / name, tmp_path / "flower" / "checkpoints" / name
-        ta, tb = load_file(a / "clients.safetensors"), load_file(b / "clients.safetensors")
-        assert ta.keys() == tb.keys() and len(ta) > 0
-        assert all(torch.equal(ta[k], tb[k]) for k in ta)
-        meta_a, meta_b = (json.loads((x / "state.json").read_text())["clients"] for x in (a, b))
-        assert meta_a == meta_b and meta_a["2"]["cursor"]["pos"] > 0
+        _, _, sa = load_checkpoint(ref_dir / "checkpoints" / name)
+        _, _, sb = load_checkpoint(tmp_path / "flower" / "checkpoints" / name)
+        assert sorted(sa) == sorted(sb) == [0, 1, 2]
+        for c in sa:
+            assert sa[c].meta == sb[c].meta and sa[c].tensors.keys() == sb[c].tensors.keys() != set()
+            assert all(torch.equal(sa[c].tensors[k], sb[c].tensors[k]) for k in sa[c].tensors)
+        assert sa[2].meta["cursor"]["pos"] > 0
     # the node-local state file is what the last checkpoint holds
-    on_disk = flower.read_state(tmp_path / "nodes" / "run-5" / "client-2.safetensors")
-    assert on_disk.meta == meta_b["2"] and torch.equal(on_disk.tensors[next(iter(on_disk.tensors))],
-                                                       tb[f"2::{next(iter(on_disk.tensors))}"])
+    on_disk = read_state(tmp_path / "nodes" / "run-5" / "client-2.safetensors")
+    assert on_disk.meta == sb[2].meta and on_disk.tensors.keys() == sb[2].tensors.keys()
+    assert all(torch.equal(v, sb[2].tensors[k]) for k, v in on_disk.tensors.items())
 
     # a Flower checkpoint resumes (in-process) to the uninterrupted result
     run_dir = tmp_path / "flower"

@@ -18,11 +18,11 @@ Message contents (one message per client, so payloads differ per node: expert se
 
 Client state (data cursor, FLAME rescaler, private adapters, personalised parts) lives on the node in
 `<state dir>/run-<run id>/client-<id>.safetensors` (tensors + JSON meta in the file's metadata, written to a
-temporary file and renamed), so it survives a fresh process per message. The state dir is the node config's
-`state-dir`, else the run config's `state-dir`, else `<system temp dir>/fedmole-flower-state`. The server
-gathers the states with a `query` message when it writes a checkpoint (`FlowerEngine.client_states`), so a
-checkpoint of a Flower run holds every client's state, like an in-process checkpoint, and `load_client_states`
-pushes states back to the nodes (resume).
+temporary file and renamed; the format of client/store.py), so it survives a fresh process per message. The
+state dir is the node config's `state-dir`, else the run config's `state-dir`, else `<system temp
+dir>/fedmole-flower-state`. The server gathers the states with a `query` message when it writes a checkpoint
+(`FlowerEngine.client_states`), so a checkpoint of a Flower run holds every client's state, like an
+in-process checkpoint, and `load_client_states` pushes states back to the nodes (resume).
 
 Run config keys (`context.run_config`, or bound by `make_server_app` / `make_client_app`): `config` (the
 fedmole config as YAML text), `out` (run directory; server only), `overwrite` (bool), `state-dir`,
@@ -39,7 +39,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -47,9 +47,9 @@ import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from safetensors.torch import load_file, save_file
 
 from fedmole.algorithms.base import ClientState, Payload, Reply
+from fedmole.client.store import file_name, read_state, save_states, write_state
 from fedmole.comm import wire_dtype
 from fedmole.config import Config, validate_config
 from fedmole.errors import RunFailed, UserError
@@ -172,26 +172,7 @@ def state_root(context: Context, settings: dict) -> Path:
 
 
 def state_path(context: Context, settings: dict, cid: int) -> Path:
-    return state_root(context, settings) / f"client-{cid}.safetensors"
-
-
-def save_state(path: Path, state: ClientState) -> None:
-    """Tensors + JSON meta in one safetensors file, written to a temporary name and renamed (atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.tensors.items()}, tmp,
-              metadata={"meta": json.dumps(state.meta)})
-    os.replace(tmp, path)
-
-
-def read_state(path: Path) -> ClientState | None:
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as fh:
-        meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
-    return ClientState(dict(load_file(path)), meta)
+    return state_root(context, settings) / file_name(cid)
 
 
 # ------------------------------------------------------------------------------------ client side
@@ -305,8 +286,8 @@ def handle_message(msg: Message, context: Context, bound: dict | None = None) ->
                                        "config": ConfigRecord(body)}), reply_to=msg)
         if action == SET_STATE:
             if conf.get("present"):
-                save_state(path, ClientState(tensors_of(msg.content.array_records.get("arrays")),
-                                             json.loads(conf["meta"])))
+                write_state(path, ClientState(tensors_of(msg.content.array_records.get("arrays")),
+                                              json.loads(conf["meta"])))
             elif path.exists():
                 path.unlink()
             return Message(RecordDict({"config": ConfigRecord({"client": cid})}), reply_to=msg)
@@ -319,7 +300,7 @@ def handle_message(msg: Message, context: Context, bound: dict | None = None) ->
     work = ClientState(dict(state.tensors), copy.deepcopy(state.meta))
     out = execute(procedure, kind, cid, payload, work)
     if out.commit:
-        save_state(path, work)
+        write_state(path, work)
     content = (reply_content(out.reply, cfg.comm.dtype) if out.reply is not None
                else failure_content(*out.failure))
     return Message(content, reply_to=msg)
@@ -471,7 +452,7 @@ class FlowerEngine:
                 self.states.pop(cid, None)
         return {cid: self.states[cid] for cid in sorted(self.states)}
 
-    def load_client_states(self, states: dict[int, ClientState]) -> None:
+    def load_client_states(self, states: Mapping[int, ClientState]) -> None:
         """Write the given states to the nodes (resume); clients without a state start fresh."""
         contents = {}
         for cid in self.node_of:
@@ -482,7 +463,11 @@ class FlowerEngine:
             if msg is None or msg.has_error():
                 raise RuntimeError(f"client {cid} could not store its resumed state: "
                                    f"{msg.error.reason if msg is not None else 'no reply'}")
-        self.states = dict(states)
+        self.states = {cid: states[cid] for cid in states}
+
+    def save_client_states(self, root: Path) -> None:
+        """Every client's state, fetched from the nodes, as `root/client-<id>.safetensors` (a checkpoint)."""
+        save_states(root, self.client_states())
 
     def close(self) -> None:
         pass
