@@ -753,11 +753,26 @@ class FlowerConfig(Section):
 
     sim_actors: int = Field(
         1, ge=1, description="flower-sim: ClientApp worker processes (Ray actors, one CPU each) running clients in "
-        "parallel; capped at the machine's cores and the number of clients. Each holds its own copy of the model"
+        "parallel; capped at the machine's cores and the number of clients. Each holds its own copy of the model. "
+        "On a node with several GPUs, at least one per GPU"
+    )
+    gpus_per_client: float | None = Field(
+        None, ge=0, description="flower-sim: share of a GPU Ray reserves for each actor (0.5: two actors per GPU; "
+        "whole numbers above 1 for several GPUs each). Ray places the actors over every visible GPU and gives each "
+        "its own; null: when train.device is not cpu and CUDA is available, the actors spread evenly over all "
+        "visible GPUs, else 0 (CPU only)"
     )
     connect_timeout: float = Field(
         600.0, gt=0, description="seconds the ServerApp waits for one Flower node per client to connect"
     )
+
+    @field_validator("gpus_per_client")
+    @classmethod
+    def _gpus(cls, v: float | None) -> float | None:
+        if v is not None and v > 1 and v != int(v):
+            raise ValueError(f"{v}: Ray shares a GPU only in fractions below 1; use a value <= 1 or a whole number "
+                             f"of GPUs per actor")
+        return v
 
 
 class CheckpointConfig(Section):
@@ -834,6 +849,9 @@ class Config(Section):
             )
         if self.train.precision == "fp16" and self.train.device == "cpu":
             raise ValueError("train.precision=fp16 is not supported on train.device=cpu; use fp32 or bf16")
+        if self.flower.gpus_per_client and self.train.device == "cpu":
+            raise ValueError(f"flower.gpus_per_client={self.flower.gpus_per_client} reserves GPUs for clients that "
+                             f"train on train.device=cpu; set train.device=cuda (or auto) or gpus_per_client=0")
         alg.cross_check(self)
         return self
 

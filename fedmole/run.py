@@ -412,6 +412,8 @@ def build_runtime(cfg: Config, clients):
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # kernels and allocations that name no device go to cuda:N too
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, cfg.train.precision, cfg.train.device, vocab_size=len(tokenizer))
     adapters = get_algorithm(cfg.algorithm.name).build_adapters(model, cfg)

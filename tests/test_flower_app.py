@@ -347,6 +347,42 @@ def test_simulation_resources_never_exceed_the_machine(monkeypatch):
         assert backend["init_args"]["num_cpus"] == expect <= 2
 
 
+def test_simulation_actors_spread_over_every_visible_gpu(monkeypatch):
+    """Ray places actors by the resources they ask for: with 8 GPUs and 16 actors at the default share, each GPU
+    holds two (0.5 each); an explicit share is taken as given; what cannot be placed is refused."""
+    monkeypatch.setattr(flower.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(flower.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(flower.torch.cuda, "device_count", lambda: 8)
+
+    def resources(*overrides):
+        cfg = load_config(SMOKE, ["federation.num_clients=100", "train.device=cuda", *overrides])
+        b = flower.sim_backend_config(cfg)
+        return b["init_args"]["num_cpus"], b["init_args"]["num_gpus"], b["client_resources"]["num_gpus"]
+
+    assert resources("flower.sim_actors=16") == (16, 8, 0.5)
+    assert resources("flower.sim_actors=8") == (8, 8, 1.0)
+    assert resources("flower.sim_actors=3") == (3, 8, 1.0)
+    assert resources("flower.sim_actors=12") == (12, 8, 0.5)  # at most two per GPU: every GPU is used
+    assert resources("flower.sim_actors=16", "flower.gpus_per_client=0.25") == (16, 8, 0.25)
+    assert resources("flower.sim_actors=4", "flower.gpus_per_client=2") == (4, 8, 2)
+    assert resources("flower.sim_actors=16", "train.device=auto", "flower.gpus_per_client=0") == (16, 0, 0.0)
+    b = flower.sim_backend_config(load_config(SMOKE, ["flower.sim_actors=6", "train.device=auto"]))
+    assert b["init_args"]["num_gpus"] == 8 and b["client_resources"]["num_gpus"] == 0.5  # 6 of 10 clients: 6 actors
+    with pytest.raises(UserError, match="which the actor sees as cuda:0"):
+        resources("flower.sim_actors=8", "train.device=cuda:3")
+    with pytest.raises(UserError, match="more GPUs per actor than the 8 visible"):
+        resources("flower.gpus_per_client=16")
+    with pytest.raises(UserError, match="fractions below 1"):
+        load_config(SMOKE, ["flower.gpus_per_client=1.5"])
+    with pytest.raises(UserError, match="clients that train on train.device=cpu"):
+        load_config(SMOKE, ["flower.gpus_per_client=0.5", "train.device=cpu"])
+    monkeypatch.setattr(flower.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(flower.torch.cuda, "device_count", lambda: 0)
+    assert resources("flower.sim_actors=4")[1:] == (0, 0.0)  # no GPU: the CPU
+    with pytest.raises(UserError, match="no CUDA GPU is visible"):
+        resources("flower.gpus_per_client=0.5")
+
+
 def test_a_node_partitions_the_data_once_and_reuses_it_from_disk(tmp_path, data_file, monkeypatch):
     cfg = _cfg(SMOKE, data_file, "federation.num_clients=3")
     first = flower.cached_partition(cfg, 2, None, tmp_path)

@@ -35,6 +35,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -570,15 +571,39 @@ class ProcessTracker:
 
 
 def sim_backend_config(cfg: Config) -> dict:
-    """Ray resources: `flower.sim_actors` actors of one CPU each, never more CPUs than the machine has
-    (asking Ray for more than exists leaves an empty actor pool and a hung simulation)."""
+    """Ray resources: `flower.sim_actors` actors of one CPU each, never more CPUs than the machine has (asking
+    Ray for more than exists leaves an empty actor pool and a hung simulation), and `gpus_per_client` of a GPU
+    each (`gpus_for_actors`): Ray then places the actors over every visible GPU and sets each actor's
+    CUDA_VISIBLE_DEVICES to its own, so a client's `cuda` is its actor's GPU."""
     cores = os.cpu_count() or 1
     actors = max(1, min(cfg.flower.sim_actors, cores, cfg.federation.num_clients))
-    gpus = 0.0
-    if cfg.train.device != "cpu" and torch.cuda.is_available():
-        gpus = 1.0 / actors
-    return {"client_resources": {"num_cpus": 1, "num_gpus": gpus},
-            "init_args": {"num_cpus": actors, "num_gpus": 1 if gpus else 0, "include_dashboard": False}}
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    per_actor = gpus_for_actors(cfg, actors, visible)
+    return {"client_resources": {"num_cpus": 1, "num_gpus": per_actor},
+            "init_args": {"num_cpus": actors, "num_gpus": visible if per_actor else 0, "include_dashboard": False}}
+
+
+def gpus_for_actors(cfg: Config, actors: int, visible: int) -> float:
+    """The GPUs (a fraction below 1, or whole GPUs) Ray reserves for each of `actors` actors when `visible` GPUs
+    are visible: `flower.gpus_per_client`, or by default an even spread (1 when there are GPUs enough, else
+    1/ceil(actors/GPUs), rounded down to Ray's resource precision of 1e-4), or 0 on the CPU."""
+    per = cfg.flower.gpus_per_client
+    if per is None:
+        if cfg.train.device == "cpu" or visible == 0:
+            return 0.0
+        per = math.floor(1e4 / math.ceil(actors / visible)) / 1e4
+    if per == 0:
+        return 0.0
+    if visible == 0:
+        raise UserError(f"flower.gpus_per_client={per} but no CUDA GPU is visible here; set "
+                        f"flower.gpus_per_client=0 (or null) to run the simulation on the CPU")
+    if int(visible / per + 1e-9) < 1:
+        raise UserError(f"flower.gpus_per_client={per} asks for more GPUs per actor than the {visible} visible; "
+                        f"use at most {visible}")
+    if cfg.train.device.startswith("cuda:") and cfg.train.device != "cuda:0":
+        raise UserError(f"train.device={cfg.train.device} with flower-sim on GPUs: Ray gives each actor its own GPU, "
+                        f"which the actor sees as cuda:0; set train.device=cuda (or auto)")
+    return per
 
 
 def run_flower_sim(cfg: Config, run_dir: Path, progress_mode: str | None = None, resume: bool = False) -> dict:
@@ -658,7 +683,8 @@ def write_app(cfg: Config, out_dir: str | Path, run_out: str = "", engine_name: 
         "[tool.flwr.app.config]", *[f"{k} = {toml_value(v)}" for k, v in run_config.items()], "",
         "[tool.flwr.federations]", 'default = "local-simulation"', "",
         "[tool.flwr.federations.local-simulation]", f"options.num-supernodes = {n}",
-        "options.backend.client-resources.num-cpus = 1", "options.backend.client-resources.num-gpus = 0.0", "",
+        "options.backend.client-resources.num-cpus = 1",
+        f"options.backend.client-resources.num-gpus = {float(cfg.flower.gpus_per_client or 0.0)}", "",
     ]
     path = out / "pyproject.toml"
     path.write_text("\n".join(lines))
