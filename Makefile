@@ -11,8 +11,10 @@ STAMP       := $(VENV)/.fedmole-installed
 TORCH_PIP_ARGS ?=
 WORDNET_DIR := /usr/share/wordnet
 PYTEST_ARGS ?=
+# `make mutation MUTATION_ARGS="fdlora flame-rescaler"` runs only mutations whose id starts with one of these
+MUTATION_ARGS ?=
 
-.PHONY: setup demo test wordnet chromium bench-perf bench-accuracy clean
+.PHONY: setup demo test mutation wordnet chromium bench-perf bench-accuracy clean
 
 setup: $(STAMP) wordnet
 
@@ -69,6 +71,11 @@ demo: setup
 
 test: setup chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Mutation testing (not part of `make test`: about 25 minutes on 2 cores): every curated one-line bug in
+# tests/mutation/mutations.py must make its tests fail; see docs/testing.md.
+mutation: setup
+	$(PY) tests/mutation/run.py $(MUTATION_ARGS)
 
 bench-perf: setup
 	$(PY) -m benchmarks.perf

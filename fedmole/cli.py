@@ -176,6 +176,10 @@ def print_results(summary: dict, run_dir: Path) -> None:
     if "dp" in summary:
         dp = summary["dp"]
         out.print(f"differential privacy: epsilon {dp['epsilon']:.2f} at delta {dp['delta']:g}")
+    if "dp_embeddings" in summary:
+        emb = summary["dp_embeddings"]
+        nominal = "  (nominal: the clip bound comes from the data)" if emb["clip"] is None else ""
+        out.print(f"embedding DP: epsilon up to {emb['epsilon_max']:.4g} per client (delta 0){nominal}")
     out.print(f"state_digest: {summary['state_digest']}  ·  {summary['wall_seconds']:.1f} s")
 
 

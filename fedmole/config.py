@@ -251,7 +251,10 @@ class HetLoRAConfig(RankTierLoRAConfig, TierEvalKeys, FinetuneEvalKeys, ProxKeys
         "per_matrix", description="aggregation weight ‖update‖_F per adapted matrix, or summed over a client's matrices"
     )
     self_pruning: bool = Field(False, description="rank self-pruning: tail regulariser + drop the tail when it shrinks")
-    prune_gamma: float = Field(0.75, gt=0, lt=1, description="self-pruning keeps the first ceil(γ r_i) components")
+    prune_gamma: float = Field(
+        0.75, gt=0, lt=1, description="self-pruning keeps the first ceil(γ r_i) components, so a client prunes only "
+        "while ceil(γ r_i) < r_i, i.e. r_i >= 1/(1-γ): never at rank 1, at rank 2 only with γ <= 0.5"
+    )
     prune_lambda: float = Field(1e-3, ge=0, description="self-pruning regulariser weight λ")
 
     def cross_check(self, cfg: "Config") -> None:
@@ -485,6 +488,12 @@ class FedAMoLEConfig(AlgorithmConfig, LoRAKeys):
                 "algorithm.dp_embeddings privatises the RSEA embeddings, which static_arch/random_dispatch never "
                 "compute; set algorithm.dp_embeddings=false or use RSEA"
             )
+        if self.dp_embeddings and self.rank < 2:
+            raise ValueError(
+                f"algorithm.dp_embeddings with algorithm.rank={self.rank}: at rank 1 the noise magnitude is "
+                f"Gamma(shape=1), whose signed density is unbounded at 0, so the release has no finite epsilon "
+                f"(docs/fedamole.md, privacy cost); use algorithm.rank >= 2"
+            )
         return self
 
     @property
@@ -587,6 +596,13 @@ class DPConfig(Section):
     granularity: Literal["update", "expert"] = Field(
         "update", description="clip the whole update to C, or each (module, expert) update to C (sparse experts); "
         "with `expert` the accountant uses sigma / sqrt(most groups any client uploads)"
+    )
+    noise: Literal["secure", "seeded"] = Field(
+        "secure", description="source of every DP noise a client draws (this section's update noise and "
+        "fedamole's algorithm.dp_embeddings): secure = a generator seeded from the client's OS entropy, which "
+        "nobody else can reproduce; seeded = derived from (federation.seed, round, client), so anyone who knows "
+        "the seed, the server included, can regenerate and subtract it: for simulations and bit-exact tests "
+        "only (run.log warns)"
     )
 
 

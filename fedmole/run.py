@@ -108,7 +108,8 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
 
 # ---------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsLog, keep_last: int | None,
-                    wall_seconds: float = 0.0, outcomes_records: int = 0, cpu_seconds: float = 0.0) -> Path:
+                    wall_seconds: float = 0.0, outcomes_records: int = 0, cpu_seconds: float = 0.0,
+                    seconds: dict | None = None) -> Path:
     """Write checkpoints/round_NNNN atomically (temp dir + rename) and prune old ones: server.safetensors,
     state.json and clients/client-<id>.safetensors (client/store.py's format; the in-process engine links
     its store's files there, so a checkpoint costs no copy of the clients' data)."""
@@ -122,7 +123,8 @@ def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsL
     save_file({k: v.contiguous() for k, v in server_tensors.items()}, tmp / "server.safetensors")
     engine.save_client_states(tmp / CLIENTS)
     meta = {"round": rnd, "metrics_records": metrics.count, "outcomes_records": outcomes_records,
-            "server": server_meta, "wall_seconds": wall_seconds, "cpu_seconds": cpu_seconds}
+            "server": server_meta, "wall_seconds": wall_seconds, "cpu_seconds": cpu_seconds,
+            "seconds": seconds or {}}
     (tmp / "state.json").write_text(json.dumps(meta))
     if final.exists():
         shutil.rmtree(final)
@@ -166,13 +168,27 @@ class Federation:
         self.deferred = cfg.eval.test == "selected"  # test only the round selected on val and the last one
         self.comm = CommLog(run_dir / "comm.jsonl", cfg.comm.dtype, cfg.comm.budget_mb)
         self.wall_before, self.started = 0.0, time.time()
+        self.setup_seconds = 0.0
         self.cpu_before, self.cpu_started = 0.0, time.process_time()
+        self.seconds_before: dict[str, float] = {}  # where the time went in earlier sessions (resume)
         self.rounds_completed, self.last_checkpoint, self.stopped = 0, 0, None
 
     def cpu_seconds(self) -> float:
         """CPU time of this process spent on the run so far (all threads), earlier sessions included; the
         clients' time when they run in this process (in-process engine), not that of other processes."""
         return self.cpu_before + time.process_time() - self.cpu_started
+
+    def seconds(self) -> dict[str, float]:
+        """Where the wall time went, earlier sessions included: set-up (data, model, adapters), the clients'
+        local training and evaluation (in-process engine only: the clients run here), the rest (server work,
+        messages, checkpoints, artefacts)."""
+        out = dict(self.seconds_before)
+        out["setup"] = out.get("setup", 0.0) + self.setup_seconds
+        runtime = getattr(self.engine, "runtime", None)
+        for k, v in (runtime.seconds if runtime is not None else {}).items():
+            out[k] = out.get(k, 0.0) + v
+        out["other"] = max(self.wall_seconds() - sum(v for k, v in out.items() if k != "other"), 0.0)
+        return {k: round(v, 2) for k, v in out.items()}
 
     def wall_seconds(self) -> float:
         """Wall time of the run so far, earlier sessions (before a resume) included."""
@@ -325,7 +341,7 @@ class Federation:
 
     def checkpoint(self, rnd: int) -> None:
         save_checkpoint(self.run_dir, rnd, self.strategy, self.engine, self.metrics, self.cfg.checkpoint.keep_last,
-                        self.wall_seconds(), self.outcomes.count, self.cpu_seconds())
+                        self.wall_seconds(), self.outcomes.count, self.cpu_seconds(), self.seconds())
         self.last_checkpoint = rnd
 
     def epsilon(self, rnd: int, accepted: dict[int, Reply] | None = None) -> float:
@@ -451,8 +467,10 @@ def _setup(cfg: Config, run_dir: Path, progress_mode: str | None, make_engine=No
     return Federation(cfg, run_dir, strategy, engine, progress)
 
 
-def _execute(fed: Federation, start_round: int, wall_before: float, cpu_before: float = 0.0) -> dict:
+def _execute(fed: Federation, start_round: int, wall_before: float, cpu_before: float = 0.0,
+             setup_seconds: float = 0.0, seconds_before: dict | None = None) -> dict:
     fed.wall_before, fed.started = wall_before, time.time()
+    fed.setup_seconds, fed.seconds_before = setup_seconds, dict(seconds_before or {})
     fed.cpu_before, fed.cpu_started = cpu_before, time.process_time()
     try:
         fed.run(start_round)
@@ -481,7 +499,7 @@ def run_experiment(cfg: Config, run_dir: Path, progress_mode: str | None = None,
         t0, cpu0 = time.time(), time.process_time()
         dump_config(cfg, run_dir / "config.yaml")
         fed = _setup(cfg, run_dir, progress_mode, make_engine)
-        return _execute(fed, 1, time.time() - t0, time.process_time() - cpu0)
+        return _execute(fed, 1, time.time() - t0, time.process_time() - cpu0, time.time() - t0)
     finally:
         log.removeHandler(handler)
         handler.close()
@@ -561,6 +579,7 @@ def resume_experiment(run_dir: Path, config_path: Path | None = None, overrides:
         if meta["round"] >= cfg.federation.rounds and (run_dir / "summary.json").is_file():
             return json.loads((run_dir / "summary.json").read_text())
         log.info("resuming %s after round %s", run_dir, meta["round"])
+        t0 = time.time()
         fed = _setup(cfg, run_dir, progress_mode or requested.output.progress, make_engine)
         fed.strategy.load_state_dict(server_tensors, meta["server"])
         fed.engine.load_client_states(client_states)
@@ -568,7 +587,8 @@ def resume_experiment(run_dir: Path, config_path: Path | None = None, overrides:
         fed.outcomes.truncate(meta.get("outcomes_records", 0))
         _truncate_artifacts(run_dir, meta["round"])
         fed.progress.steps = meta["round"] * cfg.clients_per_round * cfg.train.local_steps
-        return _execute(fed, meta["round"] + 1, meta.get("wall_seconds", 0.0), meta.get("cpu_seconds", 0.0))
+        return _execute(fed, meta["round"] + 1, meta.get("wall_seconds", 0.0), meta.get("cpu_seconds", 0.0),
+                        time.time() - t0, meta.get("seconds"))
     finally:
         log.removeHandler(handler)
         handler.close()
@@ -592,6 +612,7 @@ def write_summary(fed: Federation, wall: float, engine_name: str) -> dict:
         "skipped": fed.skips(),
         "wall_seconds": round(wall, 2),
         "cpu_seconds": round(fed.cpu_seconds(), 2),
+        "seconds": fed.seconds(),
         "state_digest": fed.final_digest(),
         "comm": fed.comm.totals(),
         **strategy.summary_extra(),

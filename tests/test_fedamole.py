@@ -231,14 +231,14 @@ def test_embeddings_are_token_means_and_dp_clips_to_the_largest_batch_mean_norm(
     clean_u = torch.einsum("nrd,td->tnr", mod.A, tokens).mean(0)  # and of A_e x
 
     cfg.algorithm.dp_embeddings = False
-    emb, n_tokens = client.embeddings(1)
+    emb, n_tokens, _ = client.embeddings(1)
     cfg.algorithm.dp_embeddings = True
     assert n_tokens == tokens.shape[0]
     assert torch.allclose(emb[f"{path}/router/t"], clean_t, atol=1e-5)
     for i, e in enumerate(mod.held.tolist()):
         assert torch.allclose(emb[f"{path}/{e}/u"], clean_u[i], atol=1e-5)
 
-    noisy, _ = client.embeddings(1)  # eta = 0.05: noise ~ r/(2 eta) = 40 per coordinate, always clipped
+    noisy, _, _ = client.embeddings(1)  # eta = 0.05: noise ~ r/(2 eta) = 40 per coordinate, always clipped
     tau_t = max((b @ mod.W_t.t()).mean(0).norm() for b in batches)  # the largest per-batch MEAN norm
     sum_bound = max((b @ mod.W_t.t()).sum(0).norm() for b in batches)  # the reference code's (wrong) bound
     assert noisy[f"{path}/router/t"].norm() == pytest.approx(float(tau_t), rel=1e-4)

@@ -135,9 +135,12 @@ POWERED_SCENARIOS = {
     "label0.1": {"kind": "personal", "clients": 3, "overrides": [
         "data.tasks=[category]", "data.max_examples=3000", "partition.scheme=dirichlet", "partition.by=label",
         "partition.alpha=0.1", "partition.min_size=600", *CHOICE_SPLITS]},
-    "label1.0": {"kind": "personal", "clients": 3, "overrides": [
-        "data.tasks=[category]", "data.max_examples=3000", "partition.scheme=dirichlet", "partition.by=label",
-        "partition.alpha=1.0", "partition.min_size=600", *CHOICE_SPLITS]},
+    # domain skew (like Dolly's categories): the three word-level choice tasks over 8 noun domains, Dirichlet
+    # over the domain
+    "domain1.0": {"kind": "personal", "clients": 3, "overrides": [
+        "data.tasks=[hypernym_choice,isa,synonym_choice]", NOUN_DOMAINS, "data.max_examples=3000",
+        "partition.scheme=dirichlet", "partition.by=domain", "partition.alpha=1.0", "partition.min_size=600",
+        *CHOICE_SPLITS]},
     # generation (ROUGE-L): one generation task per client, at the size the budget allows
     "gen": {"kind": "personal", "clients": 3, "overrides": [
         "data.tasks=[definition,hypernym,synonym]", "data.max_examples=2000", "partition.scheme=meta",
@@ -154,38 +157,52 @@ POWERED_SCENARIOS = {
 }
 POWERED = {
     "seeds": [42, 62, 82], "jobs": 2,
-    # 4 rounds of 16 steps of batch 4 at lr 1e-3; validation at rounds 2 and 4 (eval.every=2: the last round is
+    # 4 rounds of 12 steps of batch 4 at lr 1e-3; validation at rounds 2 and 4 (eval.every=2: the last round is
     # always evaluated), test at the round selected on validation and at the last round
-    "overrides": ["data.prompt=plain", "federation.rounds=4", "train.local_steps=16", "train.batch_size=4",
+    "overrides": ["data.prompt=plain", "federation.rounds=4", "train.local_steps=12", "train.batch_size=4",
                   "train.lr=1e-3", "train.max_length=128", "train.num_threads=1", "eval.every=2",
                   "eval.test=selected", "eval.max_examples=null", "eval.batch_size=16", "checkpoint.keep_last=1"],
     # N = 3 C experts per module, as the paper's N = 30 for C = 10: each client holds about 6 of them
     "fedamole": ["algorithm.evaluate_dispatched=false"],
+    "scenarios": POWERED_SCENARIOS,
+    "runs": {"personal": POWERED_PERSONAL_RUNS, "tiers": POWERED_TIER_RUNS},
+    "methods": {"personal": POWERED_PERSONAL_METHODS, "tiers": POWERED_TIER_METHODS},
+}
+# The short-horizon ablation of issue 15: does RSEA's re-assignment start to carry information (clients keeping
+# the experts they trained, FedAMoLE pulling ahead of its static random architecture) when the routers and
+# expert keys train for longer? The powered preset's label0.1 scenario at 3x the rounds (12 x 12 steps), FedAMoLE
+# and FedAMoLE-R only, the same 3 seeds and the same data.
+HORIZON = {
+    **POWERED,
+    "overrides": [o if not o.startswith("federation.rounds=") else "federation.rounds=12" for o in POWERED["overrides"]],
+    "scenarios": {"label0.1": POWERED_SCENARIOS["label0.1"]},
+    "runs": {"personal": {m: POWERED_PERSONAL_RUNS[m] for m in ("fedamole", "fedamole_r")}},
+    "methods": {"personal": {m: POWERED_PERSONAL_METHODS[m] for m in ("fedamole", "fedamole_r")}},
 }
 PRESETS["powered"] = POWERED
+PRESETS["horizon"] = HORIZON
+RUN_TABLE_PRESETS = ("powered", "horizon")  # presets whose methods are (run, model label) pairs
 
 
 def method_table(preset: str, scenarios: list[str] | None = None) -> dict[str, dict[str, dict]]:
     """scenario -> method -> {"run", "model"}: which run directory and model label each method is scored on.
     In the classic presets every method is its own run, scored on its headline model."""
-    if preset != "powered":
+    if preset not in RUN_TABLE_PRESETS:
         return {scen: {m: {"run": m, "model": None} for m in SCENARIOS[scen]["methods"]}
                 for scen in scenarios or list(SCENARIOS)}
-    out = {}
-    for scen in scenarios or list(POWERED_SCENARIOS):
-        table = POWERED_TIER_METHODS if POWERED_SCENARIOS[scen]["kind"] == "tiers" else POWERED_PERSONAL_METHODS
-        out[scen] = {m: {"run": run, "model": label} for m, (run, label) in table.items()}
-    return out
+    p = PRESETS[preset]
+    return {scen: {m: {"run": run, "model": label} for m, (run, label) in p["methods"][p["scenarios"][scen]["kind"]].items()}
+            for scen in scenarios or list(p["scenarios"])}
 
 
 def scenario_names(preset: str) -> list[str]:
-    return list(POWERED_SCENARIOS if preset == "powered" else SCENARIOS)
+    return list(PRESETS[preset]["scenarios"] if preset in RUN_TABLE_PRESETS else SCENARIOS)
 
 
 def runs(preset: str, scenarios: list[str] | None = None) -> list[dict]:
     """Every (scenario, run, seed) of a preset with its full override list; `method` names the run."""
-    if preset == "powered":
-        return _powered_runs(scenarios)
+    if preset in RUN_TABLE_PRESETS:
+        return _run_table_runs(PRESETS[preset], scenarios)
     p = PRESETS[preset]
     out = []
     for scen in scenarios or list(SCENARIOS):
@@ -212,26 +229,20 @@ def runs(preset: str, scenarios: list[str] | None = None) -> list[dict]:
     return out
 
 
-def _powered_runs(scenarios: list[str] | None) -> list[dict]:
+def _run_table_runs(p: dict, scenarios: list[str] | None) -> list[dict]:
     """Seed by seed (a finished seed is a complete replicate), and within a seed the costliest runs first, so
     that the two workers finish together."""
-    order = {"tiers": 0, "label0.1": 1, "label1.0": 2, "gen": 3, "task": 4}
-    plan = _powered_plan(scenarios)
-    return sorted(plan, key=lambda r: (POWERED["seeds"].index(r["seed"]), order.get(r["scenario"], 9),
-                                       0 if r["method"].startswith("fedamole") or r["method"] == "fedit" else 1))
-
-
-def _powered_plan(scenarios: list[str] | None) -> list[dict]:
+    order = {"tiers": 0, "label0.1": 1, "gen": 2, "domain1.0": 3, "task": 4}
     out = []
-    for scen in scenarios or list(POWERED_SCENARIOS):
-        spec = POWERED_SCENARIOS[scen]
-        table = POWERED_TIER_RUNS if spec["kind"] == "tiers" else POWERED_PERSONAL_RUNS
-        for run, run_over in table.items():
+    for scen in scenarios or list(p["scenarios"]):
+        spec = p["scenarios"][scen]
+        for run, run_over in p["runs"][spec["kind"]].items():
             name = run_over[0].split("=", 1)[1]
-            over = [*POWERED["overrides"], f"federation.num_clients={spec['clients']}", *spec["overrides"]]
+            over = [*p["overrides"], f"federation.num_clients={spec['clients']}", *spec["overrides"]]
             if name == "fedamole":
-                over += [*POWERED["fedamole"], f"algorithm.num_experts={3 * spec['clients']}"]
+                over += [*p["fedamole"], f"algorithm.num_experts={3 * spec['clients']}"]
             over += run_over
-            for seed in POWERED["seeds"]:
+            for seed in p["seeds"]:
                 out.append({"scenario": scen, "method": run, "seed": seed, "overrides": over + [f"federation.seed={seed}"]})
-    return out
+    return sorted(out, key=lambda r: (p["seeds"].index(r["seed"]), order.get(r["scenario"], 9),
+                                      0 if r["method"].startswith("fedamole") or r["method"] == "fedit" else 1))

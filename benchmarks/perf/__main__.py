@@ -11,7 +11,7 @@ import sys
 import time
 
 BENCHMARKS = ["train_loop", "evaluation", "model_load", "amole", "flame", "aggregation", "memory", "long_run", "flower",
-              "scale"]
+              "protocol", "scale"]
 
 
 def main() -> int:

@@ -71,8 +71,11 @@ class Strategy:
     headline: ClassVar[str] = GLOBAL  # which evaluation the method's papers report
 
     def __init__(self, cfg: Config, adapters: "AdapterSet"):
+        from fedmole.privacy import warn_if_reproducible
+
         self.cfg = cfg
         self.global_state: Tensors = self.initial_state(adapters)
+        warn_if_reproducible(cfg)  # run.log says when the clients' DP noise is reproducible by the server
 
     def initial_state(self, adapters: "AdapterSet") -> Tensors:
         """The round-0 global state, drawn once on the server from the federation seed."""

@@ -41,6 +41,7 @@ from fedmole.errors import UserError
 
 EMBEDDINGS = ("t", "u")  # tensor names of the uploaded RSEA embeddings
 RNG_TAG = 0xA301  # stream of the random assignments
+EMBED_DP_TAG = 0xE3B  # stream of the embedding-DP noise under dp.noise=seeded
 
 
 def build_adapters(model, cfg):
@@ -70,6 +71,8 @@ class Server(Strategy):
         self._plan: tuple[int, tuple[int, ...], Architecture] | None = None
         self.diagnostics: dict[str, float] = {}  # facts about the last aggregation and assignment (round records)
         self.kept: dict[int, float] = {}  # client -> share of its previous experts it holds again this round
+        self.embed_epsilon: dict[int, float] = {}  # client -> epsilon of all its embedding releases so far
+        self._epsilon_records: list[dict] = []
 
     # ----------------------------------------------------------------------------------------- RSEA
     def _bounds(self, clients: int) -> tuple[int, int]:
@@ -166,6 +169,7 @@ class Server(Strategy):
         if embeddings:
             self._update_embeddings(embeddings)
         self._update_norms(before)
+        self._account(replies)
         return {}
 
     def _update_norms(self, before: dict[str, torch.Tensor]) -> None:
@@ -184,6 +188,15 @@ class Server(Strategy):
                 continue
             groups.setdefault(f"update_{name}_{kind}", []).append(float((new - old).norm() / old.norm().clamp(min=1e-12)))
         self.diagnostics.update({k: float(np.mean(v)) for k, v in groups.items()})
+
+    def _account(self, replies) -> None:
+        """Compose each client's embedding-DP releases over rounds: the epsilons add up (pure DP)."""
+        self._epsilon_records = []
+        for c, reply in sorted(replies.items()):
+            if "dp_embed_epsilon" in reply.metrics:
+                self.embed_epsilon[c] = self.embed_epsilon.get(c, 0.0) + float(reply.metrics["dp_embed_epsilon"])
+                self._epsilon_records.append({"client": c, "metric": "dp_embed_epsilon_total",
+                                              "value": self.embed_epsilon[c]})
 
     def _update_embeddings(self, embeddings) -> None:
         index = {m: i for i, m in enumerate(self.modules)}
@@ -224,7 +237,7 @@ class Server(Strategy):
         if self._plan is None or self._plan[0] != rnd:
             return []
         arch = self._plan[2]
-        records = []
+        records = list(self._epsilon_records)
         N = self.cfg.algorithm.num_experts
         for c in self._plan[1]:
             counts = [len(arch[m][c]) for m in self.modules]
@@ -240,7 +253,17 @@ class Server(Strategy):
         return records
 
     def summary_extra(self):
-        return {"architecture": {str(c): self.arch[c] for c in sorted(self.arch)}}
+        out = {"architecture": {str(c): self.arch[c] for c in sorted(self.arch)}}
+        a = self.cfg.algorithm
+        if a.dp_embeddings:
+            eps = {str(c): v for c, v in sorted(self.embed_epsilon.items())}
+            out["dp_embeddings"] = {
+                "epsilon": eps, "epsilon_max": max(eps.values(), default=0.0), "delta": 0.0,
+                "eta": a.dp_eta, "rank": a.rank, "clip": a.dp_embedding_clip, "noise": self.cfg.dp.noise,
+                "accounting": "per client, pure eps-DP of every embedding vector it uploaded, summed over "
+                              "vectors, modules and rounds; nominal when clip is null (the data sets tau)",
+            }
+        return out
 
     def export_state(self, cid=None, client_state=None):
         """Client `cid`'s model: the aggregated shared expert, router and domain experts of the architecture it
@@ -259,7 +282,8 @@ class Server(Strategy):
         tensors["rsea/U_bar"] = self.U_bar
         for c, t in self.T.items():
             tensors[f"rsea/T/{c}"] = t
-        meta = {"static": self.static, "arch": {str(c): a for c, a in self.arch.items()}}
+        meta = {"static": self.static, "arch": {str(c): a for c, a in self.arch.items()},
+                "embed_epsilon": {str(c): v for c, v in self.embed_epsilon.items()}}
         return tensors, meta
 
     def load_state_dict(self, tensors, meta):
@@ -269,18 +293,25 @@ class Server(Strategy):
         static = meta.get("static")
         self.static = None if static is None else {m: {int(c): ids for c, ids in per.items()} for m, per in static.items()}
         self.arch = {int(c): a for c, a in meta.get("arch", {}).items()}
+        self.embed_epsilon = {int(c): float(v) for c, v in meta.get("embed_epsilon", {}).items()}
         self._plan = None
 
 
 # ------------------------------------------------------------------------------------------ client
-def privatize(v: torch.Tensor, eta: float, tau: torch.Tensor) -> torch.Tensor:
-    """DP noise on embeddings v (..., r): z_i = l_i * s_i with l_i ~ Gamma(shape=r, rate=eta) and
-    s_i ~ U(-1, 1) per coordinate, then the noisy vector is clipped to norm tau (...,)."""
+def clip_norm(v: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """v (..., r) scaled down to L2 norm at most tau (...,)."""
+    return v * (tau / v.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0).unsqueeze(-1)
+
+
+def privatize(v: torch.Tensor, eta: float, tau: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DP noise on embeddings v (..., r) with clip bounds tau (...,): v is clipped to norm tau (the sensitivity
+    bound of the privacy cost; a no-op when tau is the data-derived bound), gets z_i = l_i * s_i with
+    l_i ~ Gamma(shape=r, rate=eta) (a sum of r Exp(eta) draws) and s_i ~ U(-1, 1) per coordinate, and the
+    noisy vector is clipped to norm tau (the spec's step: post-processing). Noise from `generator`."""
     r = v.shape[-1]
-    magnitude = torch.distributions.Gamma(torch.tensor(float(r)), torch.tensor(float(eta))).sample(v.shape)
-    noisy = v + magnitude * (2 * torch.rand(v.shape) - 1)
-    norm = noisy.norm(dim=-1).clamp(min=1e-12)
-    return noisy * (tau / norm).clamp(max=1.0).unsqueeze(-1)
+    magnitude = torch.empty(*v.shape, r).exponential_(generator=generator).sum(-1) / eta  # (..., r)
+    sign = 2 * torch.rand(v.shape, generator=generator) - 1  # (..., r): U(-1, 1)
+    return clip_norm(clip_norm(v, tau) + magnitude * sign, tau)
 
 
 class Client(ClientProcedure):
@@ -303,37 +334,46 @@ class Client(ClientProcedure):
         tensors = rt.adapters.state()
         if cfg.get("embed"):
             rt.seed(cfg["round"], cid, "embed")
-            emb, tokens = self.embeddings(cid)
+            emb, tokens, epsilon = self.embeddings(cid, cfg["round"])
             tensors.update(emb)
             stats["embed_tokens"] = tokens
+            if a.dp_embeddings:
+                stats["dp_embed_epsilon"] = epsilon  # this round's releases; the server composes rounds
         return Reply(tensors, rt.data(cid).num_train_examples, stats, evals)
 
     def _load_balance(self) -> torch.Tensor | None:
         terms = [t for mod in self.runtime.adapters.modules.values() if (t := mod.pop_load_balance()) is not None]
         return self.cfg.algorithm.lb_weight * torch.stack(terms).sum() if terms else None
 
-    def embeddings(self, cid: int) -> tuple[dict[str, torch.Tensor], int]:
-        """RSEA embeddings of the locally trained model on the client's aux split (none if it is empty)."""
+    def embeddings(self, cid: int, rnd: int = 0) -> tuple[dict[str, torch.Tensor], int, float]:
+        """RSEA embeddings of the locally trained model on the client's aux split (none if it is empty), the
+        aux token count, and the epsilon of the release (0 without `dp_embeddings`)."""
         from fedmole.client.embed import layer_input_means
+        from fedmole.privacy import noise_generator
 
         rt, a = self.runtime, self.cfg.algorithm
         aux = rt.data(cid).aux
         if not aux:
-            return {}, 0
+            return {}, 0, 0.0
         modules = rt.adapters.modules
         means = layer_input_means(rt.model, modules, aux, min(self.cfg.train.batch_size, len(aux)),
                                   rt.tokenizer.pad_token_id, rt.device)
-        out = {}
+        gen = noise_generator(self.cfg, rnd, cid, EMBED_DP_TAG) if a.dp_embeddings else None
+        out, epsilon = {}, 0.0
         for path, mod in modules.items():
             t, U = (v.cpu() for v in mod.embed(means.mean[path].to(rt.device)))  # (r,), (n, r)
             if a.dp_embeddings:
-                t, U = self._privatize(mod, path, means, t, U)
+                t, U, eps = self._privatize(mod, path, means, t, U, gen)
+                epsilon += eps  # modules and vectors compose by summing
             out[key(path, ROUTER, "t")] = t
             for i, e in enumerate(mod.held.tolist()):
                 out[key(path, str(e), "u")] = U[i]
-        return out, means.tokens
+        return out, means.tokens, epsilon
 
-    def _privatize(self, mod, path, means, t, U):
+    def _privatize(self, mod, path, means, t, U, gen):
+        """(noisy t, noisy U, the epsilon of releasing them): one release per vector, each with its own tau."""
+        from fedmole.privacy import embedding_epsilon
+
         a = self.cfg.algorithm
         if a.dp_embedding_clip is not None:
             tau_t, tau_u = torch.tensor(a.dp_embedding_clip), torch.full((U.shape[0],), a.dp_embedding_clip)
@@ -341,4 +381,5 @@ class Client(ClientProcedure):
             xb = means.batch_means[path].to(mod.A.device)  # (batches, d_in)
             tau_t = (xb @ mod.W_t.detach().t()).norm(dim=-1).max().cpu()
             tau_u = torch.einsum("nrd,bd->bnr", mod.A.detach(), xb).norm(dim=-1).amax(dim=0).cpu()  # (n,)
-        return privatize(t, a.dp_eta, tau_t), privatize(U, a.dp_eta, tau_u)
+        epsilon = sum(embedding_epsilon(a.rank, a.dp_eta, float(tau)) for tau in [tau_t, *tau_u])
+        return privatize(t, a.dp_eta, tau_t, gen), privatize(U, a.dp_eta, tau_u, gen), epsilon

@@ -13,7 +13,9 @@ Client i trains at its tier rank r_i = rank * k_i / K (`rank_tiers`).
   λ ‖A[k:]‖_F ‖B[:, k:]‖_F with k = ceil(γ r_i) pushes the tail components to zero; when the client's tail norm
   product (summed over its matrices) ends a round below its value at the end of the client's previous round,
   the client drops the tail for good, r_i <- k: its reply carries the tail as zeros (the shapes it was sent)
-  and `extra["rank"] = k`, and the server dispatches the smaller rank from then on.
+  and `extra["rank"] = k`, and the server dispatches the smaller rank from then on. A client prunes only while
+  ceil(γ r_i) < r_i: never at rank 1 (it has no component to spare), at rank 2 only with γ <= 0.5; the server
+  names the ranks that can never prune in run.log when the run starts.
 
 Scale bookkeeping: the LoRA scale is α/r, so truncating or padding changes it. Both directions go through
 `resize_rank`, which rescales B by r_new/r_old: the client's update (α/r_i) B_i A_i equals the first r_i
@@ -22,6 +24,7 @@ components of the global update exactly, and ΔW_i in the weights is the client'
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -33,6 +36,8 @@ from fedmole.algorithms.lora_common import RankTierServer, evaluate_tiers, train
 from fedmole.algorithms.lora_ops import from_pairs, lora_pairs, product_norm, resize_rank
 
 __all__ = ["Server", "Client", "build_adapters", "aggregate"]
+
+log = logging.getLogger("fedmole")
 
 
 def aggregate(replies: dict[int, dict], r_max: int, alpha: float, weights: str, average=weighted_mean) -> dict:
@@ -74,6 +79,15 @@ def tail_norm(modules, keep: int) -> torch.Tensor:
 
 class Server(RankTierServer):
     """`self.ranks` (per client) shrinks when a client self-prunes; it is part of the checkpointed meta."""
+
+    def __init__(self, cfg, adapters):
+        super().__init__(cfg, adapters)
+        a = cfg.algorithm
+        stuck = sorted({r for r in self.ranks if math.ceil(a.prune_gamma * r) >= r}, reverse=True)
+        if a.self_pruning and stuck:
+            log.warning("hetlora self-pruning: clients at rank %s never prune, since algorithm.prune_gamma=%s keeps "
+                        "ceil(γ r) = r of their r components (rank 1 never can; rank r can with prune_gamma <= "
+                        "(r-1)/r)", " / ".join(map(str, stuck)), a.prune_gamma)
 
     def configure_train(self, rnd, clients, evaluate):
         config = self.train_config(rnd, evaluate)

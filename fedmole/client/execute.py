@@ -1,9 +1,10 @@
 """Running one message on a client, the same way in every engine.
 
 `execute` reseeds torch for (round, client, phase), carries out an injected fault (drop, crash at a local
-step, straggle), runs the method's client procedure, and applies client-level DP to the upload. Engines
-call it and only decide what to do with its outcome: keep the reply, or record the failure; the
-client's persistent state is committed only when the client finished its work (`Outcome.commit`).
+step, straggle), runs the method's client procedure, and applies client-level DP to the upload (noise from
+`privacy.noise_generator`: the client's OS entropy unless `dp.noise: seeded`). Engines call it and only
+decide what to do with its outcome: keep the reply, or record the failure; the client's persistent state is
+committed only when the client finished its work (`Outcome.commit`).
 
 Under `eval.test: selected` it also keeps the client's snapshots of evaluated models out of the method's
 sight (client/snapshots.py): taken out of the state before the procedure runs, pruned to what the server
@@ -17,14 +18,12 @@ import logging
 import traceback
 from dataclasses import dataclass
 
-import torch
-
 from fedmole.algorithms.base import ClientProcedure, ClientState, Payload, Reply
 from fedmole.client import snapshots
-from fedmole.client.runtime import ClientRuntime, derive_seed
+from fedmole.client.runtime import ClientRuntime
 from fedmole.faults import CRASH, DROP, STRAGGLE, ClientCrashed, ClientDropped
 
-DP_PHASE = 3
+DP_PHASE = 3  # tag of the update-DP noise stream under dp.noise=seeded
 log = logging.getLogger("fedmole")
 
 
@@ -65,9 +64,9 @@ def execute(procedure: ClientProcedure, phase: str, cid: int, payload: Payload, 
         if deferred:
             snapshots.put(state, snaps)
     if phase == "train" and cfg.dp.enabled:
-        from fedmole.privacy import privatize
+        from fedmole.privacy import noise_generator, privatize
 
-        gen = torch.Generator().manual_seed(derive_seed(cfg.federation.seed, rnd, cid, DP_PHASE))
+        gen = noise_generator(cfg, rnd, cid, DP_PHASE)  # OS entropy unless dp.noise=seeded
         reply.tensors, facts = privatize(payload.tensors, reply.tensors, cfg.dp, gen)
         reply.metrics.update({"dp_groups": facts["groups"], "dp_clipped": facts["clipped"]})
     if fault and fault["kind"] == STRAGGLE:

@@ -10,6 +10,7 @@ clients run in or on which engine runs them.
 from __future__ import annotations
 
 import fnmatch
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -48,6 +49,7 @@ class ClientRuntime:
         # snapshot of the evaluated model (client/snapshots.py), tagged with the message's round
         self.snapshots: Snapshots | None = None
         self.round = 0
+        self.seconds = {"train": 0.0, "evaluate": 0.0}  # wall time spent in local training and in evaluation
 
     def add_clients(self, clients: list[ClientData]) -> None:
         for c in clients:
@@ -78,10 +80,12 @@ class ClientRuntime:
         stream = BatchStream(
             len(data.train), self.cfg.train.batch_size, self.cfg.federation.seed, cid, state.meta.get("cursor")
         )
+        start = time.perf_counter()
         stats = local_train(
             self.model, params, data.train, stream, steps, lr, self.cfg.train, self.tokenizer.pad_token_id,
             self.device, extra_loss=extra_loss, before_step=before_step, on_step=self._step_hook,
         )
+        self.seconds["train"] += time.perf_counter() - start
         state.meta["cursor"] = stream.cursor
         return stats
 
@@ -105,10 +109,12 @@ class ClientRuntime:
         splits = ("val",) if deferred else splits or self.eval_splits
         data = self.data(cid)
         outcomes: dict[str, list[dict]] = {"test": []} if "test" in splits else {}
+        start = time.perf_counter()
         metrics = evaluate_splits(
             self.model, self.tokenizer, {split: getattr(data, split) for split in splits},
             self.cfg.data, self.cfg.train.max_length, self.cfg.eval, self.device, outcomes=outcomes,
         )
+        self.seconds["evaluate"] += time.perf_counter() - start
         if deferred:
             self.snapshots.setdefault(model_label, {})[self.round] = Snapshot(self.adapters.state(),
                                                                               self.adapters.settings())
