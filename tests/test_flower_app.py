@@ -366,8 +366,10 @@ def test_simulation_actors_spread_over_every_visible_gpu(monkeypatch):
     assert resources("flower.sim_actors=16", "flower.gpus_per_client=0.25") == (16, 8, 0.25)
     assert resources("flower.sim_actors=4", "flower.gpus_per_client=2") == (4, 8, 2)
     assert resources("flower.sim_actors=16", "train.device=auto", "flower.gpus_per_client=0") == (16, 0, 0.0)
-    b = flower.sim_backend_config(load_config(SMOKE, ["flower.sim_actors=6", "train.device=auto"]))
-    assert b["init_args"]["num_gpus"] == 8 and b["client_resources"]["num_gpus"] == 0.5  # 6 of 10 clients: 6 actors
+    b = flower.sim_backend_config(load_config(SMOKE, ["flower.sim_actors=16", "federation.num_clients=8",
+                                                      "train.device=auto"]))
+    assert b["init_args"] == {"num_cpus": 8, "num_gpus": 8, "include_dashboard": False}  # 8 clients: 8 actors,
+    assert b["client_resources"]["num_gpus"] == 1.0  # not 16 at half a GPU each
     with pytest.raises(UserError, match="which the actor sees as cuda:0"):
         resources("flower.sim_actors=8", "train.device=cuda:3")
     with pytest.raises(UserError, match="more GPUs per actor than the 8 visible"):
