@@ -147,25 +147,41 @@ def transfer(tensors: dict[str, torch.Tensor], dtype: str, cache: dict | None = 
 
 # --------------------------------------------------------------------------------------------- log
 class CommLog:
-    """comm.jsonl: one record per message, kept in memory for totals and the budget."""
+    """comm.jsonl: one record per message, appended as it is sent; in memory only the running totals that
+    the budget and summary.json need (so a long run with many clients holds no record)."""
 
     def __init__(self, path: Path, dtype: str = "fp32", budget_mb: float | None = None):
         self.path, self.dtype, self.budget_mb = path, dtype, budget_mb
-        self.records: list[dict] = []
         self.load()
 
     def load(self) -> None:
-        """(Re)read the file, e.g. after a resume truncated it to the checkpoint's round."""
-        self.records = []
+        """(Re)compute the totals from the file, e.g. after a resume truncated it to the checkpoint's round."""
+        self.messages = 0
+        self.by_dir: dict[str, int] = defaultdict(int)
+        self.by_phase: dict[str, int] = defaultdict(int)
+        self.by_kind: dict[str, int] = defaultdict(int)
+        self.by_client: dict[str, dict[str, int]] = defaultdict(lambda: {"down": 0, "up": 0})
         if self.path.exists():
-            self.records = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+            with self.path.open() as fh:
+                for line in fh:
+                    if line.strip():
+                        self._count(json.loads(line))
+
+    def _count(self, r: dict) -> None:
+        self.messages += 1
+        self.by_dir[r["direction"]] += r["bytes"]
+        self.by_phase[r["phase"]] += r["bytes"]
+        self.by_client[str(r["client"])][r["direction"]] += r["bytes"]
+        for k, v in r["kinds"].items():
+            self.by_kind[k] += v
 
     def add(self, records: list[dict]) -> None:
         if not records:
             return
         with self.path.open("a") as fh:
             fh.write("".join(json.dumps(r) + "\n" for r in records))
-        self.records.extend(records)
+        for r in records:
+            self._count(r)
 
     def log(self, rnd: int, phase: str, direction: str, tensors_by_client: dict[int, dict[str, torch.Tensor]]) -> None:
         self.add([message_record(rnd, cid, phase, direction, specs_of(t), self.dtype)
@@ -177,7 +193,7 @@ class CommLog:
         return None if self.budget_mb is None else int(self.budget_mb * MB)
 
     def train_bytes(self) -> int:
-        return sum(r["bytes"] for r in self.records if r["phase"] == "train")
+        return self.by_phase["train"]
 
     def worst_case(self, downloads: dict[int, Spec], uploads: dict[int, Spec]) -> int:
         """Bytes of a training round if every client uploads everything its reply spec allows."""
@@ -191,26 +207,16 @@ class CommLog:
     # totals -------------------------------------------------------------------------------------
     def totals(self) -> dict:
         """summary.json's `comm`: bytes per direction, phase, client and kind, and overall."""
-        by_dir, by_phase, by_kind = defaultdict(int), defaultdict(int), defaultdict(int)
-        by_client: dict[str, dict[str, int]] = defaultdict(lambda: {"down": 0, "up": 0})
-        rounds = set()
-        for r in self.records:
-            by_dir[r["direction"]] += r["bytes"]
-            by_phase[r["phase"]] += r["bytes"]
-            by_client[str(r["client"])][r["direction"]] += r["bytes"]
-            for k, v in r["kinds"].items():
-                by_kind[k] += v
-            rounds.add(r["round"])
-        total = sum(by_dir.values())
+        total = sum(self.by_dir.values())
         return {
             "dtype": self.dtype,
             "budget_mb": self.budget_mb,
             "bytes": total,
             "megabytes": total / MB,
-            "messages": len(self.records),
-            "down": by_dir["down"],
-            "up": by_dir["up"],
-            "by_phase": {p: by_phase[p] for p in ("train", "evaluate")},
-            "by_client": {c: by_client[c] for c in sorted(by_client, key=int)},
-            "by_kind": {k: by_kind[k] for k in KINDS if by_kind.get(k)},
+            "messages": self.messages,
+            "down": self.by_dir["down"],
+            "up": self.by_dir["up"],
+            "by_phase": {p: self.by_phase[p] for p in ("train", "evaluate")},
+            "by_client": {c: dict(self.by_client[c]) for c in sorted(self.by_client, key=int)},
+            "by_kind": {k: self.by_kind[k] for k in KINDS if self.by_kind.get(k)},
         }

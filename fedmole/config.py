@@ -533,6 +533,13 @@ class FedAMoLEConfig(AlgorithmConfig, LoRAKeys):
                 "zero); set dp.enabled=false and use algorithm.dp_embeddings=true (the paper's embedding DP), or "
                 "keep dp.enabled with algorithm.static_arch=true or random_dispatch=true (no embeddings)"
             )
+        if cfg.eval.init and cfg.eval.clients is not None and cfg.eval.clients < fed.num_clients \
+                and not self.static_arch:
+            raise ValueError(
+                f"eval.init=true evaluates round 1's initial architecture, which fedamole draws over every client, "
+                f"but eval.clients={cfg.eval.clients} evaluates only some of the {fed.num_clients}; set "
+                f"eval.clients=null or eval.init=false"
+            )
         if cfg.eval.init and cfg.clients_per_round < fed.num_clients and not self.static_arch:
             raise ValueError(
                 "eval.init=true needs an initial architecture for every client, but with partial participation "
@@ -749,6 +756,11 @@ class EvalConfig(Section):
         None, description="evaluate only these model labels (glob patterns, e.g. [personalized] or "
         "[global, 'global_k*']); null: every model the method evaluates"
     )
+    clients: int | None = Field(
+        None, ge=1, description="evaluate the global model on this many clients, drawn per evaluation round "
+        "(seeded); null: on every client. With many clients (cross-device) an evaluation of all of them costs "
+        "more than the round; personalised evaluations always come from the round's clients"
+    )
 
 
 # -------------------------------------------------------------------------------------------- output
@@ -805,11 +817,26 @@ class FlowerConfig(Section):
 
     sim_actors: int = Field(
         1, ge=1, description="flower-sim: ClientApp worker processes (Ray actors, one CPU each) running clients in "
-        "parallel; capped at the machine's cores and the number of clients. Each holds its own copy of the model"
+        "parallel; capped at the machine's cores and the number of clients. Each holds its own copy of the model. "
+        "On a node with several GPUs, at least one per GPU"
+    )
+    gpus_per_client: float | None = Field(
+        None, ge=0, description="flower-sim: share of a GPU Ray reserves for each actor (0.5: two actors per GPU; "
+        "whole numbers above 1 for several GPUs each). Ray places the actors over every visible GPU and gives each "
+        "its own; null: when train.device is not cpu and CUDA is available, the actors spread evenly over all "
+        "visible GPUs, else 0 (CPU only)"
     )
     connect_timeout: float = Field(
         600.0, gt=0, description="seconds the ServerApp waits for one Flower node per client to connect"
     )
+
+    @field_validator("gpus_per_client")
+    @classmethod
+    def _gpus(cls, v: float | None) -> float | None:
+        if v is not None and v > 1 and v != int(v):
+            raise ValueError(f"{v}: Ray shares a GPU only in fractions below 1; use a value <= 1 or a whole number "
+                             f"of GPUs per actor")
+        return v
 
 
 class CheckpointConfig(Section):
@@ -857,6 +884,11 @@ class Config(Section):
                 f"federation.clients_per_round ({fed.clients_per_round}) exceeds federation.num_clients "
                 f"({fed.num_clients}); use at most {fed.num_clients} or null for all"
             )
+        if self.eval.clients is not None and self.eval.clients > fed.num_clients:
+            raise ValueError(
+                f"eval.clients ({self.eval.clients}) exceeds federation.num_clients ({fed.num_clients}); use at "
+                f"most {fed.num_clients} or null for every client"
+            )
         if alg.needs_aux and part.splits.aux <= 0:
             raise ValueError(
                 f"algorithm {alg.name} computes statistics on an aux split, but partition.splits.aux is "
@@ -881,6 +913,9 @@ class Config(Section):
             )
         if self.train.precision == "fp16" and self.train.device == "cpu":
             raise ValueError("train.precision=fp16 is not supported on train.device=cpu; use fp32 or bf16")
+        if self.flower.gpus_per_client and self.train.device == "cpu":
+            raise ValueError(f"flower.gpus_per_client={self.flower.gpus_per_client} reserves GPUs for clients that "
+                             f"train on train.device=cpu; set train.device=cuda (or auto) or gpus_per_client=0")
         alg.cross_check(self)
         return self
 

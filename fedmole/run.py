@@ -5,8 +5,8 @@ Round r (1-based):
   2. the strategy plans one payload per client; the engine runs local training and returns the replies
      (failed clients are recorded and left out);
   3. the strategy aggregates the replies into the global state;
-  4. if evaluation is due, the global model (when the method has one) is evaluated on every client;
-     personalised evaluations arrive inside the training replies;
+  4. if evaluation is due, the global model (when the method has one) is evaluated on every client (or on
+     `eval.clients` of them); personalised evaluations arrive inside the training replies;
   5. metrics are appended and an atomic checkpoint is written.
 
 With `eval.test: selected` the rounds evaluate validation only and the clients keep snapshots of what they
@@ -18,7 +18,13 @@ Every message's serialised bytes are recorded in comm.jsonl (fedmole/comm.py); w
 round whose worst-case traffic would pass the budget is not started and the run ends after the previous one.
 
 Run directory: config.yaml (resolved), partition.json, metrics.jsonl, metrics.csv, comm.jsonl, summary.json,
-outcomes.jsonl, run.log, checkpoints/round_NNNN/ (written to a temporary directory, then renamed).
+outcomes.jsonl, run.log, checkpoints/round_NNNN/ (written to a temporary directory, then renamed; the
+clients' states in clients/, one file each), and while an in-process run goes, client_states/ (its clients'
+states on disk, client/store.py; removed at the end, the last checkpoint holds them).
+
+Memory does not grow with the number of clients beyond their data and a few numbers per client: client
+states are on disk (the round's clients cached), the logs keep running totals and the means over clients in
+memory, a checkpoint links the states' files, and `eval.clients` bounds the global evaluation (design.md).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +44,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fedmole.adapters.state import state_digest
+from fedmole.adapters.state import digest_items, state_digest
 from fedmole.algorithms.base import ClientState, Payload, Reply
 from fedmole.algorithms.validate import Limits, bound_update, check_evaluation, check_reply, wire_problem
 from fedmole.comm import MB, CommLog, specs_of, transfer
@@ -46,11 +53,14 @@ from fedmole.errors import UserError
 from fedmole.faults import plan_fault
 from fedmole.paths import atomic_write_text
 from fedmole.client import snapshots
+from fedmole.client.store import StateStore
 from fedmole.reporting.metrics import MetricsLog, OutcomesLog, best_val_round, select_model, summarize
 from fedmole.reporting.progress import RunProgress
 from fedmole.rundir import claim, hold, repair_jsonl, sha256_file, write_marker
 
 log = logging.getLogger("fedmole")
+CLIENTS = "clients"  # a checkpoint's directory of client states
+STATES = "client_states"  # the in-process engine's store in the run directory
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -59,6 +69,16 @@ def sample_clients(cfg: Config, rnd: int) -> list[int]:
     if k >= n:
         return list(range(n))
     rng = np.random.default_rng([cfg.federation.seed, rnd, 0x5A])
+    return sorted(int(c) for c in rng.choice(n, size=k, replace=False))
+
+
+def sample_eval_clients(cfg: Config, rnd: int) -> list[int]:
+    """The clients that evaluate the global model after round `rnd`: `eval.clients` of them drawn (seeded by
+    (seed, rnd)), or every client."""
+    n, k = cfg.federation.num_clients, cfg.eval.clients
+    if k is None or k >= n:
+        return list(range(n))
+    rng = np.random.default_rng([cfg.federation.seed, rnd, 0xE7])
     return sorted(int(c) for c in rng.choice(n, size=k, replace=False))
 
 
@@ -114,7 +134,7 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-CHECKPOINT_FILES = ("server.safetensors", "clients.safetensors", "state.json")
+CHECKPOINT_FILES = ("server.safetensors", "state.json")  # and the client states, see checkpoint_files
 MANIFEST = "manifest.json"  # sha256 of every checkpoint file and of the resolved config
 
 
@@ -133,8 +153,10 @@ def config_digest(cfg_dict: dict) -> str:
 def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsLog, keep_last: int | None,
                     wall_seconds: float = 0.0, outcomes_records: int = 0, cpu_seconds: float = 0.0,
                     seconds: dict | None = None) -> Path:
-    """Write checkpoints/round_NNNN atomically (temp dir + rename) and prune old ones. Its manifest.json holds
-    the sha256 of every file and of the resolved config (in state.json), which resume verifies."""
+    """Write checkpoints/round_NNNN atomically (temp dir + rename) and prune old ones: server.safetensors,
+    state.json and clients/client-<id>.safetensors (client/store.py's format; the in-process engine links
+    its store's files there, so a checkpoint costs no copy of the clients' data). Its manifest.json holds the
+    sha256 of every file and of the resolved config (in state.json), which resume verifies."""
     root = run_dir / "checkpoints"
     root.mkdir(exist_ok=True)
     final = root / f"round_{rnd:04d}"
@@ -143,18 +165,13 @@ def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsL
     tmp.mkdir()
     server_tensors, server_meta = strategy.state_dict()
     save_file({k: v.contiguous() for k, v in server_tensors.items()}, tmp / "server.safetensors")
-    client_tensors, client_meta = {}, {}
-    for cid, st in engine.client_states().items():
-        client_meta[str(cid)] = st.meta
-        for k, v in st.tensors.items():
-            client_tensors[f"{cid}::{k}"] = v.contiguous()
-    save_file(client_tensors, tmp / "clients.safetensors")
+    engine.save_client_states(tmp / CLIENTS)
     config = strategy.cfg.to_dict()
-    meta = {"round": rnd, "metrics_records": len(metrics.records), "outcomes_records": outcomes_records,
-            "server": server_meta, "clients": client_meta, "wall_seconds": wall_seconds, "cpu_seconds": cpu_seconds,
+    meta = {"round": rnd, "metrics_records": metrics.count, "outcomes_records": outcomes_records,
+            "server": server_meta, "wall_seconds": wall_seconds, "cpu_seconds": cpu_seconds,
             "seconds": seconds or {}, "config": config}
     (tmp / "state.json").write_text(json.dumps(meta))
-    manifest = {"files": {name: sha256_file(tmp / name) for name in CHECKPOINT_FILES},
+    manifest = {"files": {name: sha256_file(tmp / name) for name in checkpoint_files(tmp)},
                 "config_sha256": config_digest(config)}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if final.exists():
@@ -166,19 +183,32 @@ def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsL
     return final
 
 
-def load_checkpoint(path: Path, with_snapshots: bool = False) -> tuple[dict, dict, dict[int, ClientState]]:
-    """(meta, server tensors, client states) of a checkpoint directory. The clients' snapshots of evaluated
-    models (`eval.test: selected`) only `with_snapshots` (resume needs them; a client's model does not)."""
+def load_checkpoint(path: Path, with_snapshots: bool = False) -> tuple[dict, dict, Mapping[int, ClientState]]:
+    """(meta, server tensors, client states) of a checkpoint directory; the client states are read one at a
+    time when asked for. The clients' snapshots of evaluated models (`eval.test: selected`) only
+    `with_snapshots` (resume needs them; a client's model does not). Reads the earlier format too (every
+    client in one clients.safetensors, their meta in state.json)."""
     meta = json.loads((path / "state.json").read_text())
     server = load_file(path / "server.safetensors")
-    states: dict[int, ClientState] = {int(c): ClientState({}, dict(m)) for c, m in meta["clients"].items()}
-    for k, v in load_file(path / "clients.safetensors").items():
-        cid, name = k.split("::", 1)
-        states.setdefault(int(cid), ClientState()).tensors[name] = v
-    if not with_snapshots:
-        for st in states.values():
-            snapshots.take(st)
-    return meta, server, states
+    if (path / CLIENTS).is_dir():
+        states: Mapping[int, ClientState] = StateStore(path / CLIENTS)
+    else:
+        states = {int(c): ClientState({}, dict(m)) for c, m in meta["clients"].items()}
+        for k, v in load_file(path / "clients.safetensors").items():
+            cid, name = k.split("::", 1)
+            states.setdefault(int(cid), ClientState()).tensors[name] = v
+    return meta, server, states if with_snapshots else snapshots.Without(states)
+
+
+def checkpoint_files(path: Path) -> list[str]:
+    """The files of a checkpoint, relative to it: server.safetensors, state.json and the client states (one
+    file per client in clients/, or the earlier single clients.safetensors)."""
+    names = list(CHECKPOINT_FILES)
+    if (path / CLIENTS).is_dir():
+        names += sorted(f"{CLIENTS}/{p.name}" for p in (path / CLIENTS).iterdir() if p.is_file())
+    else:
+        names.append("clients.safetensors")
+    return names
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -188,14 +218,19 @@ def checkpoint_problem(path: Path) -> str | None:
     if not (path / MANIFEST).is_file():
         if any((p / MANIFEST).is_file() for p in path.parent.glob("round_*")):
             return f"{MANIFEST} is missing"
-        missing = [n for n in CHECKPOINT_FILES if not (path / n).is_file()]
+        missing = [n for n in checkpoint_files(path) if not (path / n).is_file()]
         return f"missing {', '.join(missing)}" if missing else None
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
-        for name in CHECKPOINT_FILES:
+        if not set(CHECKPOINT_FILES) <= set(files) or not any(n == "clients.safetensors" or
+                                                              n.startswith(f"{CLIENTS}/") for n in files):
+            return f"{MANIFEST} does not list the checkpoint's files"
+        for name in [*files, *(n for n in checkpoint_files(path) if n not in files)]:
             if not (path / name).is_file():
                 return f"{name} is missing"
+            if name not in files:
+                return f"{name} is not in {MANIFEST} (added after the checkpoint was written)"
             if sha256_file(path / name) != files[name]:
                 return f"{name} does not match its checksum (changed or damaged)"
         config = json.loads((path / "state.json").read_text()).get("config")
@@ -287,11 +322,11 @@ class Federation:
 
     # ------------------------------------------------------------------ deferred test (eval.test: selected)
     def validated_models(self) -> list[str]:
-        return sorted({r["model"] for r in self.metrics.records if r["split"] == "val" and r["client"] is None})
+        return sorted({r["model"] for r in self.metrics.means if r["split"] == "val"})
 
     def best_rounds(self) -> dict[str, int]:
         """Per model label, the round with the best mean validation so far (the one `summary` will select)."""
-        return {m: best_val_round(self.metrics.records, m, self.cfg.eval.select_on) for m in self.validated_models()}
+        return {m: best_val_round(self.metrics.means, m, self.cfg.eval.select_on) for m in self.validated_models()}
 
     def _keep_snapshots(self, plans: dict[int, Payload]) -> dict[int, Payload]:
         """Deferred test: tell every client which snapshot of each model it still needs (the best so far)."""
@@ -303,7 +338,7 @@ class Federation:
     def test_selected(self) -> None:
         """Deferred test: every client evaluates the test split on its snapshots of the round selected on
         validation and of the last validated round, for every model label."""
-        last = {m: max(r["round"] for r in self.metrics.records if r["model"] == m and r["split"] == "val")
+        last = {m: max(r["round"] for r in self.metrics.means if r["model"] == m and r["split"] == "val")
                 for m in self.validated_models()}
         wanted = {m: sorted({best, last[m]}) for m, best in self.best_rounds().items()}
         if not wanted:
@@ -404,7 +439,7 @@ class Federation:
         return False
 
     def evaluate_global(self, rnd: int) -> None:
-        plans = self.strategy.configure_evaluate(rnd, list(range(self.cfg.federation.num_clients)))
+        plans = self.strategy.configure_evaluate(rnd, sample_eval_clients(self.cfg, rnd))
         if not plans:
             return
         replies, failures = self.engine.evaluate(rnd, self._send(rnd, "evaluate", self._keep_snapshots(plans)))
@@ -465,8 +500,9 @@ class Federation:
     def epsilon(self, rnd: int, accepted: dict[int, Reply] | None = None) -> float:
         from fedmole.privacy import epsilon
 
-        groups = [int(r["value"]) for r in self.metrics.records if r["metric"] == "dp_groups"]
-        groups += [int(r.metrics.get("dp_groups", 1)) for r in (accepted or {}).values()]
+        groups = [int(r.metrics.get("dp_groups", 1)) for r in (accepted or {}).values()]
+        if self.metrics.dp_groups is not None:
+            groups.append(self.metrics.dp_groups)
         return epsilon(self.cfg, rnd, max(groups, default=1))
 
     def write_artifacts(self, rnd: int) -> None:
@@ -490,22 +526,27 @@ class Federation:
             self.test_selected()
 
     def skips(self) -> dict[str, int]:
-        counts = {kind: 0 for kind in FAILURE_KINDS}
-        counts["rounds_skipped"] = 0
-        for r in self.metrics.records:
-            if r["split"] == "round" and r["metric"].startswith("client_") and r["metric"][7:] in counts:
-                counts[r["metric"][7:]] += 1
-            elif r["metric"] == "round_skipped":
-                counts["rounds_skipped"] += 1
+        counts = {kind: self.metrics.round_counts[f"client_{kind}"] for kind in FAILURE_KINDS}
+        counts["rounds_skipped"] = self.metrics.round_counts["round_skipped"]
         return counts
 
-    def final_state(self) -> dict[str, torch.Tensor]:
-        """The state the digest covers: the global trainable state, or, for methods without one (local),
-        every client's state under `client/{id}/...`."""
+    def final_digest(self) -> str:
+        """`state_digest` of the global trainable state, or, for methods without one (local), of every
+        client's state (`clients_digest`)."""
         if self.strategy.has_global:
-            return self.strategy.global_state
-        return {f"client/{cid}/{k}": v for cid, st in self.engine.client_states().items() for k, v in st.tensors.items()
-                if not k.startswith(snapshots.PREFIX)}
+            return state_digest(self.strategy.global_state)
+        return clients_digest(self.engine.client_states())
+
+
+def clients_digest(states: Mapping[int, ClientState]) -> str:
+    """`state_digest` of every client's tensors (snapshots aside) named `client/{id}/...`, reading one client's
+    state at a time, in the order of those names."""
+    def items():
+        for cid in sorted(states, key=lambda c: f"client/{c}/"):  # no such prefix is a prefix of another
+            tensors = states[cid].tensors
+            for k in sorted(k for k in tensors if not k.startswith(snapshots.PREFIX)):
+                yield f"client/{cid}/{k}", tensors[k]
+    return digest_items(items())
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -557,6 +598,8 @@ def build_runtime(cfg: Config, clients, check=None):
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # kernels and allocations that name no device go to cuda:N too
     tokenizer = load_tokenizer(cfg.model)
     check_trainable(cfg, clients if check is None else check, tokenizer)
     model = load_model(cfg.model, cfg.train.precision, cfg.train.device, vocab_size=len(tokenizer))
@@ -581,7 +624,11 @@ def _setup(cfg: Config, run_dir: Path, progress_mode: str | None, make_engine=No
     runtime = build_runtime(cfg, clients if make_engine is None else [], check=clients)
     algo = get_algorithm(cfg.algorithm.name)
     strategy = algo.Server(cfg, runtime.adapters)
-    engine = InProcessEngine(algo.Client(cfg, runtime)) if make_engine is None else make_engine(cfg)
+    if make_engine is None:  # the round's clients stay in memory, the others' states on disk
+        store = StateStore(run_dir / STATES, cache=cfg.clients_per_round, fresh=True)
+        engine = InProcessEngine(algo.Client(cfg, runtime), store)
+    else:
+        engine = make_engine(cfg)
     total = cfg.federation.rounds * cfg.clients_per_round * cfg.train.local_steps
     progress = RunProgress(progress_mode or cfg.output.progress, total)
     runtime.on_step = progress.step
@@ -600,10 +647,11 @@ def _execute(fed: Federation, start_round: int, wall_before: float, cpu_before: 
     fed.cpu_before, fed.cpu_started = cpu_before, time.process_time()
     try:
         fed.run(start_round)
+        summary = write_summary(fed, fed.wall_seconds(), fed.engine.name)
+        write_exports(fed)
     finally:
         fed.progress.close()
-    summary = write_summary(fed, fed.wall_seconds(), fed.engine.name)
-    write_exports(fed)
+        fed.engine.close()
     return summary
 
 
@@ -611,7 +659,7 @@ def write_exports(fed: Federation) -> None:
     """metrics.csv, and TensorBoard event files when `output.tensorboard` is set."""
     from fedmole.reporting.scalars import write_metrics_csv, write_tensorboard
 
-    write_metrics_csv(fed.metrics.records, fed.run_dir / "metrics.csv")
+    write_metrics_csv(fed.metrics.records(), fed.run_dir / "metrics.csv")
     if fed.cfg.output.tensorboard:
         write_tensorboard(fed.run_dir)
 
@@ -743,7 +791,8 @@ def resume_experiment(run_dir: Path, config_path: Path | None = None, overrides:
 
 def write_summary(fed: Federation, wall: float, engine_name: str) -> dict:
     cfg, strategy = fed.cfg, fed.strategy
-    sel = summarize(fed.metrics.records, cfg.eval.select_on)
+    records = fed.metrics.summary_records(cfg.eval.select_on)
+    sel = summarize(records, cfg.eval.select_on)
     head = sel.get(strategy.headline)
     summary = {
         "algorithm": cfg.algorithm.name,
@@ -759,7 +808,7 @@ def write_summary(fed: Federation, wall: float, engine_name: str) -> dict:
         "wall_seconds": round(wall, 2),
         "cpu_seconds": round(fed.cpu_seconds(), 2),
         "seconds": fed.seconds(),
-        "state_digest": state_digest(fed.final_state()),
+        "state_digest": fed.final_digest(),
         "comm": fed.comm.totals(),
         "adapted": fed.adapted,
         **strategy.summary_extra(),
@@ -769,9 +818,9 @@ def write_summary(fed: Federation, wall: float, engine_name: str) -> dict:
                          "noise_multiplier": cfg.dp.noise_multiplier, "clip_norm": cfg.dp.clip_norm,
                          "granularity": cfg.dp.granularity}
     # models evaluated under other labels (e.g. FLAME's tier-wise `global_k2`), selected the same way
-    other = sorted({r["model"] for r in fed.metrics.records if r["split"] == "test"}
+    other = sorted({r["model"] for r in fed.metrics.means if r["split"] == "test"}
                    - {None, "local", "personalized", "global"})
     if other:
-        summary["other_models"] = {m: select_model(fed.metrics.records, m, cfg.eval.select_on) for m in other}
+        summary["other_models"] = {m: select_model(records, m, cfg.eval.select_on) for m in other}
     atomic_write_text(fed.run_dir / "summary.json", json.dumps(summary, indent=1))
     return summary

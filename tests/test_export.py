@@ -104,9 +104,7 @@ def _checkpoint(run_dir: Path) -> Path:
 
 
 def _client_tensors(run_dir: Path, cid: int) -> dict:
-    prefix = f"{cid}::"
-    return {k[len(prefix):]: v for k, v in load_file(_checkpoint(run_dir) / "clients.safetensors").items()
-            if k.startswith(prefix)}
+    return load_file(_checkpoint(run_dir) / "clients" / f"client-{cid}.safetensors")
 
 
 def _reference(run_dir: Path, tensors: dict, vocab: int, k: int | None = None):

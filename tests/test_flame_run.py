@@ -151,8 +151,8 @@ def test_three_round_tiny_olmoe_run_with_tiers_4_2_1(tmp_path):
     # rescalers: per client, never global; per tier averages differ across tiers
     ckpt = tmp_path / "checkpoints" / "round_0003"
     assert not any("rescaler" in k for k in load_file(ckpt / "server.safetensors"))
-    clients = load_file(ckpt / "clients.safetensors")
-    s = {c: math.exp(float(clients[f"{c}::model.layers.0.mlp/rescaler/log_s"])) for c in range(6)}
+    clients = {c: load_file(ckpt / "clients" / f"client-{c}.safetensors") for c in range(6)}
+    s = {c: math.exp(float(clients[c]["model.layers.0.mlp/rescaler/log_s"])) for c in range(6)}
     by_tier = info["tier_rescaler_s"]
     assert set(by_tier) == {"1", "2"}
     assert min(by_tier["1"]) > max(by_tier["2"]) > 1.0
@@ -192,8 +192,8 @@ def test_three_round_dense_run_trains_router_and_rescaler(tmp_path):
     router = "model.layers.0.mlp.down_proj/router/W"
     assert not torch.equal(server_state[router], start[router])  # the router trained and was averaged
     assert any(not torch.equal(server_state[k], start[k]) for k in start if k.endswith("/B"))
-    clients = load_file(tmp_path / "checkpoints" / "round_0003" / "clients.safetensors")
-    s1 = math.exp(float(clients["2::model.layers.0.mlp.down_proj/rescaler/log_s"]))
+    client = load_file(tmp_path / "checkpoints" / "round_0003" / "clients" / "client-2.safetensors")
+    s1 = math.exp(float(client["model.layers.0.mlp.down_proj/rescaler/log_s"]))
     assert s1 > 1.0
     acts = [json.loads(line) for line in (tmp_path / "activations.jsonl").read_text().splitlines()]
     assert all(sum(v) == c["k"] * c["tokens"] for a in acts for c in a["clients"] for v in c["counts"].values())

@@ -14,14 +14,14 @@ import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from safetensors.torch import load_file
 
 import fedmole
 from fedmole.algorithms.base import ClientState
+from fedmole.client.store import read_state
 from fedmole.config import ALGORITHMS, load_config
 from fedmole.engines import flower
 from fedmole.errors import UserError
-from fedmole.run import latest_checkpoint, resume_experiment, run_experiment
+from fedmole.run import latest_checkpoint, load_checkpoint, resume_experiment, run_experiment
 
 ROOT = Path(fedmole.__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -188,16 +188,17 @@ def test_flame_over_flower_messages_with_a_fresh_process_per_message_equals_inpr
     assert got["state_digest"] == ref["state_digest"]
     assert _records(tmp_path / "flower") == _records(ref_dir)
     for name in ("round_0001", "round_0002"):  # checkpoints gather every client's state from its node
-        a, b = ref_dir / "checkpoints" / name, tmp_path / "flower" / "checkpoints" / name
-        ta, tb = load_file(a / "clients.safetensors"), load_file(b / "clients.safetensors")
-        assert ta.keys() == tb.keys() and len(ta) > 0
-        assert all(torch.equal(ta[k], tb[k]) for k in ta)
-        meta_a, meta_b = (json.loads((x / "state.json").read_text())["clients"] for x in (a, b))
-        assert meta_a == meta_b and meta_a["2"]["cursor"]["pos"] > 0
+        _, _, sa = load_checkpoint(ref_dir / "checkpoints" / name)
+        _, _, sb = load_checkpoint(tmp_path / "flower" / "checkpoints" / name)
+        assert sorted(sa) == sorted(sb) == [0, 1, 2]
+        for c in sa:
+            assert sa[c].meta == sb[c].meta and sa[c].tensors.keys() == sb[c].tensors.keys() != set()
+            assert all(torch.equal(sa[c].tensors[k], sb[c].tensors[k]) for k in sa[c].tensors)
+        assert sa[2].meta["cursor"]["pos"] > 0
     # the node-local state file is what the last checkpoint holds
-    on_disk = flower.read_state(tmp_path / "nodes" / "run-5" / "client-2.safetensors")
-    assert on_disk.meta == meta_b["2"] and torch.equal(on_disk.tensors[next(iter(on_disk.tensors))],
-                                                       tb[f"2::{next(iter(on_disk.tensors))}"])
+    on_disk = read_state(tmp_path / "nodes" / "run-5" / "client-2.safetensors")
+    assert on_disk.meta == sb[2].meta and on_disk.tensors.keys() == sb[2].tensors.keys()
+    assert all(torch.equal(v, sb[2].tensors[k]) for k, v in on_disk.tensors.items())
 
     # a Flower checkpoint resumes (in-process) to the uninterrupted result
     run_dir = tmp_path / "flower"
@@ -344,6 +345,44 @@ def test_simulation_resources_never_exceed_the_machine(monkeypatch):
         backend = flower.sim_backend_config(cfg)
         assert backend["client_resources"]["num_cpus"] == 1
         assert backend["init_args"]["num_cpus"] == expect <= 2
+
+
+def test_simulation_actors_spread_over_every_visible_gpu(monkeypatch):
+    """Ray places actors by the resources they ask for: with 8 GPUs and 16 actors at the default share, each GPU
+    holds two (0.5 each); an explicit share is taken as given; what cannot be placed is refused."""
+    monkeypatch.setattr(flower.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(flower.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(flower.torch.cuda, "device_count", lambda: 8)
+
+    def resources(*overrides):
+        cfg = load_config(SMOKE, ["federation.num_clients=100", "train.device=cuda", *overrides])
+        b = flower.sim_backend_config(cfg)
+        return b["init_args"]["num_cpus"], b["init_args"]["num_gpus"], b["client_resources"]["num_gpus"]
+
+    assert resources("flower.sim_actors=16") == (16, 8, 0.5)
+    assert resources("flower.sim_actors=8") == (8, 8, 1.0)
+    assert resources("flower.sim_actors=3") == (3, 8, 1.0)
+    assert resources("flower.sim_actors=12") == (12, 8, 0.5)  # at most two per GPU: every GPU is used
+    assert resources("flower.sim_actors=16", "flower.gpus_per_client=0.25") == (16, 8, 0.25)
+    assert resources("flower.sim_actors=4", "flower.gpus_per_client=2") == (4, 8, 2)
+    assert resources("flower.sim_actors=16", "train.device=auto", "flower.gpus_per_client=0") == (16, 0, 0.0)
+    b = flower.sim_backend_config(load_config(SMOKE, ["flower.sim_actors=16", "federation.num_clients=8",
+                                                      "train.device=auto"]))
+    assert b["init_args"] == {"num_cpus": 8, "num_gpus": 8, "include_dashboard": False}  # 8 clients: 8 actors,
+    assert b["client_resources"]["num_gpus"] == 1.0  # not 16 at half a GPU each
+    with pytest.raises(UserError, match="which the actor sees as cuda:0"):
+        resources("flower.sim_actors=8", "train.device=cuda:3")
+    with pytest.raises(UserError, match="more GPUs per actor than the 8 visible"):
+        resources("flower.gpus_per_client=16")
+    with pytest.raises(UserError, match="fractions below 1"):
+        load_config(SMOKE, ["flower.gpus_per_client=1.5"])
+    with pytest.raises(UserError, match="clients that train on train.device=cpu"):
+        load_config(SMOKE, ["flower.gpus_per_client=0.5", "train.device=cpu"])
+    monkeypatch.setattr(flower.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(flower.torch.cuda, "device_count", lambda: 0)
+    assert resources("flower.sim_actors=4")[1:] == (0, 0.0)  # no GPU: the CPU
+    with pytest.raises(UserError, match="no CUDA GPU is visible"):
+        resources("flower.gpus_per_client=0.5")
 
 
 def test_a_node_partitions_the_data_once_and_reuses_it_from_disk(tmp_path, data_file, monkeypatch):

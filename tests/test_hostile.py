@@ -765,10 +765,15 @@ def _flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _a_client_state(ckpt: Path) -> Path:
+    return sorted((ckpt / "clients").glob("client-*.safetensors"))[0]
+
+
 RESUME_DAMAGE = {
-    "a flipped byte in a client state": lambda c: _flip_byte(c / "clients.safetensors"),
+    "a flipped byte in a client state": lambda c: _flip_byte(_a_client_state(c)),
     "a flipped byte in the server state": lambda c: _flip_byte(c / "server.safetensors"),
-    "the client states deleted": lambda c: (c / "clients.safetensors").unlink(),
+    "a client state deleted": lambda c: _a_client_state(c).unlink(),
+    "a client state added": lambda c: shutil.copy(_a_client_state(c), c / "clients" / "client-99.safetensors"),
     "state.json cut in half": lambda c: (c / "state.json").write_text((c / "state.json").read_text()[:50]),
     "the manifest deleted": lambda c: (c / "manifest.json").unlink(),
     "the manifest garbled": lambda c: (c / "manifest.json").write_text("{"),

@@ -58,3 +58,13 @@ def test_unreadable_local_path_is_a_user_error(tmp_path):
 def test_cuda_without_a_gpu_is_a_user_error():
     with pytest.raises(UserError, match="no CUDA device"):
         load_model(ModelConfig(name="tiny-llama"), device="cuda")
+
+
+def test_a_cuda_index_beyond_the_visible_devices_is_a_user_error(monkeypatch):
+    from fedmole.models.loader import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1") and resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(UserError, match=r"sees 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")

@@ -31,9 +31,10 @@ def test_smoke_run_through_the_cli(tmp_path):
     for name in ("config.yaml", "partition.json", "metrics.jsonl", "summary.json", "run.log"):
         assert (run_dir / name).is_file(), name
     ckpt = run_dir / "checkpoints" / "round_0002"
-    assert {p.name for p in ckpt.iterdir()} == {"server.safetensors", "clients.safetensors", "state.json",
-                                                "manifest.json"}
+    assert {p.name for p in ckpt.iterdir()} == {"server.safetensors", "clients", "state.json", "manifest.json"}
+    assert {p.name for p in (ckpt / "clients").iterdir()} == {f"client-{c}.safetensors" for c in range(10)}
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    assert not (run_dir / "client_states").exists()  # the engine's store is gone; the checkpoint holds the states
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["algorithm"] == "fedit" and summary["rounds_completed"] == 2

@@ -10,7 +10,8 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ["train_loop", "evaluation", "model_load", "amole", "flame", "aggregation", "memory", "long_run", "flower", "protocol"]
+BENCHMARKS = ["train_loop", "evaluation", "model_load", "amole", "flame", "aggregation", "memory", "long_run", "flower",
+              "protocol", "scale"]
 
 
 def main() -> int:

@@ -9,6 +9,7 @@ use these flat string keys, so a client's architecture is simply the set of keys
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -36,9 +37,15 @@ def parse_key(k: str) -> Key:
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:
     """sha256 over sorted tensor names and their raw bytes (dtype and shape included)."""
+    return digest_items((name, state[name]) for name in sorted(state))
+
+
+def digest_items(items: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """`state_digest` of a state given as (name, tensor) pairs already in sorted name order (a state too
+    large to hold at once, read piece by piece)."""
     h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
+    for name, t in items:
+        t = t.detach().cpu().contiguous()
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())

@@ -21,6 +21,7 @@ never sees them) and puts them back afterwards.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -68,3 +69,22 @@ def prune(snaps: Snapshots, keep: dict[str, int], current: int) -> None:
     for label, rnd in keep.items():
         if label in snaps:
             snaps[label] = {r: s for r, s in snaps[label].items() if r == int(rnd) or r >= current}
+
+
+class Without(Mapping[int, ClientState]):
+    """Client states without their snapshots (what a client's model is made of), read from `states` on access."""
+
+    def __init__(self, states: Mapping[int, ClientState]):
+        self.states = states
+
+    def __getitem__(self, cid: int) -> ClientState:
+        st = self.states[cid]
+        st = ClientState(dict(st.tensors), dict(st.meta))
+        take(st)
+        return st
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.states)
+
+    def __len__(self) -> int:
+        return len(self.states)

@@ -18,11 +18,11 @@ Message contents (one message per client, so payloads differ per node: expert se
 
 Client state (data cursor, FLAME rescaler, private adapters, personalised parts) lives on the node in
 `<state dir>/run-<run id>/client-<id>.safetensors` (tensors + JSON meta in the file's metadata, written to a
-temporary file and renamed), so it survives a fresh process per message. The state dir is the node config's
-`state-dir`, else the run config's `state-dir`, else `<system temp dir>/fedmole-flower-state`. The server
-gathers the states with a `query` message when it writes a checkpoint (`FlowerEngine.client_states`), so a
-checkpoint of a Flower run holds every client's state, like an in-process checkpoint, and `load_client_states`
-pushes states back to the nodes (resume).
+temporary file and renamed; the format of client/store.py), so it survives a fresh process per message. The
+state dir is the node config's `state-dir`, else the run config's `state-dir`, else `<system temp
+dir>/fedmole-flower-state`. The server gathers the states with a `query` message when it writes a checkpoint
+(`FlowerEngine.client_states`), so a checkpoint of a Flower run holds every client's state, like an
+in-process checkpoint, and `load_client_states` pushes states back to the nodes (resume).
 
 Run config keys (`context.run_config`, or bound by `make_server_app` / `make_client_app`): `config` (the
 fedmole config as YAML text), `out` (run directory; server only), `overwrite` (bool), `state-dir`,
@@ -35,11 +35,12 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -47,9 +48,9 @@ import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from safetensors.torch import load_file, save_file
 
 from fedmole.algorithms.base import ClientState, Payload, Reply
+from fedmole.client.store import file_name, read_state, save_states, write_state
 from fedmole.comm import wire_dtype
 from fedmole.config import Config, parse_yaml, validate_config
 from fedmole.errors import RunFailed, UserError
@@ -180,26 +181,7 @@ def state_root(context: Context, settings: dict) -> Path:
 
 
 def state_path(context: Context, settings: dict, cid: int) -> Path:
-    return state_root(context, settings) / f"client-{cid}.safetensors"
-
-
-def save_state(path: Path, state: ClientState) -> None:
-    """Tensors + JSON meta in one safetensors file, written to a temporary name and renamed (atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.tensors.items()}, tmp,
-              metadata={"meta": json.dumps(state.meta)})
-    os.replace(tmp, path)
-
-
-def read_state(path: Path) -> ClientState | None:
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as fh:
-        meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
-    return ClientState(dict(load_file(path)), meta)
+    return state_root(context, settings) / file_name(cid)
 
 
 # ------------------------------------------------------------------------------------ client side
@@ -313,8 +295,8 @@ def handle_message(msg: Message, context: Context, bound: dict | None = None) ->
                                        "config": ConfigRecord(body)}), reply_to=msg)
         if action == SET_STATE:
             if conf.get("present"):
-                save_state(path, ClientState(tensors_of(msg.content.array_records.get("arrays")),
-                                             json.loads(conf["meta"])))
+                write_state(path, ClientState(tensors_of(msg.content.array_records.get("arrays")),
+                                              json.loads(conf["meta"])))
             elif path.exists():
                 path.unlink()
             return Message(RecordDict({"config": ConfigRecord({"client": cid})}), reply_to=msg)
@@ -327,7 +309,7 @@ def handle_message(msg: Message, context: Context, bound: dict | None = None) ->
     work = ClientState(dict(state.tensors), copy.deepcopy(state.meta))
     out = execute(procedure, kind, cid, payload, work)
     if out.commit:
-        save_state(path, work)
+        write_state(path, work)
     content = (reply_content(out.reply, cfg.comm.dtype) if out.reply is not None
                else failure_content(*out.failure))
     return Message(content, reply_to=msg)
@@ -479,7 +461,7 @@ class FlowerEngine:
                 self.states.pop(cid, None)
         return {cid: self.states[cid] for cid in sorted(self.states)}
 
-    def load_client_states(self, states: dict[int, ClientState]) -> None:
+    def load_client_states(self, states: Mapping[int, ClientState]) -> None:
         """Write the given states to the nodes (resume); clients without a state start fresh."""
         contents = {}
         for cid in self.node_of:
@@ -490,7 +472,11 @@ class FlowerEngine:
             if msg is None or msg.has_error():
                 raise RuntimeError(f"client {cid} could not store its resumed state: "
                                    f"{msg.error.reason if msg is not None else 'no reply'}")
-        self.states = dict(states)
+        self.states = {cid: states[cid] for cid in states}
+
+    def save_client_states(self, root: Path) -> None:
+        """Every client's state, fetched from the nodes, as `root/client-<id>.safetensors` (a checkpoint)."""
+        save_states(root, self.client_states())
 
     def close(self) -> None:
         pass
@@ -593,15 +579,39 @@ class ProcessTracker:
 
 
 def sim_backend_config(cfg: Config) -> dict:
-    """Ray resources: `flower.sim_actors` actors of one CPU each, never more CPUs than the machine has
-    (asking Ray for more than exists leaves an empty actor pool and a hung simulation)."""
+    """Ray resources: `flower.sim_actors` actors of one CPU each, never more CPUs than the machine has (asking
+    Ray for more than exists leaves an empty actor pool and a hung simulation), and `gpus_per_client` of a GPU
+    each (`gpus_for_actors`): Ray then places the actors over every visible GPU and sets each actor's
+    CUDA_VISIBLE_DEVICES to its own, so a client's `cuda` is its actor's GPU."""
     cores = os.cpu_count() or 1
     actors = max(1, min(cfg.flower.sim_actors, cores, cfg.federation.num_clients))
-    gpus = 0.0
-    if cfg.train.device != "cpu" and torch.cuda.is_available():
-        gpus = 1.0 / actors
-    return {"client_resources": {"num_cpus": 1, "num_gpus": gpus},
-            "init_args": {"num_cpus": actors, "num_gpus": 1 if gpus else 0, "include_dashboard": False}}
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    per_actor = gpus_for_actors(cfg, actors, visible)
+    return {"client_resources": {"num_cpus": 1, "num_gpus": per_actor},
+            "init_args": {"num_cpus": actors, "num_gpus": visible if per_actor else 0, "include_dashboard": False}}
+
+
+def gpus_for_actors(cfg: Config, actors: int, visible: int) -> float:
+    """The GPUs (a fraction below 1, or whole GPUs) Ray reserves for each of `actors` actors when `visible` GPUs
+    are visible: `flower.gpus_per_client`, or by default an even spread (1 when there are GPUs enough, else
+    1/ceil(actors/GPUs), rounded down to Ray's resource precision of 1e-4), or 0 on the CPU."""
+    per = cfg.flower.gpus_per_client
+    if per is None:
+        if cfg.train.device == "cpu" or visible == 0:
+            return 0.0
+        per = math.floor(1e4 / math.ceil(actors / visible)) / 1e4
+    if per == 0:
+        return 0.0
+    if visible == 0:
+        raise UserError(f"flower.gpus_per_client={per} but no CUDA GPU is visible here; set "
+                        f"flower.gpus_per_client=0 (or null) to run the simulation on the CPU")
+    if int(visible / per + 1e-9) < 1:
+        raise UserError(f"flower.gpus_per_client={per} asks for more GPUs per actor than the {visible} visible; "
+                        f"use at most {visible}")
+    if cfg.train.device.startswith("cuda:") and cfg.train.device != "cuda:0":
+        raise UserError(f"train.device={cfg.train.device} with flower-sim on GPUs: Ray gives each actor its own GPU, "
+                        f"which the actor sees as cuda:0; set train.device=cuda (or auto)")
+    return per
 
 
 def run_flower_sim(cfg: Config, run_dir: Path, progress_mode: str | None = None, resume: bool = False) -> dict:
@@ -681,7 +691,8 @@ def write_app(cfg: Config, out_dir: str | Path, run_out: str = "", engine_name: 
         "[tool.flwr.app.config]", *[f"{k} = {toml_value(v)}" for k, v in run_config.items()], "",
         "[tool.flwr.federations]", 'default = "local-simulation"', "",
         "[tool.flwr.federations.local-simulation]", f"options.num-supernodes = {n}",
-        "options.backend.client-resources.num-cpus = 1", "options.backend.client-resources.num-gpus = 0.0", "",
+        "options.backend.client-resources.num-cpus = 1",
+        f"options.backend.client-resources.num-gpus = {float(cfg.flower.gpus_per_client or 0.0)}", "",
     ]
     path = out / "pyproject.toml"
     path.write_text("\n".join(lines))

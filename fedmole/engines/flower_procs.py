@@ -73,12 +73,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def port_open(host: str, port: int) -> bool:
+def port_open(host: str, port: int, netns: str | None = None) -> bool:
+    """Whether a TCP connection to host:port succeeds, from this machine or from inside network namespace
+    `netns` (where the address may exist only there)."""
+    if netns is not None:
+        probe = [*netns_exec(netns), "bash", "-c", f"exec 3<>/dev/tcp/{host}/{port}"]
+        return subprocess.run(probe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10).returncode == 0
     try:
         with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
         return False
+
+
+def netns_exec(netns: str | None) -> list[str]:
+    """The command prefix that runs a program inside Linux network namespace `netns` (none for None)."""
+    return [] if netns is None else ["ip", "netns", "exec", netns]
 
 
 def flower_env(flwr_home: Path, pythonpath: Path | None = None, extra: dict | None = None) -> dict[str, str]:
@@ -255,7 +265,8 @@ class FlowerProcesses:
     """
 
     def __init__(self, workdir: str | Path | None = None, certs: Certificates | None = None,
-                 host: str = "127.0.0.1", pythonpath: Path | None = None, env: dict | None = None):
+                 host: str = "127.0.0.1", pythonpath: Path | None = None, env: dict | None = None,
+                 cli_netns: str | None = None):
         self._tmp = None
         if workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="fedmole-flower-")
@@ -271,6 +282,7 @@ class FlowerProcesses:
         self.seen: set[psutil.Process] = set()  # every process stopped or killed, for `survivors()`
         self.superlink: Proc | None = None
         self.address: str | None = None
+        self.cli_netns = cli_netns  # the network namespace `flwr` commands run in (an operator's machine)
         atexit.register(self.stop)
 
     # -------------------------------------------------------------------------------------- starting
@@ -282,10 +294,11 @@ class FlowerProcesses:
                     "--ssl-keyfile", str(self.certs.key)]
         return ["--root-certificates", str(self.certs.ca)]
 
-    def _start(self, role: str, args: list[str], port: int | None = None, **kw) -> Proc:
+    def _start(self, role: str, args: list[str], port: int | None = None, netns: str | None = None, **kw) -> Proc:
         n = sum(p.role == role for p in self.procs)
         log = self.logs / (f"{role}.log" if n == 0 else f"{role}.{n}.log")
         fh = log.open("ab")
+        args = [*netns_exec(netns), *args]  # `ip netns exec` execs the program: the PID stays the program's
         try:
             popen = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=self.env, cwd=self.workdir, start_new_session=True)
@@ -296,27 +309,31 @@ class FlowerProcesses:
         return proc
 
     def start_superlink(self, port: int | None = None, supernode_auth: bool = False,
-                        timeout: float = 60.0) -> Proc:
-        """Start `flower-superlink` (Fleet + Control APIs on `host:port`) and wait until it accepts
-        connections; writes the SuperLink connection into FLWR_HOME/config.toml."""
+                        timeout: float = 60.0, netns: str | None = None, listen: str | None = None) -> Proc:
+        """Start `flower-superlink` (Fleet + Control APIs on `listen:port`, default `host:port`) and wait until
+        it accepts connections at `host:port`; writes that connection into FLWR_HOME/config.toml. With
+        `netns`, inside that Linux network namespace (another host on a virtual network: give `port`)."""
         port = port or free_port(self.host)
         args = [flower_bin("flower-superlink"), *self._tls_args("superlink"),
-                "--host", self.host, "--port", str(port),
+                "--host", listen or self.host, "--port", str(port),
                 "--disable-runtime-dependency-installation", "--database", str(self.workdir / "superlink.db")]
         if supernode_auth:
             args.append("--enable-supernode-auth")
-        self.superlink = self._start("superlink", args, port)
+        self.superlink = self._start("superlink", args, port, netns)
         self.address = f"{self.host}:{port}"
         write_connection(self.flwr_home, self.address, self.certs.ca if self.certs else None)
-        self._wait(lambda: port_open(self.host, port), timeout, self.superlink, f"the SuperLink on {self.address}")
+        self._wait(lambda: port_open(self.host, port, netns), timeout, self.superlink,
+                   f"the SuperLink on {self.address}")
         return self.superlink
 
     def start_supernode(self, partition_id: int, num_partitions: int, data_path: str | Path | None = None,
                         state_dir: str | Path | None = None, auth_key: str | Path | None = None,
-                        port: int | None = None, extra_config: dict | None = None, wait: bool = True) -> Proc:
+                        port: int | None = None, extra_config: dict | None = None, wait: bool = True,
+                        netns: str | None = None, timeout: float = 60.0) -> Proc:
         """Start `flower-supernode` for client `partition_id` of `num_partitions`, connected to the SuperLink,
         and (`wait`) wait until its local API is up. `data_path` / `state_dir` go into the node config
-        (node-local data and client state); `auth_key` is its private key when SuperNode auth is on."""
+        (node-local data and client state); `auth_key` is its private key when SuperNode auth is on. With
+        `netns`, inside that Linux network namespace (a client machine on a virtual network: give `port`)."""
         if self.address is None:
             raise RuntimeError("start the SuperLink before the SuperNodes")
         cfg = {"partition-id": partition_id, "num-partitions": num_partitions, **(extra_config or {})}
@@ -324,14 +341,15 @@ class FlowerProcesses:
             cfg["data-path"] = str(data_path)
         if state_dir is not None:
             cfg["state-dir"] = str(state_dir)
-        port = port or free_port(self.host)
+        local = "127.0.0.1" if netns is not None else self.host  # its local API, on its own machine
+        port = port or free_port(local)
         args = [flower_bin("flower-supernode"), *self._tls_args("supernode"), "--superlink", self.address,
-                "--host", self.host, "--port", str(port), "--node-config", node_config_arg(cfg)]
+                "--host", local, "--port", str(port), "--node-config", node_config_arg(cfg)]
         if auth_key is not None:
             args += ["--auth-supernode-private-key", str(auth_key)]
-        proc = self._start(f"supernode-{partition_id}", args, port, node_config=cfg)
+        proc = self._start(f"supernode-{partition_id}", args, port, netns, node_config=cfg)
         if wait:
-            self._wait(lambda: port_open(self.host, port), 60.0, proc, f"SuperNode {partition_id}")
+            self._wait(lambda: port_open(local, port, netns), timeout, proc, f"SuperNode {partition_id}")
         return proc
 
     def _wait(self, ready, timeout: float, proc: Proc, what: str) -> None:
@@ -358,7 +376,7 @@ class FlowerProcesses:
         to `echo(line)` when given). On timeout or Ctrl-C the command and its children are stopped."""
         import threading
 
-        cmd = [flower_bin("flwr"), *args]
+        cmd = [*netns_exec(self.cli_netns), flower_bin("flwr"), *args]
         popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                  env=self.env, cwd=self.workdir, start_new_session=True)
         proc = Proc("flwr", cmd, self.logs / "flwr.log", popen)
@@ -405,9 +423,9 @@ class FlowerProcesses:
             args += ["--run-config", str(overrides)]
         return self.flwr(*args, timeout=timeout, echo=echo, check=check)
 
-    def register_supernode(self, public_key: str | Path) -> subprocess.CompletedProcess:
+    def register_supernode(self, public_key: str | Path, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """`flwr supernode register PUBLIC_KEY`: allow a SuperNode to join (SuperNode authentication)."""
-        return self.flwr("supernode", "register", str(public_key), CONNECTION)
+        return self.flwr("supernode", "register", str(public_key), CONNECTION, timeout=timeout)
 
     # -------------------------------------------------------------------------------------- stopping
     def tree(self, proc: Proc) -> list[psutil.Process]:

@@ -21,6 +21,7 @@ is loaded.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class RunCheckpoint:
     path: Path
     meta: dict
     server: Tensors = field(repr=False)
-    clients: dict[int, ClientState] = field(repr=False)
+    clients: Mapping[int, ClientState] = field(repr=False)  # read one state at a time
 
 
 def checkpoint_rounds(run_dir: Path) -> list[int]:

@@ -28,10 +28,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str) -> torch.device:
+    """auto (the first visible GPU, else the CPU), cpu, cuda (the first visible GPU) or cuda:N (the N-th)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={device} but no CUDA device is available here; use train.device=cpu or auto")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device={device} but no CUDA device is available here; use train.device=cpu or auto")
+        index = int(device.partition(":")[2] or 0)
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise UserError(f"train.device={device} but this process sees {count} CUDA device(s), cuda:0 to "
+                            f"cuda:{count - 1} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                            f"choose one of those")
     return torch.device(device)
 
 

@@ -11,22 +11,45 @@ score (or lowest validation loss, per `eval.select_on`); test is reported for th
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 SCORE_METRICS = ("score", "accuracy", "rouge_l")
 
 
 class MetricsLog:
-    """Appends records to `metrics.jsonl` and keeps them in memory for the summary."""
+    """Appends records to `metrics.jsonl`. In memory it keeps what the round loop reads while the run goes
+    and what the summary selects on: the number of records, the records with `client: null` (means over
+    clients and facts about rounds), how often each `split: round` metric was recorded (failures per kind)
+    and the largest `dp_groups` (None before any). Records of single clients stay in the file (a run of
+    many clients over many rounds writes millions); `summary_records` reads back the few the summary
+    reports."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.records: list[dict] = []
-        if path.exists():
-            self.records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        self._reset()
+        for r in iter_jsonl(path):
+            self._keep(r)
+
+    def _reset(self) -> None:
+        self.count = 0
+        self.means: list[dict] = []
+        self.round_counts: Counter[str] = Counter()
+        self.dp_groups: int | None = None
+
+    def _keep(self, r: dict) -> None:
+        self.count += 1
+        if r["client"] is None:
+            self.means.append(r)
+        if r["split"] == "round":
+            self.round_counts[r["metric"]] += 1
+        if r["metric"] == "dp_groups":
+            value = int(r["value"])
+            self.dp_groups = value if self.dp_groups is None else max(self.dp_groups, value)
 
     def log(self, rnd: int, client: int | None, model: str | None, split: str, metric: str, value: float) -> None:
         self.add([{"round": rnd, "client": client, "model": model, "split": split, "metric": metric, "value": value}])
@@ -38,7 +61,8 @@ class MetricsLog:
             for r in records:
                 fh.write(json.dumps(r) + "\n")
             fh.flush()
-        self.records.extend(records)
+        for r in records:
+            self._keep(r)
 
     def log_evals(self, rnd: int, per_client: dict[int, list[dict]]) -> None:
         """Per-client eval results plus, per (model, split, metric), their unweighted mean over clients."""
@@ -46,9 +70,26 @@ class MetricsLog:
 
     def truncate(self, n_records: int) -> None:
         """Keep the first `n_records` records (used when resuming from a checkpoint)."""
-        self.records = self.records[:n_records]
-        text = "".join(json.dumps(r) + "\n" for r in self.records)
-        self.path.write_text(text)
+        kept = list(itertools.islice(iter_jsonl(self.path), n_records))
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._reset()
+        for r in kept:
+            self._keep(r)
+
+    def records(self) -> Iterator[dict]:
+        """Every record, read from the file."""
+        return iter_jsonl(self.path)
+
+    def summary_records(self, select_on: str) -> list[dict]:
+        """The means, plus the per-client test records of the rounds `select_model` reports for each model
+        (the selected and the last round): enough for `summarize` and `select_model`, read in one pass."""
+        wanted = set()
+        for model in {r["model"] for r in self.means if r["split"] == "test"}:
+            sel = select_model(self.means, model, select_on)
+            if sel is not None:
+                wanted |= {(model, sel["selected_round"]), (model, sel["last_round"])}
+        return self.means + [r for r in iter_jsonl(self.path) if r["client"] is not None and r["split"] == "test"
+                             and (r["model"], r["round"]) in wanted]
 
 
 class OutcomesLog:
@@ -58,7 +99,10 @@ class OutcomesLog:
 
     def __init__(self, path: Path):
         self.path = path
-        self.count = sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
+        self.count = 0
+        if path.exists():
+            with path.open() as fh:
+                self.count = sum(1 for line in fh if line.strip())
 
     def add(self, rnd: int, client: int, evals: list[dict]) -> None:
         lines = [json.dumps({"round": e.get("round", rnd), "model": e["model"], "client": client,
@@ -74,6 +118,16 @@ class OutcomesLog:
             lines = [line for line in self.path.read_text().splitlines() if line.strip()][:n_records]
             self.path.write_text("".join(line + "\n" for line in lines))
         self.count = min(self.count, n_records)
+
+
+def iter_jsonl(path: Path) -> Iterator[dict]:
+    """The records of a JSON-lines file, one at a time (none when the file does not exist)."""
+    if not path.exists():
+        return
+    with path.open() as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)
 
 
 def eval_records(rnd: int, per_client: dict[int, list[dict]]) -> list[dict]:
