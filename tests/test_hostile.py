@@ -211,7 +211,7 @@ class Arena:
         hostile = copy.deepcopy(self.honest)
         corrupt(hostile[1])
         digest = self.digest_after(hostile, {})
-        return digest, [r for r in self.fed.metrics.records if r["metric"] == "client_rejected"]
+        return digest, [r for r in self.fed.metrics.records() if r["metric"] == "client_rejected"]
 
     def close(self) -> None:
         log.removeHandler(self.handler)
@@ -292,9 +292,9 @@ def test_every_kind_of_hostile_evaluation_reply_is_rejected(arenas):
         fed.metrics.truncate(0)
         fed.engine.evaluate = lambda rnd, plans, evals=evals: ({0: Reply(evals=[honest]), 1: Reply(evals=evals)}, {})
         fed.evaluate_global(1)
-        rejected = [r for r in fed.metrics.records if r["metric"] == "eval_rejected"]
+        rejected = [r for r in fed.metrics.records() if r["metric"] == "eval_rejected"]
         assert [r["client"] for r in rejected] == [1] and words in rejected[0]["reason"], (what, rejected)
-        assert any(r["client"] == 0 and r["metric"] == "score" for r in fed.metrics.records), what
+        assert any(r["client"] == 0 and r["metric"] == "score" for r in fed.metrics.records()), what
 
 
 TESTED = {"model": "global", "split": "test", "metrics": {"score": 50.0, "n": 1.0}, "examples": [OUTCOME]}
@@ -311,7 +311,7 @@ def test_a_deferred_test_reply_names_a_snapshot_round_the_server_asked_for(arena
         fed.metrics.truncate(0)
         replies = {0: Reply(evals=[{**TESTED, "round": 2}]), 1: Reply(evals=[bad])}
         accepted = fed._receive(3, "evaluate", replies, rounds={"global": [2]})
-        rejected = [r for r in fed.metrics.records if r["metric"] == "eval_rejected"]
+        rejected = [r for r in fed.metrics.records() if r["metric"] == "eval_rejected"]
         assert list(accepted) == [0] and [r["client"] for r in rejected] == [1], what
         assert words in rejected[0]["reason"], (what, rejected[0]["reason"])
 
