@@ -211,20 +211,28 @@ def checkpoint_files(path: Path) -> list[str]:
     return names
 
 
+def _records_its_config(path: Path) -> bool:
+    """Whether the checkpoint's state.json holds the resolved config: written by a fedmole that also writes
+    the manifest, so a missing manifest was removed (even when it is the run's only checkpoint)."""
+    try:
+        return "config" in json.loads((path / "state.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """Why the checkpoint in `path` cannot be trusted (a missing or changed file, a config that does not
     match its digest), or None. Checkpoints of a run written before checksums existed (no checkpoint of the
     run has a manifest) are accepted unverified."""
     if not (path / MANIFEST).is_file():
-        if any((p / MANIFEST).is_file() for p in path.parent.glob("round_*")):
+        if any((p / MANIFEST).is_file() for p in path.parent.glob("round_*")) or _records_its_config(path):
             return f"{MANIFEST} is missing"
         missing = [n for n in checkpoint_files(path) if not (path / n).is_file()]
         return f"missing {', '.join(missing)}" if missing else None
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
-        if not set(CHECKPOINT_FILES) <= set(files) or not any(n == "clients.safetensors" or
-                                                              n.startswith(f"{CLIENTS}/") for n in files):
+        if not set(CHECKPOINT_FILES) <= set(files):
             return f"{MANIFEST} does not list the checkpoint's files"
         for name in [*files, *(n for n in checkpoint_files(path) if n not in files)]:
             if not (path / name).is_file():

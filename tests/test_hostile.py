@@ -808,6 +808,17 @@ def test_resume_with_no_intact_checkpoint_exits_2_and_deletes_nothing(fedmole_cl
         {k: v for k, v in before.items() if k != "run.log"}
 
 
+def test_a_removed_manifest_is_caught_even_on_the_runs_only_checkpoint(fedmole_cli, tmp_path, finished):
+    run_dir = _interrupted(tmp_path, finished, "r")
+    *older, newest = sorted((run_dir / "checkpoints").glob("round_*"))
+    for ckpt in older:  # checkpoint.keep_last: 1 leaves one checkpoint
+        shutil.rmtree(ckpt)
+    (newest / "manifest.json").unlink()
+    _flip_byte(newest / "server.safetensors")
+    code, err = fedmole_cli("resume", run_dir)
+    assert code == 2 and "no intact checkpoint" in err and "manifest.json is missing" in err
+
+
 def test_resume_refuses_an_edited_config_yaml_with_the_diff(fedmole_cli, tmp_path, finished):
     run_dir = _interrupted(tmp_path, finished, "r")
     text = (run_dir / "config.yaml").read_text()
