@@ -67,3 +67,43 @@ def run_config(config: Path | None, overrides, run_dir: Path, exist_ok: bool = F
     cfg = load_config(config, list(overrides))
     run_dir.mkdir(parents=exist_ok, exist_ok=exist_ok)
     return run_experiment(cfg, run_dir, "none"), run_dir
+
+
+# one-layer mixture-of-experts models of three more transformers families (6 experts, top-2, random weights)
+def tiny_qwen2_moe(vocab: int):
+    """Qwen2-MoE with a shared expert and no top-k renormalisation."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=6, num_experts_per_tok=2, norm_topk_prob=False))
+
+
+def tiny_qwen3_moe(vocab: int):
+    """Qwen3-MoE with top-k renormalisation."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=6, num_experts_per_tok=2,
+        norm_topk_prob=True))
+
+
+def tiny_mixtral(vocab: int):
+    """Mixtral (always renormalises its top-k)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return MixtralForCausalLM(MixtralConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2))
+
+
+def fedamole_server(tok, *overrides):
+    """(config, FedAMoLE server) for configs/smoke_fedamole.yaml with `overrides`, on a tiny Llama."""
+    from fedmole.algorithms import fedamole
+    from fedmole.config import load_config
+    from fedmole.models.tiny import tiny_llama
+
+    cfg = load_config(ROOT / "configs" / "smoke_fedamole.yaml", list(overrides))
+    return cfg, fedamole.Server(cfg, fedamole.build_adapters(tiny_llama(len(tok)), cfg))
