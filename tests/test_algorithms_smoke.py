@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fedmole.config import ALGORITHMS, FinetuneEvalKeys, load_config
-from fedmole.run import run_experiment
+from fedmole.config import ALGORITHMS, FinetuneEvalKeys
+
+from conftest import metrics_records, run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -17,10 +18,7 @@ FAST_EVAL = ["eval.max_examples=2", "eval.generation.max_new_tokens=2"]  # small
 
 
 def _run(tmp_path, overrides):
-    cfg = load_config(SMOKE, overrides)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    return run_experiment(cfg, run_dir, "none"), run_dir
+    return run_config(SMOKE, overrides, tmp_path / "run")
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
@@ -30,7 +28,7 @@ def test_every_algorithm_runs_the_smoke_federation_with_its_defaults(tmp_path, n
     assert not any(summary["skipped"].values()), summary["skipped"]  # no client failed or was rejected
     head = summary[summary["headline"]]
     assert head is not None and set(head["per_client"]) == {str(c) for c in range(10)}
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(run_dir)
     assert len([r for r in records if r["split"] == "train" and r["metric"] == "loss"]) == 2 * 10
     assert not [r for r in records if r["metric"].startswith("eval_")]  # no evaluation failed
     assert (run_dir / "checkpoints" / "round_0002" / "server.safetensors").is_file()
@@ -45,7 +43,7 @@ def test_finetuned_evaluation_is_labelled_next_to_the_global_one(tmp_path, name)
     summary, run_dir = _run(tmp_path, [f"algorithm.name={name}", "algorithm.personalize_by_finetune=true", *fast])
     assert summary["headline"] == "personalized"
     assert summary["personalized"]["per_client"].keys() == summary["global"]["per_client"].keys() == {"0", "1", "2", "3"}
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = metrics_records(run_dir)
     # the rank baselines also evaluate each lower-tier client at its own rank (tier_eval: own, default)
     tier_wise = {"global_k4", "global_k2", "global_k1"} if name in ("hetlora", "flexlora") else set()
     assert {r["model"] for r in recs if r["split"] == "test"} == {"personalized", "global", *tier_wise}

@@ -15,7 +15,9 @@ from fedmole.adapters.state import parse_key, state_digest
 from fedmole.comm import MB, message_size, specs_of
 from fedmole.config import load_config
 from fedmole.errors import UserError
-from fedmole.run import resume_experiment, run_experiment
+from fedmole.run import resume_experiment
+
+from conftest import run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["data.max_examples=300", "train.local_steps=2", "eval.max_examples=2", "eval.generation.max_new_tokens=2",
@@ -28,9 +30,7 @@ LAYERS = 2
 
 
 def _run(root: Path, name: str, config: str, overrides: list[str]) -> tuple[dict, Path]:
-    run_dir = root / name
-    run_dir.mkdir()
-    return run_experiment(load_config(ROOT / "configs" / config, overrides), run_dir, "none"), run_dir
+    return run_config(ROOT / "configs" / config, overrides, root / name)
 
 
 def _comm(run_dir: Path) -> list[dict]:

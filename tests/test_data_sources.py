@@ -11,6 +11,8 @@ from fedmole.config import ColumnMap, DataConfig
 from fedmole.data.sources import load_examples, map_columns
 from fedmole.errors import UserError
 
+from conftest import metrics_records
+
 DATA = Path(__file__).parent / "fixtures" / "data"
 
 
@@ -228,7 +230,7 @@ def test_a_mixed_task_jsonl_runs_end_to_end_and_reports_accuracy_and_rouge_l_apa
         "train.local_steps=1", "eval.max_examples=20", "eval.generation.max_new_tokens=2", "train.num_threads=1"])
     (tmp_path / "run").mkdir()
     summary = run_experiment(cfg, tmp_path / "run", "none")
-    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(tmp_path / "run")
     test = {(r["client"], r["metric"]): r["value"] for r in records if r["split"] == "test" and r["model"] == "global"}
     for client in load_federated_data(cfg):
         kinds = [ex.is_classification for ex in client.test[: cfg.eval.max_examples]]

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from fedmole.config import load_config
-from fedmole.run import load_checkpoint, resume_experiment, run_experiment
+from fedmole.run import load_checkpoint, resume_experiment
+
+from conftest import metrics_records, run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -32,14 +33,7 @@ METHODS = {
 
 
 def _run(tmp_path, name, *overrides):
-    cfg = load_config(SMOKE, [*BASE, *overrides])
-    run_dir = tmp_path / name
-    run_dir.mkdir()
-    return run_experiment(cfg, run_dir, "none"), run_dir
-
-
-def _records(run_dir, split):
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
+    return run_config(SMOKE, [*BASE, *overrides], tmp_path / name)
 
 
 def _outcomes(run_dir):
@@ -51,8 +45,8 @@ def test_selected_test_equals_testing_every_round_at_the_selected_and_last_round
     every, every_dir = _run(tmp_path, "every", *METHODS[method])
     sel, sel_dir = _run(tmp_path, "selected", *METHODS[method], "eval.test=selected")
     assert sel["state_digest"] == every["state_digest"]  # the protocol does not touch training
-    _same_records(_records(sel_dir, "val"), _records(every_dir, "val"))
-    labels = sorted({r["model"] for r in _records(every_dir, "val")})
+    _same_records(metrics_records(sel_dir, "val"), metrics_records(every_dir, "val"))
+    labels = sorted({r["model"] for r in metrics_records(every_dir, "val")})
     assert len(labels) >= 2
     tested = {}
     for label in labels:
@@ -66,9 +60,9 @@ def test_selected_test_equals_testing_every_round_at_the_selected_and_last_round
                                                       for c in s[k])
         tested[label] = {s["selected_round"], s["last_round"]}
     # test records only at those rounds, equal to the every-round ones there, example by example too
-    sel_test = _records(sel_dir, "test")
+    sel_test = metrics_records(sel_dir, "test")
     assert {(r["model"], r["round"]) for r in sel_test} == {(m, r) for m, rs in tested.items() for r in rs}
-    every_test = [r for r in _records(every_dir, "test") if r["round"] in tested[r["model"]]]
+    every_test = [r for r in metrics_records(every_dir, "test") if r["round"] in tested[r["model"]]]
     _same_records(sel_test, every_test)
     every_out = [o for o in _outcomes(every_dir) if o["round"] in tested[o["model"]]]
     okey = lambda o: (o["model"], o["round"], o["client"], o["uid"])  # noqa: E731
@@ -137,4 +131,4 @@ def test_resume_in_selected_mode_reproduces_the_uninterrupted_run(tmp_path):
 def test_eval_models_limits_the_evaluated_labels(tmp_path):
     summary, run_dir = _run(tmp_path, "run", *METHODS["fdlora"], "eval.models=[personalized]")
     assert summary["global"] is None and summary["personalized"] is not None
-    assert {r["model"] for r in _records(run_dir, "val")} == {"personalized"}
+    assert {r["model"] for r in metrics_records(run_dir, "val")} == {"personalized"}

@@ -16,15 +16,11 @@ from fedmole.data.tokenize import collate
 from fedmole.models.tiny import tiny_llama
 from fedmole.run import build_runtime, load_federated_data, resume_experiment, run_experiment
 
+from conftest import fedamole_server, metrics_records
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke_fedamole.yaml"
 CLIENTS = [0, 1, 2, 3]
-
-
-def _server(tok, *overrides):
-    cfg = load_config(SMOKE, list(overrides))
-    adapters = fedamole.build_adapters(tiny_llama(len(tok)), cfg)
-    return cfg, fedamole.Server(cfg, adapters)
 
 
 def _reply(server, cid, payload, offset, embeddings=None, n=10):
@@ -37,7 +33,7 @@ def _holders(server, module, expert):
 
 
 def test_payloads_carry_only_the_assigned_experts(tiny_tok):
-    cfg, server = _server(tiny_tok)
+    cfg, server = fedamole_server(tiny_tok)
     plans = server.configure_train(1, CLIENTS, evaluate=True)
     for c, payload in plans.items():
         experts = {}
@@ -53,7 +49,7 @@ def test_payloads_carry_only_the_assigned_experts(tiny_tok):
 
 @pytest.mark.parametrize("replied", [CLIENTS, [0, 1, 2], [0]])  # the others failed this round
 def test_each_expert_is_averaged_over_exactly_its_holders(tiny_tok, replied):
-    _, server = _server(tiny_tok)
+    _, server = fedamole_server(tiny_tok)
     plans = server.configure_train(1, CLIENTS, evaluate=False)
     before = dict(server.global_state)
     server.aggregate_train(1, {c: _reply(server, c, plans[c], float(c + 1)) for c in replied})
@@ -74,7 +70,7 @@ def test_each_expert_is_averaged_over_exactly_its_holders(tiny_tok, replied):
 def test_replies_may_carry_embeddings_but_not_unassigned_experts(tiny_tok):
     from fedmole.algorithms.validate import Limits, check_reply
 
-    _, server = _server(tiny_tok)
+    _, server = fedamole_server(tiny_tok)
     plans = server.configure_train(1, CLIENTS, evaluate=False)
     rules, limits = server.reply_rules(0, plans[0]), Limits(4096.0)
     good = _reply(server, 0, plans[0], 0.0, _embeddings(server, 0, 1.0))
@@ -89,7 +85,7 @@ def test_replies_may_carry_embeddings_but_not_unassigned_experts(tiny_tok):
 
 
 def test_data_size_weighting_weights_by_training_examples(tiny_tok):
-    _, server = _server(tiny_tok, "algorithm.weighting=data_size")
+    _, server = fedamole_server(tiny_tok, "algorithm.weighting=data_size")
     plans = server.configure_train(1, CLIENTS, evaluate=False)
     before = dict(server.global_state)
     server.aggregate_train(1, {c: _reply(server, c, plans[c], float(c), n=c + 1) for c in CLIENTS})
@@ -109,7 +105,7 @@ def _embeddings(server, cid, sign):
 
 
 def test_next_round_is_rsea_on_the_holder_averaged_embeddings(tiny_tok):
-    _, server = _server(tiny_tok)
+    _, server = fedamole_server(tiny_tok)
     plans = server.configure_train(1, CLIENTS, evaluate=False)
     signs = {0: 1.0, 1: 1.0, 2: -1.0, 3: -1.0}
     server.aggregate_train(1, {c: _reply(server, c, plans[c], 0.0, _embeddings(server, c, signs[c])) for c in CLIENTS})
@@ -125,8 +121,8 @@ def test_next_round_is_rsea_on_the_holder_averaged_embeddings(tiny_tok):
 
 
 def test_static_arch_keeps_the_round_zero_assignment_and_uploads_no_embeddings(tiny_tok):
-    _, server = _server(tiny_tok, "algorithm.static_arch=true")
-    _, reference = _server(tiny_tok)
+    _, server = fedamole_server(tiny_tok, "algorithm.static_arch=true")
+    _, reference = fedamole_server(tiny_tok)
     first = server.plan(1, CLIENTS)
     assert first == reference.plan(1, CLIENTS)  # FedAMoLE-R starts from FedAMoLE's random round-0 draw
     for rnd in (1, 2, 3):
@@ -137,7 +133,7 @@ def test_static_arch_keeps_the_round_zero_assignment_and_uploads_no_embeddings(t
 
 
 def test_random_dispatch_redraws_every_round(tiny_tok):
-    _, server = _server(tiny_tok, "algorithm.random_dispatch=true")
+    _, server = fedamole_server(tiny_tok, "algorithm.random_dispatch=true")
     plans = server.configure_train(1, CLIENTS, evaluate=False)
     assert not plans[0].config["embed"]
     server.aggregate_train(1, {c: _reply(server, c, plans[c], 0.0) for c in CLIENTS})
@@ -145,13 +141,13 @@ def test_random_dispatch_redraws_every_round(tiny_tok):
 
 
 def test_homogeneous_gives_every_client_the_same_expert_count(tiny_tok):
-    _, server = _server(tiny_tok, "algorithm.homogeneous=true")
+    _, server = fedamole_server(tiny_tok, "algorithm.homogeneous=true")
     for per_client in server.plan(1, CLIENTS).values():
         assert {len(ids) for ids in per_client.values()} == {8 * 2 // 4}
 
 
 def test_no_shared_expert_sends_and_holds_none(tiny_tok):
-    cfg, server = _server(tiny_tok, "algorithm.shared_expert=false")
+    cfg, server = fedamole_server(tiny_tok, "algorithm.shared_expert=false")
     plans = server.configure_train(1, CLIENTS, evaluate=False)
     assert not any("/shared/" in k for k in plans[0].tensors)
     adapters = fedamole.build_adapters(tiny_llama(len(tiny_tok)), cfg)
@@ -160,11 +156,11 @@ def test_no_shared_expert_sends_and_holds_none(tiny_tok):
 
 
 def test_server_state_round_trips_through_a_checkpoint(tiny_tok):
-    _, server = _server(tiny_tok)
+    _, server = fedamole_server(tiny_tok)
     plans = server.configure_train(1, CLIENTS, evaluate=False)
     signs = {0: 1.0, 1: -1.0, 2: 1.0, 3: -1.0}
     server.aggregate_train(1, {c: _reply(server, c, plans[c], 0.5, _embeddings(server, c, signs[c])) for c in CLIENTS})
-    _, restored = _server(tiny_tok)
+    _, restored = fedamole_server(tiny_tok)
     restored.load_state_dict(*server.state_dict())
     assert restored.plan(2, CLIENTS) == server.plan(2, CLIENTS)
     assert all(torch.equal(restored.global_state[k], v) for k, v in server.global_state.items())
@@ -290,7 +286,7 @@ def test_three_round_run_clients_with_different_data_end_with_different_experts(
     signatures = {json.dumps(a, sort_keys=True) for a in arch.values()}
     assert len(signatures) == 4  # four tasks, four different final architectures
 
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = metrics_records(run_dir)
     counts = [r for r in recs if r["metric"] == "experts_mean"]
     assert {(r["round"], r["client"]) for r in counts} == {(rnd, c) for rnd in (1, 2, 3) for c in CLIENTS}
     embedded = {r["round"] for r in recs if r["metric"] == "embed_tokens" and r["value"] > 0}
@@ -307,7 +303,7 @@ def test_diagnostics_record_how_many_experts_clients_keep_and_how_peaked_routing
     of A and W_t; RSEA rounds also record how peaked the expert-to-client affinities are."""
     cfg = load_config(SMOKE, ["federation.rounds=3", "eval.max_examples=2", *extra])
     run_experiment(cfg, tmp_path, "none")
-    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    recs = metrics_records(tmp_path)
     kept = [r for r in recs if r["metric"] == "experts_kept"]
     assert {r["round"] for r in kept} == {2, 3} and {r["client"] for r in kept} == set(CLIENTS)
     assert all(0 <= r["value"] <= 1 for r in kept)

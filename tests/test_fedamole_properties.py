@@ -18,6 +18,8 @@ from fedmole.config import load_config, validate_config
 from fedmole.models.tiny import tiny_llama, tiny_olmoe
 from fedmole.run import build_runtime, load_federated_data
 
+from conftest import fedamole_server
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke_fedamole.yaml"
 CLIENTS = [0, 1, 2, 3]
@@ -48,11 +50,6 @@ def test_reverse_selection_on_an_asymmetric_case_follows_the_per_expert_softmax(
     assert X.astype(int).tolist() == [[0, 1], [1, 0], [0, 1]]
 
 
-def _server(tok, *overrides):
-    cfg = load_config(SMOKE, list(overrides))
-    return cfg, fedamole.Server(cfg, fedamole.build_adapters(tiny_llama(len(tok)), cfg))
-
-
 def _embeddings(server, cid, rng):
     r = server.cfg.algorithm.rank
     out = {}
@@ -66,7 +63,7 @@ def _embeddings(server, cid, rng):
 def test_every_client_holds_between_min_and_max_experts_in_every_module(tiny_tok):
     """8 experts x k_c = 2 over 4 clients with at most 4 each: every client holds exactly 4, in the
     random round-1 draw and in the RSEA assignment after it, in every module."""
-    _, server = _server(tiny_tok, "algorithm.min_experts=2", "algorithm.max_experts=4")
+    _, server = fedamole_server(tiny_tok, "algorithm.min_experts=2", "algorithm.max_experts=4")
     rng = np.random.default_rng(0)
     plans = server.configure_train(1, CLIENTS, evaluate=False)
     server.aggregate_train(1, {c: Reply({**plans[c].tensors, **_embeddings(server, c, rng)}, 10) for c in CLIENTS})
@@ -79,7 +76,7 @@ def test_experts_router_and_embeddings_are_averaged_unweighted_by_default(tiny_t
     """Clients with 1, 5, 10 and 50 training examples add c + 1 to every tensor and upload embeddings
     c + 1: the router and shared expert become the plain mean over all clients, an expert (and its
     embedding u_bar_e) the plain mean over its holders; the example counts play no part."""
-    _, server = _server(tiny_tok)
+    _, server = fedamole_server(tiny_tok)
     plans = server.configure_train(1, CLIENTS, evaluate=False)
     before = dict(server.global_state)
     sizes = {0: 1, 1: 5, 2: 10, 3: 50}

@@ -19,6 +19,8 @@ from fedmole.models import load_tokenizer
 from fedmole.models.tiny import tiny_olmoe
 from fedmole.run import build_runtime, load_federated_data, resume_experiment, run_experiment
 
+from conftest import metrics_records
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke_flame.yaml"
 DENSE = ROOT / "configs" / "smoke_flame_dense.yaml"
@@ -128,10 +130,6 @@ def test_idle_experts_are_not_uploaded():
         assert torch.equal(server.global_state[key], payload.tensors[key])
 
 
-def _records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_three_round_tiny_olmoe_run_with_tiers_4_2_1(tmp_path):
     cfg = load_config(SMOKE, [*FAST, "federation.num_clients=6", "eval.every=3"])
     summary = run_experiment(cfg, tmp_path, "none")
@@ -159,7 +157,7 @@ def test_three_round_tiny_olmoe_run_with_tiers_4_2_1(tmp_path):
     for c, k in enumerate(info["tiers"]):
         assert (s[c] == 1.0) == (k == 4)
 
-    labels = {r["model"] for r in _records(tmp_path) if r["split"] == "test"}
+    labels = {r["model"] for r in metrics_records(tmp_path) if r["split"] == "test"}
     assert labels == {"global", "global_k2", "global_k1"}
     assert set(summary["other_models"]) == {"global_k1", "global_k2"}
     assert summary["global"]["selected_round"] == 3

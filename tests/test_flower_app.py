@@ -23,6 +23,8 @@ from fedmole.engines import flower
 from fedmole.errors import UserError
 from fedmole.run import latest_checkpoint, load_checkpoint, resume_experiment, run_experiment
 
+from conftest import canonical_lines, metrics_records
+
 ROOT = Path(fedmole.__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 FLAME = ROOT / "configs" / "smoke_flame.yaml"
@@ -113,11 +115,6 @@ class LocalGrid(Grid):
         raise NotImplementedError  # the engine polls push/pull itself, so that it can be stopped
 
 
-def _records(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return sorted(json.dumps(json.loads(x), sort_keys=True) for x in lines)
-
-
 def _flower_run(cfg, run_dir, grid):
     run_dir.mkdir()
     return run_experiment(cfg, run_dir, "none", make_engine=lambda c: flower.FlowerEngine(grid, c, "flower-local"))
@@ -186,7 +183,7 @@ def test_flame_over_flower_messages_with_a_fresh_process_per_message_equals_inpr
     got = _flower_run(cfg, tmp_path / "flower", grid)
     assert got["engine"] == "flower-local" and ref["engine"] == "inprocess"
     assert got["state_digest"] == ref["state_digest"]
-    assert _records(tmp_path / "flower") == _records(ref_dir)
+    assert canonical_lines(tmp_path / "flower" / "metrics.jsonl") == canonical_lines(ref_dir / "metrics.jsonl")
     for name in ("round_0001", "round_0002"):  # checkpoints gather every client's state from its node
         _, _, sa = load_checkpoint(ref_dir / "checkpoints" / name)
         _, _, sb = load_checkpoint(tmp_path / "flower" / "checkpoints" / name)
@@ -214,7 +211,7 @@ def test_flame_over_flower_messages_with_a_fresh_process_per_message_equals_inpr
     fresh_nodes = LocalGrid(3, flower.config_text(cfg), tmp_path / "new-nodes", fresh=True)
     again = resume_experiment(run_dir, make_engine=lambda c: flower.FlowerEngine(fresh_nodes, c, "flower-local"))
     assert again["engine"] == "flower-local" and again["state_digest"] == ref["state_digest"]
-    assert _records(run_dir) == _records(ref_dir)
+    assert canonical_lines(run_dir / "metrics.jsonl") == canonical_lines(ref_dir / "metrics.jsonl")
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
@@ -228,7 +225,7 @@ def test_every_algorithm_runs_through_flower_messages_exactly_as_in_process(tmp_
     grid = LocalGrid(cfg.federation.num_clients, flower.config_text(cfg), tmp_path / "nodes", fresh=True)
     got = _flower_run(cfg, tmp_path / "flower", grid)
     assert got["state_digest"] == ref["state_digest"]
-    assert _records(tmp_path / "flower") == _records(ref_dir)
+    assert canonical_lines(tmp_path / "flower" / "metrics.jsonl") == canonical_lines(ref_dir / "metrics.jsonl")
     assert not any(got["skipped"].values()), got["skipped"]
 
 
@@ -239,7 +236,7 @@ def test_client_errors_and_missing_replies_become_recorded_failures(tmp_path, da
     grid = LocalGrid(3, flower.config_text(cfg), tmp_path / "nodes", silent={2},
                      node_config={1: {"data-path": str(tmp_path / "missing.jsonl")}})
     summary = _flower_run(cfg, tmp_path / "run", grid)
-    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    recs = metrics_records(tmp_path / "run")
     facts = {(r["metric"], r["client"]): r["value"] for r in recs if r["round"] == 1 and r["split"] == "round"}
     assert facts[("client_failed", 1)] == 1 and facts[("client_late", 2)] == 1
     assert facts[("clients_replied", None)] == 1 and ("round_skipped", None) not in facts

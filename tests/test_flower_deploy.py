@@ -27,6 +27,8 @@ from fedmole.engines.flower_deploy import check_superlink, run_flower_deploy
 from fedmole.engines.flower_procs import FlowerProcesses, make_auth_keys, make_certificates, node_config_arg
 from fedmole.errors import UserError
 
+from conftest import metrics_records
+
 ROOT = Path(fedmole.__file__).resolve().parents[1]
 PYTHONPATH = ROOT  # the fedmole the Flower processes import: this checkout's
 SMOKE = ROOT / "configs" / "smoke_fedamole.yaml"
@@ -42,10 +44,6 @@ TWO_CLIENTS = [
 
 def _cfg(*overrides):
     return load_config(SMOKE, [*TWO_CLIENTS, *overrides])
-
-
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _round_value(records, rnd, metric, client=None):
@@ -115,7 +113,7 @@ def test_deploy_two_supernodes_runs_fedamole_like_inprocess_and_resumes(tmp_path
         for i in range(2):
             fl.start_supernode(i, 2, state_dir=tmp_path / f"state-{i}")
         summary = run_flower_deploy(cfg, run_dir, fl.address, timeout=RUN_TIMEOUT, echo=None)
-        records = _records(run_dir)
+        records = metrics_records(run_dir)
         # interrupted after round 1 (its checkpoint is the last one): resuming on the nodes ends the same
         shutil.rmtree(run_dir / "checkpoints" / "round_0002")
         (run_dir / "summary.json").unlink()
@@ -132,7 +130,7 @@ def test_deploy_two_supernodes_runs_fedamole_like_inprocess_and_resumes(tmp_path
     assert resumed["state_digest"] == summary["state_digest"]
     assert resumed["personalized"] == summary["personalized"]
     # the same records (replies of one round may arrive in another order)
-    assert sorted(map(json.dumps, _records(run_dir))) == sorted(map(json.dumps, records))
+    assert sorted(map(json.dumps, metrics_records(run_dir))) == sorted(map(json.dumps, records))
 
     # the same config in-process ends in the same global state
     ref = run_experiment(cfg, prepare_run_dir(cfg, tmp_path / "ref", None, False))
@@ -172,7 +170,7 @@ def test_deploy_with_tls_and_supernode_authentication(tmp_path):
     _assert_all_stopped(fl)
 
     assert summary["engine"] == "flower-deploy" and summary["rounds_completed"] == 1
-    assert _round_value(_records(tmp_path / "run"), 1, "clients_replied") == [2]
+    assert _round_value(metrics_records(tmp_path / "run"), 1, "clients_replied") == [2]
     assert summary["skipped"]["dropped"] == summary["skipped"]["late"] == 0
     assert set(summary["personalized"]["per_client"]) == {"0", "1"}
 
@@ -223,7 +221,7 @@ def test_a_supernode_killed_mid_round_is_dropped_and_the_round_completes(tmp_pat
         assert nodes[0].alive()
     _assert_all_stopped(fl)
 
-    summary, records = result["summary"], _records(run_dir)
+    summary, records = result["summary"], metrics_records(run_dir)
     assert working, "node 1 never started on its round-1 message"
     assert summary["rounds_completed"] == 1
     assert _round_value(records, 1, "clients_replied") == [1]

@@ -22,6 +22,8 @@ import fedmole
 from fedmole.config import load_config
 from fedmole.run import run_experiment
 
+from conftest import canonical_lines
+
 pytestmark = pytest.mark.slow  # each test starts Ray
 ROOT = Path(fedmole.__file__).resolve().parents[1]
 FAST = ["federation.num_clients=3", "federation.rounds=2", "train.local_steps=2", "eval.max_examples=2",
@@ -68,17 +70,13 @@ def _both(tmp_path, config, overrides):
     return ref, ref_dir, json.loads((sim_dir / "summary.json").read_text()), sim_dir
 
 
-def _lines(path):
-    return sorted(json.dumps(json.loads(x), sort_keys=True) for x in path.read_text().splitlines())
-
-
 def test_fedamole_through_flower_sim_equals_inprocess(tmp_path, data_file):
     overrides = [*FAST, f"data.path={data_file}"]
     ref, ref_dir, sim, sim_dir = _both(tmp_path, ROOT / "configs" / "smoke_fedamole.yaml", overrides)
     assert sim["engine"] == "flower-sim" and ref["engine"] == "inprocess"
     assert sim["state_digest"] == ref["state_digest"]
-    assert _lines(sim_dir / "metrics.jsonl") == _lines(ref_dir / "metrics.jsonl")
-    assert _lines(sim_dir / "assignments.jsonl") == _lines(ref_dir / "assignments.jsonl")
+    assert canonical_lines(sim_dir / "metrics.jsonl") == canonical_lines(ref_dir / "metrics.jsonl")
+    assert canonical_lines(sim_dir / "assignments.jsonl") == canonical_lines(ref_dir / "assignments.jsonl")
     assert (sim_dir / "partition.json").read_text() == (ref_dir / "partition.json").read_text()
     sim_cfg, ref_cfg = (yaml.safe_load((d / "config.yaml").read_text()) for d in (sim_dir, ref_dir))
     assert sim_cfg.pop("output")["progress"] == "none"  # the CLI run was asked for --progress none
@@ -99,7 +97,7 @@ def test_fedit_with_injected_drops_and_crashes_through_flower_sim_equals_inproce
     assert ref["skipped"]["dropped"] + ref["skipped"]["crashed"] > 0, "the fault seed must inject some faults"
     assert sim["skipped"] == ref["skipped"]
     assert sim["state_digest"] == ref["state_digest"]
-    assert _lines(sim_dir / "metrics.jsonl") == _lines(ref_dir / "metrics.jsonl")
+    assert canonical_lines(sim_dir / "metrics.jsonl") == canonical_lines(ref_dir / "metrics.jsonl")
 
 
 def test_an_error_in_the_server_app_surfaces_and_leaves_no_process(tmp_path, data_file):

@@ -20,6 +20,8 @@ from fedmole.config import load_config, validate_config
 from fedmole.engines import flower, flowertune
 from fedmole.errors import UserError
 
+from conftest import metrics_records
+
 ROOT = Path(fedmole.__file__).resolve().parents[1]
 CONFIGS = {m: ROOT / "configs" / f"flowertune_{m}.yaml" for m in ("fedamole", "fedit", "flame")}
 
@@ -296,7 +298,7 @@ def test_a_generated_fedamole_project_runs_with_flwr_run_offline(tmp_path, hub_c
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["algorithm"] == "fedamole" and summary["rounds_completed"] == 2
     assert len(json.loads((run_dir / "partition.json").read_text())["clients"]) == 10  # one per SuperNode
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(run_dir)
     for rnd in (1, 2):  # strategy.fraction-train = 0.2 of 10 SuperNodes
         assert len({r["client"] for r in records if r["round"] == rnd and r["split"] == "train"}) == 2
     info = json.loads((run_dir / "flowertune.json").read_text())

@@ -34,7 +34,9 @@ from fedmole.adapters.state import state_digest
 from fedmole.algorithms.base import Reply
 from fedmole.config import ALGORITHMS, Config, load_config, validate_config
 from fedmole.errors import UserError
-from fedmole.run import _attach_log_file, _setup, latest_checkpoint, log, run_experiment
+from fedmole.run import _attach_log_file, _setup, latest_checkpoint, log
+
+from conftest import metrics_records, run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -662,9 +664,7 @@ def test_random_config_files_give_a_config_or_one_clear_error(content):
 
 # ===================================================================================== run directories
 def _run(run_dir: Path, *extra: str, method: str = "local") -> dict:
-    cfg = load_config(SMOKE, FAST + [f"algorithm.name={method}", *extra])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_experiment(cfg, run_dir, "none")
+    return run_config(SMOKE, FAST + [f"algorithm.name={method}", *extra], run_dir, exist_ok=True)[0]
 
 
 @pytest.fixture(scope="module")
@@ -788,13 +788,9 @@ def test_resume_falls_back_from_a_damaged_newest_checkpoint_to_the_same_result(t
     RESUME_DAMAGE[damage](run_dir / "checkpoints" / "round_0003")
     summary = resume_experiment(run_dir, progress_mode="none")
     assert summary["state_digest"] == finished[1]["state_digest"], damage
-    assert _records(run_dir) == _records(finished[0])
+    assert metrics_records(run_dir) == metrics_records(finished[0])
     assert "checkpoint round_0003 is not intact" in capsys.readouterr().err
     assert "falling back" in (run_dir / "run.log").read_text()
-
-
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_resume_with_no_intact_checkpoint_exits_2_and_deletes_nothing(fedmole_cli, tmp_path, finished):

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig
-from transformers import Qwen3MoeForCausalLM
 
 from fedmole.adapters.moe_lora import MoELoRA
 from fedmole.adapters.smoe import MoEContext, SparseMoELoRA, find_moe_blocks
@@ -18,34 +16,17 @@ from fedmole.algorithms.lora_ops import from_pairs, lora_pairs, merged_key
 from fedmole.config import validate_config
 from fedmole.models.tiny import tiny_olmoe
 
+from conftest import tiny_mixtral, tiny_qwen2_moe, tiny_qwen3_moe
+
 VOCAB = 200
-
-
-def _qwen2():
-    return Qwen2MoeForCausalLM(Qwen2MoeConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-        shared_expert_intermediate_size=24, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-        num_experts=6, num_experts_per_tok=2, norm_topk_prob=False))
-
-
-def _qwen3():
-    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=6, num_experts_per_tok=2,
-        norm_topk_prob=True))
-
-
-def _mixtral():
-    return MixtralForCausalLM(MixtralConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2))
 
 
 def _olmoe():
     return tiny_olmoe(VOCAB)
 
 
-FAMILIES = {"olmoe": _olmoe, "qwen2_moe": _qwen2, "qwen3_moe": _qwen3, "mixtral": _mixtral}
+FAMILIES = {"olmoe": _olmoe, "qwen2_moe": lambda: tiny_qwen2_moe(VOCAB), "qwen3_moe": lambda: tiny_qwen3_moe(VOCAB),
+            "mixtral": lambda: tiny_mixtral(VOCAB)}
 
 
 def _model(name):

@@ -2,7 +2,6 @@
 `dp.noise: seeded` says otherwise, and the privacy cost of FedAMoLE's embedding DP (one release per
 uploaded vector, eps = eta * 2 tau sqrt(r)) is derived, composed and reported per client."""
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -21,15 +20,13 @@ from fedmole.models.tiny import tiny_llama
 from fedmole.privacy import embedding_epsilon
 from fedmole.run import build_runtime, load_federated_data, run_experiment
 
+from conftest import metrics_records
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 SMOKE_FEDAMOLE = ROOT / "configs" / "smoke_fedamole.yaml"
 FAST = ["federation.num_clients=4", "eval.max_examples=2", "eval.every=2", "data.max_examples=600",
         "partition.min_size=10", "federation.rounds=1", "train.local_steps=1"]
-
-
-def _records(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 # ------------------------------------------------------------------------------------ noise source
@@ -180,7 +177,7 @@ def test_embedding_epsilon_reaches_metrics_and_summary_of_a_run(tmp_path):
                                        "algorithm.dp_embedding_clip=0.25", "train.local_steps=1",
                                        "eval.max_examples=2"])
     summary = run_experiment(cfg, tmp_path, "none")
-    recs = _records(tmp_path)
+    recs = metrics_records(tmp_path)
     rounds = {(r["round"], r["client"]): r["value"] for r in recs if r["metric"] == "dp_embed_epsilon"}
     assert {rnd for rnd, _ in rounds} == {1, 2}  # no embeddings after the last round
     per_vector = 2 * 3.0 * 0.25 * math.sqrt(4)
@@ -216,7 +213,7 @@ def test_resuming_a_dp_run_keeps_the_checkpoint_exactly_and_redraws_later_noise_
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "round_0002")
     (tmp_path / "cut" / "summary.json").unlink()
     resumed = resume_experiment(tmp_path / "cut", progress_mode="none")
-    first = [r for r in _records(tmp_path / "full") if r["round"] <= 1]
-    assert [r for r in _records(tmp_path / "cut") if r["round"] <= 1] == first
+    first = [r for r in metrics_records(tmp_path / "full") if r["round"] <= 1]
+    assert [r for r in metrics_records(tmp_path / "cut") if r["round"] <= 1] == first
     assert (resumed["state_digest"] == full["state_digest"]) == (noise == "seeded")
     assert resumed["dp"] == full["dp"]  # the privacy accounting does not depend on the draws

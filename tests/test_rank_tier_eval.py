@@ -2,7 +2,6 @@
 highest tier is also evaluated on the model it can run, the global LoRA at its own rank, labelled
 `global_k{k}` like FLAME's tier-wise evaluation."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,8 @@ from fedmole.algorithms.lora_common import TIER_PREFIX
 from fedmole.algorithms.lora_ops import lora_pairs
 from fedmole.config import load_config
 from fedmole.reeval import evaluate_run
-from fedmole.run import run_experiment
+
+from conftest import metrics_records, run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -21,11 +21,8 @@ OWN = {1: "global_k4", 2: "global_k2", 3: "global_k1"}  # client -> label; clien
 
 
 def _run(tmp_path, name, *extra):
-    cfg = load_config(SMOKE, [f"algorithm.name={name}", *FAST, *extra])
-    run_dir = tmp_path / name
-    run_dir.mkdir()
-    summary = run_experiment(cfg, run_dir, "none")
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary, run_dir = run_config(SMOKE, [f"algorithm.name={name}", *FAST, *extra], tmp_path / name)
+    recs = metrics_records(run_dir)
     return summary, run_dir, [r for r in recs if r["split"] == "test" and r["client"] is not None]
 
 

@@ -20,14 +20,12 @@ from fedmole.config import load_config
 from fedmole.privacy import epsilon, privatize
 from fedmole.run import _setup, latest_checkpoint, run_experiment
 
+from conftest import metrics_records, run_config
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 FAST = ["federation.num_clients=4", "eval.max_examples=2", "eval.every=2", "data.max_examples=600",
         "partition.min_size=10"]
-
-
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _cli(*args, **kw):
@@ -36,10 +34,7 @@ def _cli(*args, **kw):
 
 
 def _reference(tmp_path, *overrides) -> tuple[dict, Path]:
-    cfg = load_config(SMOKE, FAST + list(overrides))
-    run_dir = tmp_path / "reference"
-    run_dir.mkdir()
-    return run_experiment(cfg, run_dir, "none"), run_dir
+    return run_config(SMOKE, FAST + list(overrides), tmp_path / "reference")
 
 
 def test_resume_after_sigkill_mid_round_matches_the_uninterrupted_run(tmp_path):
@@ -63,7 +58,7 @@ def test_resume_after_sigkill_mid_round_matches_the_uninterrupted_run(tmp_path):
     assert res.returncode == 0, stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["state_digest"] == ref["state_digest"]
-    assert _records(run_dir) == _records(ref_dir)
+    assert metrics_records(run_dir) == metrics_records(ref_dir)
     assert summary["global"] == ref["global"]
 
 
@@ -107,7 +102,7 @@ def test_thirty_percent_injected_failures_complete_and_are_recorded(tmp_path):
     skipped = summary["skipped"]
     failed = skipped["dropped"] + skipped["crashed"] + skipped["late"]
     assert failed > 0 and skipped["failed"] == 0 and skipped["rejected"] == 0
-    recs = _records(run_dir)
+    recs = metrics_records(run_dir)
     per_kind = {k: sum(1 for r in recs if r["metric"] == f"client_{k}") for k in ("dropped", "crashed", "late")}
     assert per_kind == {k: skipped[k] for k in per_kind}
     replied = sum(r["value"] for r in recs if r["metric"] == "clients_replied")
@@ -249,9 +244,9 @@ def test_dp_run_records_epsilon_each_round(tmp_path):
     run_dir = tmp_path / "dp"
     run_dir.mkdir()
     summary = run_experiment(cfg, run_dir, "none")
-    eps = [r["value"] for r in _records(run_dir) if r["metric"] == "dp_epsilon"]
+    eps = [r["value"] for r in metrics_records(run_dir) if r["metric"] == "dp_epsilon"]
     assert len(eps) == 2 and eps[0] < eps[1] == pytest.approx(summary["dp"]["epsilon"])
-    assert any(r["metric"] == "dp_clipped" for r in _records(run_dir))
+    assert any(r["metric"] == "dp_clipped" for r in metrics_records(run_dir))
 
 
 # ------------------------------------------------------------------------------------ validation

@@ -16,21 +16,18 @@ import numpy as np
 import pytest
 
 import fedmole
-from fedmole.config import load_config
 from fedmole.errors import UserError
 from fedmole.reporting import plots, report
 from fedmole.reporting.report import RunData, comparison_rows, write_report
-from fedmole.run import run_experiment
+
+from conftest import metrics_records, run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["train.local_steps=2", "eval.max_examples=2", "eval.generation.max_new_tokens=2", "federation.rounds=2"]
 
 
 def _run(root, name, config, overrides):
-    run_dir = root / name
-    run_dir.mkdir()
-    run_experiment(load_config(ROOT / "configs" / config, overrides), run_dir, "none")
-    return run_dir
+    return run_config(ROOT / "configs" / config, overrides, root / name)[1]
 
 
 def _mixed_tasks(path: Path) -> Path:
@@ -208,7 +205,7 @@ def test_two_runs_get_a_comparison_table_overlaid_curves_and_a_csv(runs):
     with (out / "metrics.csv").open() as fh:
         table = list(csv.DictReader(fh))
     for name in ("fedit", "fedamole"):
-        records = [json.loads(x) for x in (runs[name] / "metrics.jsonl").read_text().splitlines()]
+        records = metrics_records(runs[name])
         mine = [r for r in table if r["run"] == name]
         assert len(mine) == len(records)
         assert [float(r["value"]) for r in mine] == [float(r["value"]) for r in records]
@@ -216,7 +213,7 @@ def test_two_runs_get_a_comparison_table_overlaid_curves_and_a_csv(runs):
 
 def test_metrics_csv_and_tensorboard_files_hold_the_run_metrics(runs):
     run_dir = runs["fedit"]
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(run_dir)
     with (run_dir / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(records)

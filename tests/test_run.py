@@ -9,17 +9,16 @@ import pytest
 
 from fedmole.client.data import BatchStream
 from fedmole.config import load_config
-from fedmole.run import run_experiment, sample_clients
+from fedmole.run import sample_clients
+
+from conftest import metrics_records, run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 
 
 def _run(tmp_path, name, *overrides):
-    cfg = load_config(SMOKE, list(overrides))
-    run_dir = tmp_path / name
-    run_dir.mkdir()
-    return run_experiment(cfg, run_dir, "none"), run_dir
+    return run_config(SMOKE, overrides, tmp_path / name)
 
 
 def test_smoke_run_through_the_cli(tmp_path):
@@ -42,7 +41,7 @@ def test_smoke_run_through_the_cli(tmp_path):
     assert set(summary["global"]["per_client"]) == {str(c) for c in range(10)}
     assert len(summary["state_digest"]) == 64
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(run_dir)
     assert all(set(r) == {"round", "client", "model", "split", "metric", "value"} for r in records)
     losses = [r for r in records if r["split"] == "train" and r["metric"] == "loss"]
     assert len(losses) == 2 * 10  # every client, every round
@@ -71,7 +70,7 @@ def test_local_reports_personalized_only_and_fedit_ft_reports_both(tmp_path):
     assert set(local["personalized"]["per_client"]) == {"0", "1", "2"}
     ft, run_dir = _run(tmp_path, "ft", *fast, "algorithm.personalize_by_finetune=true")
     assert ft["headline"] == "personalized" and ft["global"] is not None and ft["personalized"] is not None
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = metrics_records(run_dir)
     assert {r["model"] for r in recs if r["split"] == "test"} == {"personalized", "global"}
 
 

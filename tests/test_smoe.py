@@ -4,8 +4,6 @@ import copy
 
 import pytest
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig
-from transformers import Qwen3MoeForCausalLM
 
 from fedmole.adapters.smoe import (
     PROJECTIONS,
@@ -18,6 +16,8 @@ from fedmole.adapters.smoe import (
     share_rescaler,
 )
 from fedmole.models.tiny import tiny_llama, tiny_olmoe
+
+from conftest import tiny_mixtral, tiny_qwen2_moe, tiny_qwen3_moe
 
 VOCAB = 200
 
@@ -237,27 +237,8 @@ def test_balance_loss_is_one_for_uniform_router_and_larger_when_collapsed():
     assert layer.balance_loss(collapsed, same, mask).item() > 2.0
 
 
-def _qwen2(vocab):
-    return Qwen2MoeForCausalLM(Qwen2MoeConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-        shared_expert_intermediate_size=24, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-        num_experts=6, num_experts_per_tok=2, norm_topk_prob=False))
-
-
-def _qwen3(vocab):
-    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=6, num_experts_per_tok=2,
-        norm_topk_prob=True))
-
-
-def _mixtral(vocab):
-    return MixtralForCausalLM(MixtralConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2))
-
-
-@pytest.mark.parametrize("build", [_qwen2, _qwen3, _mixtral], ids=["qwen2_moe", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("build", [tiny_qwen2_moe, tiny_qwen3_moe, tiny_mixtral],
+                         ids=["qwen2_moe", "qwen3_moe", "mixtral"])
 def test_other_moe_families_match_transformers(build):
     torch.manual_seed(0)
     model = build(VOCAB)
@@ -276,7 +257,7 @@ def test_other_moe_families_match_transformers(build):
     layer = SparseMoELoRA(block, 2, 4.0, 0.0, MoEContext())
     layer.set_tensors(layer.init_tensors(torch.Generator().manual_seed(0)))
     assert torch.allclose(layer(x), expected, atol=1e-5)
-    assert layer.renormalize == (build is not _qwen2)  # Mixtral always, Qwen3 by config, Qwen2 off here
+    assert layer.renormalize == (build is not tiny_qwen2_moe)  # Mixtral always, Qwen3 by config, Qwen2 off here
 
 
 # --------------------------------------------------------------------------------------------- dense pool

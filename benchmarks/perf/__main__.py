@@ -10,8 +10,8 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ["train_loop", "evaluation", "model_load", "amole", "flame", "aggregation", "memory", "long_run", "flower",
-              "protocol", "scale"]
+BENCHMARKS = ["train_loop", "evaluation", "model_load", "amole", "rsea_highs", "flame", "aggregation", "memory",
+              "long_run", "flower", "protocol", "scale"]
 
 
 def main() -> int:
