@@ -21,13 +21,13 @@ from fedmole.adapters.merged import MergedLoRALinear
 from fedmole.adapters.moe_lora import MoELoRA
 from fedmole.adapters.smoe import find_moe_blocks
 from fedmole.algorithms.aggregate import client_weights
-from fedmole.algorithms.base import GLOBAL, PERSONALIZED, ClientProcedure, ClientState, Payload, Reply, Strategy
+from fedmole.algorithms.base import GLOBAL, PERSONALIZED, ClientProcedure, Strategy
 from fedmole.algorithms.fedprox import proximal_hook
 from fedmole.algorithms.rank_tiers import client_tiers
 from fedmole.algorithms.server_opt import ServerOptimizer
 from fedmole.config import EXPERT_PROJECTIONS, FinetuneEvalKeys, ServerOptKeys, TierEvalKeys
+from fedmole.messages import ClientState, Payload, Reply, Tensors
 
-Tensors = dict[str, torch.Tensor]
 OPT_PREFIX = "server_opt::"  # server-optimiser moments inside the checkpointed server tensors
 TIER_PREFIX = "tier::"  # the client's own-rank model inside an evaluation payload (`tier_eval: own`)
 

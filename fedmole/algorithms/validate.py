@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from fedmole.algorithms.base import Reply
+    from fedmole.messages import Reply
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 

@@ -18,10 +18,11 @@ import logging
 import traceback
 from dataclasses import dataclass
 
-from fedmole.algorithms.base import ClientProcedure, ClientState, Payload, Reply
+from fedmole.algorithms.base import ClientProcedure
 from fedmole.client import snapshots
 from fedmole.client.runtime import ClientRuntime
 from fedmole.faults import CRASH, DROP, STRAGGLE, ClientCrashed, ClientDropped
+from fedmole.messages import ClientState, Payload, Reply
 
 DP_PHASE = 3  # tag of the update-DP noise stream under dp.noise=seeded
 log = logging.getLogger("fedmole")

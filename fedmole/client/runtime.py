@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from fedmole.adapters import AdapterSet
-from fedmole.algorithms.base import ClientState
 from fedmole.client.data import BatchStream, EncodedClient, encode_client
 from fedmole.client.evaluate import evaluate_splits
 from fedmole.client.snapshots import Snapshot, Snapshots
 from fedmole.client.train import local_train
 from fedmole.config import Config
 from fedmole.data.partition import ClientData
+from fedmole.messages import ClientState
 
 PHASES = {"train": 0, "evaluate": 1, "embed": 2}
 

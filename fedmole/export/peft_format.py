@@ -39,8 +39,7 @@ from fedmole.adapters.state import SEP, parse_key
 from fedmole.algorithms.lora_ops import MERGED, lora_pairs
 from fedmole.config import AlgorithmConfig, LoRAKeys
 from fedmole.errors import UserError
-
-Tensors = dict[str, torch.Tensor]
+from fedmole.messages import Tensors
 
 
 def _factor_dense(dW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,13 +25,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from fedmole.algorithms.base import ClientState
 from fedmole.config import Config, load_config
 from fedmole.errors import UserError
-
-Tensors = dict[str, torch.Tensor]
+from fedmole.messages import ClientState, Tensors
 
 LORA_METHODS = ("fedit", "local", "ffa_lora", "hetlora", "flexlora", "flora", "fdlora")  # peft format
 NATIVE_METHODS = ("fedamole", "flame")  # fedmole's own format (safetensors + JSON)
