@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from fedmole.errors import UserError, did_you_mean
+from fedmole.feasibility import feasibility_problem, tier_rank_map
 
 
 class Section(BaseModel):
@@ -226,8 +227,6 @@ class RankTierLoRAConfig(AlgorithmConfig, LoRAKeys):
 
     def cross_check(self, cfg: "Config") -> None:
         if cfg.tiers.levels is not None:  # otherwise K depends on the model; checked once it is loaded
-            from fedmole.algorithms.rank_tiers import tier_rank_map
-
             K = cfg.tiers.levels[0]
             tier_rank_map(self.rank, K, sorted({*cfg.tiers.levels, *(k for k in cfg.tiers.per_client or [] if k <= K)}))
 
@@ -512,8 +511,6 @@ class FedAMoLEConfig(AlgorithmConfig, LoRAKeys):
         return not (self.static_arch or self.random_dispatch)
 
     def cross_check(self, cfg: "Config") -> None:
-        from fedmole.algorithms.rsea import feasibility_problem
-
         fed = cfg.federation
         # RSEA solves each round over that round's clients; a static architecture is drawn once for everyone
         clients = fed.num_clients if self.static_arch else cfg.clients_per_round
