@@ -25,7 +25,7 @@ from fedmole.algorithms.base import GLOBAL, PERSONALIZED, ClientProcedure, Strat
 from fedmole.algorithms.fedprox import proximal_hook
 from fedmole.algorithms.rank_tiers import client_tiers
 from fedmole.algorithms.server_opt import ServerOptimizer
-from fedmole.config import EXPERT_PROJECTIONS, FinetuneEvalKeys, ServerOptKeys, TierEvalKeys
+from fedmole.config import EXPERT_PROJECTIONS
 from fedmole.messages import ClientState, Payload, Reply, Tensors
 
 OPT_PREFIX = "server_opt::"  # server-optimiser moments inside the checkpointed server tensors
@@ -59,10 +59,10 @@ class LoRAServer(Strategy):
     def __init__(self, cfg, adapters):
         super().__init__(cfg, adapters)
         alg = cfg.algorithm
-        if isinstance(alg, FinetuneEvalKeys):
+        if alg.finetune_eval:
             self.personalized = alg.personalize_by_finetune
             self.headline = PERSONALIZED if self.personalized else GLOBAL
-        self.server_opt = ServerOptimizer(alg.server_opt) if isinstance(alg, ServerOptKeys) else None
+        self.server_opt = ServerOptimizer(alg.server_opt) if alg.server_optimizer else None
 
     def weights(self, replies: dict[int, Reply]) -> dict[int, float]:
         """p_i ∝ |D_i| (`weighting: data_size`) or uniform; weighted_mean normalises them."""
@@ -106,7 +106,7 @@ class RankTierServer(LoRAServer):
     def configure_evaluate(self, rnd, clients):
         plans = super().configure_evaluate(rnd, clients)
         alg = self.cfg.algorithm
-        if not isinstance(alg, TierEvalKeys) or alg.tier_eval == "none":
+        if not alg.rank_tier_eval or alg.tier_eval == "none":
             return plans
         own: dict[int, Tensors] = {}  # rank -> the model at that rank, built once per round
         for c, plan in plans.items():
