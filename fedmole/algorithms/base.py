@@ -19,9 +19,12 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from fedmole.algorithms.aggregate import robust_mean, weighted_mean
 from fedmole.algorithms.validate import ReplyRules
+from fedmole.client.train import round_lr
 from fedmole.config import Config
 from fedmole.messages import ClientState, Payload, Reply, Tensors
+from fedmole.privacy import warn_if_reproducible
 
 if TYPE_CHECKING:
     from fedmole.adapters import AdapterSet
@@ -38,8 +41,6 @@ class Strategy:
     headline: ClassVar[str] = GLOBAL  # which evaluation the method's papers report
 
     def __init__(self, cfg: Config, adapters: "AdapterSet"):
-        from fedmole.privacy import warn_if_reproducible
-
         self.cfg = cfg
         self.global_state: Tensors = self.initial_state(adapters)
         warn_if_reproducible(cfg)  # run.log says when the clients' DP noise is reproducible by the server
@@ -50,8 +51,6 @@ class Strategy:
 
     def train_config(self, rnd: int, evaluate: bool) -> dict:
         """Instructions common to every client of a round."""
-        from fedmole.client.train import round_lr
-
         return {"round": rnd, "lr": round_lr(self.cfg.train, rnd, self.cfg.federation.rounds),
                 "steps": self.cfg.train.local_steps, "eval_personalized": evaluate and self.personalized}
 
@@ -64,8 +63,6 @@ class Strategy:
 
     def average(self, contributions: list[tuple[Tensors, float]]) -> Tensors:
         """Combine client tensors: the weighted mean, or the robust rule of `replies.robust`."""
-        from fedmole.algorithms.aggregate import robust_mean, weighted_mean
-
         rule = self.cfg.replies
         if rule.robust == "mean":
             return weighted_mean(contributions)

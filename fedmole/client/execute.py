@@ -24,6 +24,7 @@ from fedmole.client.runtime import ClientRuntime
 from fedmole.config import Config
 from fedmole.faults import CRASH, DROP, STRAGGLE, ClientCrashed, ClientDropped
 from fedmole.messages import ClientState, Payload, Reply
+from fedmole.privacy import noise_generator, privatize
 
 DP_PHASE = 3  # tag of the update-DP noise stream under dp.noise=seeded
 log = logging.getLogger("fedmole")
@@ -78,8 +79,6 @@ def execute(procedure: Procedure, phase: str, cid: int, payload: Payload, state:
         if deferred:
             snapshots.put(state, snaps)
     if phase == "train" and cfg.dp.enabled:
-        from fedmole.privacy import noise_generator, privatize
-
         gen = noise_generator(cfg, rnd, cid, DP_PHASE)  # OS entropy unless dp.noise=seeded
         reply.tensors, facts = privatize(payload.tensors, reply.tensors, cfg.dp, gen)
         reply.metrics.update({"dp_groups": facts["groups"], "dp_clipped": facts["clipped"]})
