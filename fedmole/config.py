@@ -121,6 +121,12 @@ class AlgorithmConfig(Section):
     rank_tier_eval: ClassVar[bool] = False  # `tier_eval`: lower tiers also evaluate the global LoRA at their rank
     peft_export: ClassVar[bool] = False  # plain LoRA (`rank`, `alpha`) that `fedmole export` writes in peft format
 
+    @property
+    def draws_dp_noise(self) -> bool:
+        """Whether the method's clients draw DP noise of their own, besides the `dp` section's (run.log warns
+        when `dp.noise: seeded` makes it reproducible)."""
+        return False
+
     def cross_check(self, cfg: "Config") -> None:
         """Checks of this section against other sections (e.g. `tiers`); raise ValueError to reject."""
 
@@ -557,6 +563,10 @@ class FedAMoLEConfig(AlgorithmConfig, LoRAKeys):
     def uses_embeddings(self) -> bool:
         """Whether clients compute and upload RSEA embeddings (not with a static or random assignment)."""
         return not (self.static_arch or self.random_dispatch)
+
+    @property
+    def draws_dp_noise(self) -> bool:
+        return self.dp_embeddings
 
     def cross_check(self, cfg: "Config") -> None:
         fed = cfg.federation

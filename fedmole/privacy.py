@@ -48,7 +48,7 @@ def noise_generator(cfg: Config, rnd: int, cid: int, tag: int) -> torch.Generato
 
 
 def uses_dp_noise(cfg: Config) -> bool:
-    return cfg.dp.enabled or bool(getattr(cfg.algorithm, "dp_embeddings", False))
+    return cfg.dp.enabled or cfg.algorithm.draws_dp_noise
 
 
 def warn_if_reproducible(cfg: Config) -> None:
