@@ -47,7 +47,7 @@ def imports(mods: dict[str, Path]) -> list[tuple[str, str, int]]:
             if isinstance(node, ast.Import):  # import fedmole.a.b
                 targets = [a.name for a in node.names if a.name != "fedmole"]
             elif isinstance(node, ast.ImportFrom):  # from fedmole.a import b: module a.b if there is one, else a
-                assert not node.level, f"{path}:{node.lineno}: fedmole imports itself by absolute names (fedmole.x)"
+                assert not node.level, f"{path}:{node.lineno}: use an absolute import (from fedmole.x import ...)"
                 targets = [f"{node.module}.{a.name}" for a in node.names]
                 targets = [t if _relative(t) in mods else node.module for t in targets]
             else:
@@ -118,7 +118,7 @@ def test_no_module_imports_from_a_layer_above_its_own():
     upward, used = [], set()
     for src, dst, line in edges:
         a, b = place(src, depth), place(dst, depth)
-        if depth[b] >= depth[a]:
+        if a is None or b is None or depth[b] >= depth[a]:  # unplaced: the table test names them
             continue
         known = [k for k in PENDING if under(src, k[0]) and under(dst, k[1])]
         if known:
