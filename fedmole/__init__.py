@@ -1,4 +1,7 @@
-"""fedmole."""
+"""fedmole: federated fine-tuning of LLMs with mixtures of LoRA experts.
+
+The package's own API is `load_model` (a model written by `fedmole export`, ready for inference); the modules
+and their layers are mapped in docs/design.md."""
 
 
 def load_model(path, device=None, precision=None):

@@ -4,8 +4,9 @@ A run is described by one YAML file plus dotted overrides (`--set train.lr=1e-4`
 them and validates the result before anything heavy is imported or loaded. Every mistake becomes one
 `UserError` that names the key, the value given, what is allowed and, for typos, the closest valid key.
 
-Algorithm sections are validated against the schema registered for `algorithm.name` (see
-`register_algorithm`); each method declares its own keys there.
+Algorithm sections are validated against the schema registered for `algorithm.name` (see `algorithm`, the one
+registry of methods); each method declares its own keys there, and what it can do as class attributes
+(`needs_aux`, `finetune_eval`, ...) that the rest of fedmole reads instead of looking at the key mixins.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from fedmole.errors import UserError, did_you_mean
+from fedmole.feasibility import feasibility_problem, tier_rank_map
 
 
 class Section(BaseModel):
@@ -110,11 +112,52 @@ class AlgorithmConfig(Section):
 
     name: str
 
-    # what the round loop needs to know about the method (subclasses override these class attributes)
-    needs_aux: ClassVar[bool] = False
+    # What the rest of fedmole needs to know about the method, declared by each method's section (subclasses
+    # override these class attributes; `algorithm` checks that a declared capability has its keys).
+    module: ClassVar[str] = ""  # the module implementing the method, set by `algorithm`
+    needs_aux: ClassVar[bool] = False  # the round loop: clients compute statistics on an aux split
+    finetune_eval: ClassVar[bool] = False  # `personalize_by_finetune`: evaluate each client after local training
+    server_optimizer: ClassVar[bool] = False  # `server_opt`: the server applies an optimiser to the aggregate
+    rank_tier_eval: ClassVar[bool] = False  # `tier_eval`: lower tiers also evaluate the global LoRA at their rank
+    peft_export: ClassVar[bool] = False  # plain LoRA (`rank`, `alpha`) that `fedmole export` writes in peft format
+
+    @property
+    def draws_dp_noise(self) -> bool:
+        """Whether the method's clients draw DP noise of their own, besides the `dp` section's (run.log warns
+        when `dp.noise: seeded` makes it reproducible)."""
+        return False
 
     def cross_check(self, cfg: "Config") -> None:
         """Checks of this section against other sections (e.g. `tiers`); raise ValueError to reject."""
+
+
+CAPABILITY_KEYS = {  # capability -> the key of the section it reads
+    "finetune_eval": "personalize_by_finetune",
+    "server_optimizer": "server_opt",
+    "rank_tier_eval": "tier_eval",
+    "peft_export": "alpha",
+}
+ALGORITHMS: dict[str, type[AlgorithmConfig]] = {}  # name -> section schema; the one registry of methods
+
+
+def algorithm(name: str, module: str):
+    """Class decorator registering a method: its section schema (the decorated class, whose `name` key defaults to
+    `name`) and the module implementing it (`build_adapters`, `Server`, `Client`), which
+    `fedmole.algorithms.get_algorithm` imports only when a run needs it."""
+
+    def register(cls: type[AlgorithmConfig]) -> type[AlgorithmConfig]:
+        if cls.model_fields["name"].default != name:
+            raise TypeError(f"{cls.__name__} is registered as {name!r} but its `name` key defaults to "
+                            f"{cls.model_fields['name'].default!r}")
+        missing = [f"{flag} (key `{key}`)" for flag, key in CAPABILITY_KEYS.items()
+                   if getattr(cls, flag) and key not in cls.model_fields]
+        if missing:
+            raise TypeError(f"{cls.__name__} declares {', '.join(missing)} without the key")
+        cls.module = module
+        ALGORITHMS[name] = cls
+        return cls
+
+    return register
 
 
 class LoRAKeys(Section):
@@ -194,29 +237,22 @@ class ProxKeys(Section):
     prox_mu: float = Field(0.0, ge=0, description="FedProx μ: adds μ (x − x_t) to every trainable gradient; 0 = off")
 
 
+@algorithm("fedit", module="fedmole.algorithms.fedit")
 class FedITConfig(AlgorithmConfig, LoRAKeys, WeightingKeys, FinetuneEvalKeys, ProxKeys, ServerOptKeys):
     """FedIT: FedAvg of LoRA A and B (FedIT-FT with `personalize_by_finetune`), server optimisers, FedProx."""
 
     name: Literal["fedit"] = "fedit"
+    finetune_eval: ClassVar[bool] = True
+    server_optimizer: ClassVar[bool] = True
+    peft_export: ClassVar[bool] = True
 
 
+@algorithm("local", module="fedmole.algorithms.local")
 class LocalConfig(AlgorithmConfig, LoRAKeys):
     """Local-only training: each client trains its own LoRA; nothing is communicated."""
 
     name: Literal["local"] = "local"
-
-
-ALGORITHMS: dict[str, type[AlgorithmConfig]] = {}
-
-
-def register_algorithm(cls: type[AlgorithmConfig]) -> type[AlgorithmConfig]:
-    """Register an algorithm section schema under its `name` default."""
-    ALGORITHMS[cls.model_fields["name"].default] = cls
-    return cls
-
-
-for _cls in (FedITConfig, LocalConfig):
-    register_algorithm(_cls)
+    peft_export: ClassVar[bool] = True
 
 
 # ------------------------------------------------------------------------ baselines (baselines.md §2)
@@ -226,8 +262,6 @@ class RankTierLoRAConfig(AlgorithmConfig, LoRAKeys):
 
     def cross_check(self, cfg: "Config") -> None:
         if cfg.tiers.levels is not None:  # otherwise K depends on the model; checked once it is loaded
-            from fedmole.algorithms.rank_tiers import tier_rank_map
-
             K = cfg.tiers.levels[0]
             tier_rank_map(self.rank, K, sorted({*cfg.tiers.levels, *(k for k in cfg.tiers.per_client or [] if k <= K)}))
 
@@ -241,16 +275,25 @@ class TierEvalKeys(Section):
     )
 
 
+@algorithm("ffa_lora", module="fedmole.algorithms.ffa_lora")
 class FFALoRAConfig(AlgorithmConfig, LoRAKeys, WeightingKeys, FinetuneEvalKeys, ProxKeys, ServerOptKeys):
     """FFA-LoRA: A frozen at the seeded shared initialisation; only B is trained and averaged."""
 
     name: Literal["ffa_lora"] = "ffa_lora"
+    finetune_eval: ClassVar[bool] = True
+    server_optimizer: ClassVar[bool] = True
+    peft_export: ClassVar[bool] = True
 
 
+@algorithm("hetlora", module="fedmole.algorithms.hetlora")
 class HetLoRAConfig(RankTierLoRAConfig, TierEvalKeys, FinetuneEvalKeys, ProxKeys, ServerOptKeys):
     """HetLoRA: tier ranks, truncation on dispatch, zero-padding + norm-weighted aggregation, optional self-pruning."""
 
     name: Literal["hetlora"] = "hetlora"
+    finetune_eval: ClassVar[bool] = True
+    server_optimizer: ClassVar[bool] = True
+    rank_tier_eval: ClassVar[bool] = True
+    peft_export: ClassVar[bool] = True
     norm_weights: Literal["per_matrix", "per_client"] = Field(
         "per_matrix", description="aggregation weight ‖update‖_F per adapted matrix, or summed over a client's matrices"
     )
@@ -271,16 +314,24 @@ class HetLoRAConfig(RankTierLoRAConfig, TierEvalKeys, FinetuneEvalKeys, ProxKeys
             )
 
 
+@algorithm("flexlora", module="fedmole.algorithms.flexlora")
 class FlexLoRAConfig(RankTierLoRAConfig, TierEvalKeys, WeightingKeys, FinetuneEvalKeys, ProxKeys, ServerOptKeys):
     """FlexLoRA: tier ranks, average of the scaled products B_i A_i, redistribution by truncated SVD."""
 
     name: Literal["flexlora"] = "flexlora"
+    finetune_eval: ClassVar[bool] = True
+    server_optimizer: ClassVar[bool] = True
+    rank_tier_eval: ClassVar[bool] = True
+    peft_export: ClassVar[bool] = True
 
 
+@algorithm("flora", module="fedmole.algorithms.flora")
 class FLoRAConfig(RankTierLoRAConfig, WeightingKeys, FinetuneEvalKeys, ProxKeys):
     """FLoRA: tier ranks, stacking aggregation merged into the base, fresh LoRA every round."""
 
     name: Literal["flora"] = "flora"
+    finetune_eval: ClassVar[bool] = True
+    peft_export: ClassVar[bool] = True
 
     def cross_check(self, cfg: "Config") -> None:
         super().cross_check(cfg)
@@ -302,11 +353,14 @@ class FDLoRAOuterOptConfig(ServerOptConfig):
     nesterov: bool = Field(True, description="fedavgm: Nesterov momentum")
 
 
+@algorithm("fdlora", module="fedmole.algorithms.fdlora")
 class FDLoRAConfig(AlgorithmConfig, LoRAKeys, WeightingKeys, ProxKeys, ServerOptKeys):
     """FDLoRA: shared + private LoRA, outer Nesterov SGD, fusion weights searched on the aux split."""
 
     name: Literal["fdlora"] = "fdlora"
     needs_aux: ClassVar[bool] = True
+    server_optimizer: ClassVar[bool] = True
+    peft_export: ClassVar[bool] = True
 
     weighting: Literal["data_size", "uniform"] = Field(
         "uniform", description="client weights in the pseudo-gradient mean (the reference: unweighted)"
@@ -320,16 +374,15 @@ class FDLoRAConfig(AlgorithmConfig, LoRAKeys, WeightingKeys, ProxKeys, ServerOpt
     fusion_bound: float = Field(1.5, gt=0, description="fusion weights are searched in [-bound, bound]")
 
 
-for _cls in (FFALoRAConfig, HetLoRAConfig, FlexLoRAConfig, FLoRAConfig, FDLoRAConfig):
-    register_algorithm(_cls)
-
-
+@algorithm("flame", module="fedmole.algorithms.flame")
 class FLAMEConfig(AlgorithmConfig, LoRAKeys, ProxKeys, ServerOptKeys):
     """FLAME (arXiv 2506.16600): clients activate k_i experts of a sparse MoE (their tier, from the shared
     `tiers` section), a learnable rescaler restores the MoE output scale, and the server averages each
     expert's LoRA with activation-aware weights (a_i/S_i)^t |D_i|. See docs/flame.md."""
 
     name: Literal["flame"] = "flame"
+    server_optimizer: ClassVar[bool] = True
+    peft_export: ClassVar[bool] = True
     experts: Literal["auto", "pretrained", "lora"] = Field(
         "auto", description="pretrained: LoRA on the experts of a sparse-MoE base (OLMoE, Mixtral, Qwen-MoE); "
         "lora: a pool of LoRA experts with a trained router on each target module of a dense base; "
@@ -442,15 +495,15 @@ class FLAMEConfig(AlgorithmConfig, LoRAKeys, ProxKeys, ServerOptKeys):
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
-register_algorithm(FLAMEConfig)
 
-
+@algorithm("fedamole", module="fedmole.algorithms.fedamole")
 class FedAMoLEConfig(AlgorithmConfig, LoRAKeys):
     """FedAMoLE (arXiv 2411.19128): per-client heterogeneous mixtures of LoRA experts assigned by RSEA.
     Defaults are the paper's (N=30, k_c=2, M=8, top-2, lambda_lb=1e-3); see docs/fedamole.md."""
 
     name: Literal["fedamole"] = "fedamole"
     needs_aux: ClassVar[bool] = True  # RSEA embeddings come from the aux split
+    peft_export: ClassVar[bool] = True
 
     num_experts: int = Field(30, ge=1, description="N: domain experts per adapted module (global pool)")
     expert_choices: int = Field(2, ge=1, description="k_c: clients each domain expert picks per round")
@@ -511,9 +564,11 @@ class FedAMoLEConfig(AlgorithmConfig, LoRAKeys):
         """Whether clients compute and upload RSEA embeddings (not with a static or random assignment)."""
         return not (self.static_arch or self.random_dispatch)
 
-    def cross_check(self, cfg: "Config") -> None:
-        from fedmole.algorithms.rsea import feasibility_problem
+    @property
+    def draws_dp_noise(self) -> bool:
+        return self.dp_embeddings
 
+    def cross_check(self, cfg: "Config") -> None:
         fed = cfg.federation
         # RSEA solves each round over that round's clients; a static architecture is drawn once for everyone
         clients = fed.num_clients if self.static_arch else cfg.clients_per_round
@@ -547,9 +602,6 @@ class FedAMoLEConfig(AlgorithmConfig, LoRAKeys):
                 "draws architectures per round; set eval.init=false (the round-0 model is the base model: B=0) "
                 "or algorithm.static_arch=true"
             )
-
-
-register_algorithm(FedAMoLEConfig)
 
 
 # ---------------------------------------------------------------------------------------- federation

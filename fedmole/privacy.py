@@ -33,6 +33,7 @@ from collections import defaultdict
 import torch
 
 from fedmole.adapters.state import parse_key
+from fedmole.client.runtime import derive_seed
 from fedmole.config import Config, DPConfig
 
 log = logging.getLogger("fedmole")
@@ -42,14 +43,12 @@ def noise_generator(cfg: Config, rnd: int, cid: int, tag: int) -> torch.Generato
     """The generator a client draws one DP release's noise from: seeded from OS entropy (`dp.noise: secure`),
     or from (federation seed, round, client, tag) (`seeded`, reproducible by anyone who knows the seed)."""
     if cfg.dp.noise == "seeded":
-        from fedmole.client.runtime import derive_seed
-
         return torch.Generator().manual_seed(derive_seed(cfg.federation.seed, rnd, cid, tag))
     return torch.Generator().manual_seed(secrets.randbits(64))
 
 
 def uses_dp_noise(cfg: Config) -> bool:
-    return cfg.dp.enabled or bool(getattr(cfg.algorithm, "dp_embeddings", False))
+    return cfg.dp.enabled or cfg.algorithm.draws_dp_noise
 
 
 def warn_if_reproducible(cfg: Config) -> None:

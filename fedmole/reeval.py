@@ -16,6 +16,9 @@ client states of the checkpoint, and evaluates with the run's own code path:
 Both splits are evaluated, as in the run: they share batches, so only then are the numbers the run's exactly.
 Writes `eval_round_N_SPLIT.json` (`eval_round_N_SPLIT_client_C.json` with --client) into the run directory:
 the records in metrics.jsonl's format, their means, and the values recorded by the run for the same round.
+
+Like the CLI, this is an application on top of `run` (docs/design.md, Layers): it rebuilds the data and the
+runtime with run's own functions, so the numbers come from the code path that produced them.
 """
 
 from __future__ import annotations

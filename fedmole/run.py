@@ -45,12 +45,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedmole.adapters.state import digest_items, state_digest
-from fedmole.algorithms.base import ClientState, Payload, Reply
 from fedmole.algorithms.validate import Limits, bound_update, check_evaluation, check_reply, wire_problem
 from fedmole.comm import MB, CommLog, specs_of, transfer
 from fedmole.config import Config, dump_config
 from fedmole.errors import UserError
 from fedmole.faults import plan_fault
+from fedmole.messages import ClientState, Payload, Reply
 from fedmole.paths import atomic_write_text
 from fedmole.client import snapshots
 from fedmole.client.store import StateStore

@@ -7,12 +7,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedmole.algorithms import get_algorithm
-from fedmole.algorithms.base import Reply
 from fedmole.algorithms.hetlora import aggregate
 from fedmole.adapters.state import parse_key
 from fedmole.algorithms.lora_ops import from_pairs, lora_pairs, merged_key, resize_rank, scaled_product
 from fedmole.config import validate_config
 from fedmole.errors import UserError
+from fedmole.messages import Reply
 from fedmole.models.tiny import tiny_llama, tiny_olmoe
 
 Q = "model.layers.0.self_attn.q_proj"

@@ -8,7 +8,6 @@ from transformers import OlmoeConfig, OlmoeForCausalLM
 
 from fedmole.adapters import parse_key
 from fedmole.algorithms.aggregate import robust_mean, weighted_mean
-from fedmole.algorithms.base import Reply
 from fedmole.algorithms.flame import (
     RoutedLayers,
     Server,
@@ -20,6 +19,7 @@ from fedmole.algorithms.flame import (
 )
 from fedmole.config import load_config
 from fedmole.errors import UserError
+from fedmole.messages import Reply
 from fedmole.models.tiny import tiny_llama, tiny_olmoe
 
 VOCAB = 200

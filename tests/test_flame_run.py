@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from fedmole.adapters import parse_key
 from fedmole.algorithms import flame
-from fedmole.algorithms.base import ClientState
 from fedmole.client.runtime import ClientRuntime
 from fedmole.config import load_config
+from fedmole.messages import ClientState
 from fedmole.models import load_tokenizer
 from fedmole.models.tiny import tiny_olmoe
 from fedmole.run import build_runtime, load_federated_data, resume_experiment, run_experiment

@@ -16,11 +16,11 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 import fedmole
-from fedmole.algorithms.base import ClientState
 from fedmole.client.store import read_state
 from fedmole.config import ALGORITHMS, load_config
 from fedmole.engines import flower
 from fedmole.errors import UserError
+from fedmole.messages import ClientState
 from fedmole.run import latest_checkpoint, load_checkpoint, resume_experiment, run_experiment
 
 from conftest import canonical_lines, metrics_records

@@ -13,9 +13,9 @@ import torch
 from scipy.special import gammaincc
 
 from fedmole.algorithms import fedamole, get_algorithm
-from fedmole.algorithms.base import ClientState, Payload, Reply
 from fedmole.client.execute import execute
 from fedmole.config import load_config, validate_config
+from fedmole.messages import ClientState, Payload, Reply
 from fedmole.models.tiny import tiny_llama
 from fedmole.privacy import embedding_epsilon
 from fedmole.run import build_runtime, load_federated_data, run_experiment

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from fedmole.algorithms.aggregate import robust_mean, weighted_mean
-from fedmole.algorithms.base import Payload, Reply
 from fedmole.algorithms.validate import Limits, ReplyRules, check_reply, spec_of
 from fedmole.config import load_config
+from fedmole.messages import Payload, Reply
 from fedmole.privacy import epsilon, privatize
 from fedmole.run import _setup, latest_checkpoint, run_experiment
 

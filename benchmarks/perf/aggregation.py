@@ -47,7 +47,7 @@ def template_reply(name: str):
 
 
 def synthetic_replies(strategy, plans, template, gen):
-    from fedmole.algorithms.base import Reply
+    from fedmole.messages import Reply
 
     out = {}
     for cid, payload in plans.items():

@@ -140,8 +140,8 @@ def serialisation(cfg) -> dict:
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
     from fedmole.algorithms import get_algorithm
-    from fedmole.algorithms.base import Reply
     from fedmole.engines.flower import parse_reply, payload_content, reply_content, tensors_of
+    from fedmole.messages import Reply
     from fedmole.run import build_runtime, sample_clients
 
     runtime = build_runtime(cfg, [])

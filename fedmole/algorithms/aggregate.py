@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import torch
 
-Tensors = dict[str, torch.Tensor]
+from fedmole.messages import Tensors
 
 
 def weighted_mean(contributions: list[tuple[Tensors, float]]) -> Tensors:

@@ -8,60 +8,29 @@ A federated method is two small halves that never import Flower, threads, socket
 - a client `ClientProcedure`: trains locally on a payload and replies (`train`), or evaluates a payload
   (`evaluate`), using the `ClientRuntime` of the machine it runs on and the client's persistent `ClientState`.
 
-Everything that travels is a `Payload` (server -> client) or a `Reply` (client -> server): flat tensor dicts
-keyed by `"{module}/{expert}/{name}"` plus JSON-able config/metrics. Engines only move these objects.
+Everything that travels is a `Payload` (server -> client) or a `Reply` (client -> server), defined in
+fedmole/messages.py below both halves: flat tensor dicts keyed by `"{module}/{expert}/{name}"` plus JSON-able
+config/metrics. Engines only move these objects.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from fedmole.algorithms.aggregate import robust_mean, weighted_mean
 from fedmole.algorithms.validate import ReplyRules
+from fedmole.client.train import round_lr
 from fedmole.config import Config
+from fedmole.messages import ClientState, Payload, Reply, Tensors
+from fedmole.privacy import warn_if_reproducible
 
 if TYPE_CHECKING:
     from fedmole.adapters import AdapterSet
     from fedmole.client.runtime import ClientRuntime
 
-Tensors = dict[str, torch.Tensor]
-
 PERSONALIZED, GLOBAL = "personalized", "global"
-
-
-@dataclass
-class Payload:
-    """Server -> client: tensors to load and JSON-able instructions (round, lr, steps, eval requests...)."""
-
-    tensors: Tensors = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
-
-
-@dataclass
-class Reply:
-    """Client -> server.
-
-    `evals` are evaluation results computed on the client: dicts with keys `model` (personalized|global),
-    `split` (val|test) and `metrics` (metric name -> value). `extra` carries JSON-able method data
-    (e.g. activation counts).
-    """
-
-    tensors: Tensors = field(default_factory=dict)
-    num_examples: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-    evals: list[dict] = field(default_factory=list)
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass
-class ClientState:
-    """What a client keeps between rounds: tensors (private adapters, rescalers) and JSON-able meta
-    (the data cursor, ...). Engines persist it: in memory in-process, node-local in Flower."""
-
-    tensors: Tensors = field(default_factory=dict)
-    meta: dict = field(default_factory=dict)
 
 
 class Strategy:
@@ -72,8 +41,6 @@ class Strategy:
     headline: ClassVar[str] = GLOBAL  # which evaluation the method's papers report
 
     def __init__(self, cfg: Config, adapters: "AdapterSet"):
-        from fedmole.privacy import warn_if_reproducible
-
         self.cfg = cfg
         self.global_state: Tensors = self.initial_state(adapters)
         warn_if_reproducible(cfg)  # run.log says when the clients' DP noise is reproducible by the server
@@ -84,8 +51,6 @@ class Strategy:
 
     def train_config(self, rnd: int, evaluate: bool) -> dict:
         """Instructions common to every client of a round."""
-        from fedmole.client.train import round_lr
-
         return {"round": rnd, "lr": round_lr(self.cfg.train, rnd, self.cfg.federation.rounds),
                 "steps": self.cfg.train.local_steps, "eval_personalized": evaluate and self.personalized}
 
@@ -98,8 +63,6 @@ class Strategy:
 
     def average(self, contributions: list[tuple[Tensors, float]]) -> Tensors:
         """Combine client tensors: the weighted mean, or the robust rule of `replies.robust`."""
-        from fedmole.algorithms.aggregate import robust_mean, weighted_mean
-
         rule = self.cfg.replies
         if rule.robust == "mean":
             return weighted_mean(contributions)

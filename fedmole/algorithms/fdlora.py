@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
-from fedmole.algorithms.base import GLOBAL, PERSONALIZED, ClientProcedure, ClientState, Payload, Reply
+from fedmole.algorithms.base import GLOBAL, PERSONALIZED, ClientProcedure
 from fedmole.algorithms.fedit import build_adapters
 from fedmole.algorithms.lora_common import LoRAServer, train_lora
 from fedmole.client.evaluate import sequence_ce
+from fedmole.messages import ClientState, Payload, Reply
 
 __all__ = ["Server", "Client", "build_adapters", "fuse", "fusion_search"]
 

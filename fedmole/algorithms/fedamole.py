@@ -36,9 +36,10 @@ from fedmole.adapters.mole import ROUTER, SHARED, AMoLELinear
 from fedmole.adapters.state import key, parse_key
 from fedmole.algorithms import rsea
 from fedmole.algorithms.aggregate import client_weights
-from fedmole.algorithms.base import GLOBAL, PERSONALIZED, ClientProcedure, ClientState, Payload, Reply, Strategy
+from fedmole.algorithms.base import GLOBAL, PERSONALIZED, ClientProcedure, Strategy
 from fedmole.algorithms.validate import ReplyRules
 from fedmole.errors import UserError
+from fedmole.messages import ClientState, Payload, Reply
 
 EMBEDDINGS = ("t", "u")  # tensor names of the uploaded RSEA embeddings
 RNG_TAG = 0xA301  # stream of the random assignments

@@ -11,8 +11,9 @@ model, which the client keeps in its state (so `fedmole export --client` and `fe
 
 from __future__ import annotations
 
-from fedmole.algorithms.base import ClientProcedure, ClientState, Payload, Reply
+from fedmole.algorithms.base import ClientProcedure
 from fedmole.algorithms.lora_common import LoRAServer, build_lora_adapters, train_lora
+from fedmole.messages import ClientState, Payload, Reply
 
 
 def build_adapters(model, cfg):

@@ -11,10 +11,11 @@ A homogeneous reference (one rank for all clients). Options shared with FedIT: `
 
 from __future__ import annotations
 
-from fedmole.algorithms.base import GLOBAL, ClientProcedure, ClientState, Payload, Reply
+from fedmole.algorithms.base import GLOBAL, ClientProcedure
 from fedmole.algorithms.fedit import build_adapters
 from fedmole.algorithms.lora_common import LoRAServer, train_lora
 from fedmole.algorithms.lora_ops import is_factor
+from fedmole.messages import ClientState, Payload, Reply
 
 __all__ = ["Server", "Client", "build_adapters"]
 

@@ -43,13 +43,14 @@ from fedmole.adapters.smoe import (
 )
 from fedmole.adapters.state import state_bytes
 from fedmole.algorithms.aggregate import weighted_mean
-from fedmole.algorithms.base import GLOBAL, ClientProcedure, ClientState, Payload, Reply, Strategy
+from fedmole.algorithms.base import GLOBAL, ClientProcedure, Strategy
 from fedmole.algorithms.fedprox import proximal_hook
 from fedmole.algorithms.lora_common import OPT_PREFIX
 from fedmole.algorithms.server_opt import ServerOptimizer
 from fedmole.algorithms.validate import Equal, Integer, ListOf, MapOf, ReplyRules
 from fedmole.config import ATTENTION_PROJECTIONS, EXPERT_PROJECTIONS
 from fedmole.errors import UserError
+from fedmole.messages import ClientState, Payload, Reply
 from fedmole.tiers import assign_tiers
 
 RESCALER = "rescaler"

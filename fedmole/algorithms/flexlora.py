@@ -15,11 +15,12 @@ Client i trains (A_i, B_i) at its tier rank r_i (`rank_tiers`) with scale α/r_i
 from __future__ import annotations
 
 from fedmole.algorithms.aggregate import weighted_mean
-from fedmole.algorithms.base import ClientProcedure, ClientState, Payload, Reply
+from fedmole.algorithms.base import ClientProcedure
 from fedmole.algorithms.lora_common import RankTierServer, build_lora_adapters, evaluate_tiers, train_lora
 from fedmole.algorithms.lora_ops import (
     from_pairs, lora_only, lora_pairs, merged_key, resize_rank, scaled_product, svd_factors, zero_merged_state,
 )
+from fedmole.messages import ClientState, Payload, Reply
 
 
 def build_adapters(model, cfg):

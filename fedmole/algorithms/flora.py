@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import torch
 
-from fedmole.algorithms.base import ClientProcedure, ClientState, Payload, Reply
+from fedmole.algorithms.base import ClientProcedure
 from fedmole.algorithms.flexlora import build_adapters
 from fedmole.algorithms.lora_common import RankTierServer, train_lora
 from fedmole.algorithms.lora_ops import (
     factor_key, lora_only, lora_pairs, merged_key, merged_matrix, stack, zero_merged_state,
 )
 from fedmole.client.runtime import derive_seed
+from fedmole.messages import ClientState, Payload, Reply
 
 __all__ = ["Server", "Client", "build_adapters", "stacked_update"]
 

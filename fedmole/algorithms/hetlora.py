@@ -30,11 +30,12 @@ import math
 import torch
 
 from fedmole.algorithms.aggregate import weighted_mean
-from fedmole.algorithms.base import ClientProcedure, ClientState, Payload, Reply
+from fedmole.algorithms.base import ClientProcedure
 from fedmole.algorithms.fedit import build_adapters
 from fedmole.algorithms.lora_common import RankTierServer, evaluate_tiers, train_lora
 from fedmole.algorithms.lora_ops import from_pairs, lora_pairs, product_norm, resize_rank
 from fedmole.algorithms.validate import Equal, Optional
+from fedmole.messages import ClientState, Payload, Reply
 
 __all__ = ["Server", "Client", "build_adapters", "aggregate"]
 

@@ -8,8 +8,9 @@ Evaluation is personalised only.
 
 from __future__ import annotations
 
-from fedmole.algorithms.base import PERSONALIZED, ClientProcedure, ClientState, Payload, Reply, Strategy
+from fedmole.algorithms.base import PERSONALIZED, ClientProcedure, Strategy
 from fedmole.algorithms.fedit import build_adapters
+from fedmole.messages import ClientState, Payload, Reply
 
 __all__ = ["Server", "Client", "build_adapters"]
 

@@ -21,13 +21,13 @@ from fedmole.adapters.merged import MergedLoRALinear
 from fedmole.adapters.moe_lora import MoELoRA
 from fedmole.adapters.smoe import find_moe_blocks
 from fedmole.algorithms.aggregate import client_weights
-from fedmole.algorithms.base import GLOBAL, PERSONALIZED, ClientProcedure, ClientState, Payload, Reply, Strategy
+from fedmole.algorithms.base import GLOBAL, PERSONALIZED, ClientProcedure, Strategy
 from fedmole.algorithms.fedprox import proximal_hook
 from fedmole.algorithms.rank_tiers import client_tiers
 from fedmole.algorithms.server_opt import ServerOptimizer
-from fedmole.config import EXPERT_PROJECTIONS, FinetuneEvalKeys, ServerOptKeys, TierEvalKeys
+from fedmole.config import EXPERT_PROJECTIONS
+from fedmole.messages import ClientState, Payload, Reply, Tensors
 
-Tensors = dict[str, torch.Tensor]
 OPT_PREFIX = "server_opt::"  # server-optimiser moments inside the checkpointed server tensors
 TIER_PREFIX = "tier::"  # the client's own-rank model inside an evaluation payload (`tier_eval: own`)
 
@@ -59,10 +59,10 @@ class LoRAServer(Strategy):
     def __init__(self, cfg, adapters):
         super().__init__(cfg, adapters)
         alg = cfg.algorithm
-        if isinstance(alg, FinetuneEvalKeys):
+        if alg.finetune_eval:
             self.personalized = alg.personalize_by_finetune
             self.headline = PERSONALIZED if self.personalized else GLOBAL
-        self.server_opt = ServerOptimizer(alg.server_opt) if isinstance(alg, ServerOptKeys) else None
+        self.server_opt = ServerOptimizer(alg.server_opt) if alg.server_optimizer else None
 
     def weights(self, replies: dict[int, Reply]) -> dict[int, float]:
         """p_i ∝ |D_i| (`weighting: data_size`) or uniform; weighted_mean normalises them."""
@@ -106,7 +106,7 @@ class RankTierServer(LoRAServer):
     def configure_evaluate(self, rnd, clients):
         plans = super().configure_evaluate(rnd, clients)
         alg = self.cfg.algorithm
-        if not isinstance(alg, TierEvalKeys) or alg.tier_eval == "none":
+        if not alg.rank_tier_eval or alg.tier_eval == "none":
             return plans
         own: dict[int, Tensors] = {}  # rank -> the model at that rank, built once per round
         for c, plan in plans.items():

@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 
 from fedmole.adapters.state import SEP, key, parse_key
-
-Tensors = dict[str, torch.Tensor]
+from fedmole.messages import Tensors
 LORA, MERGED = "lora", "merged"  # expert ids: the trainable LoRA, and a merged dense update dW
 
 

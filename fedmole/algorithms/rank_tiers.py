@@ -11,10 +11,9 @@ to 8, 4, 2, 1 unless `tiers.levels` is set.
 
 from __future__ import annotations
 
-import math
-
 from fedmole.config import Config
 from fedmole.errors import UserError
+from fedmole.feasibility import tier_rank_map
 from fedmole.tiers import assign_tiers, tier_levels
 
 DENSE_K = 8  # default highest tier level of a dense model
@@ -26,20 +25,6 @@ def model_tier_k(cfg: Config, model) -> int:
     if top_k:
         return int(top_k)
     return cfg.tiers.levels[0] if cfg.tiers.levels else DENSE_K
-
-
-def tier_rank_map(rank: int, K: int, values: list[int]) -> dict[int, int]:
-    """{k: rank * k / K} for every tier value k; ValueError naming the keys when one is not a positive integer."""
-    bad = [k for k in values if (rank * k) % K or rank * k < K]
-    if bad:
-        need = math.lcm(*(K // math.gcd(k, K) for k in values))
-        raise ValueError(
-            f"algorithm.rank={rank} with tier values {sorted(values, reverse=True)} (K={K}) gives ranks rank*k/K = "
-            f"{', '.join(f'{rank * k / K:g}' for k in bad)} for k = {bad}, which are not positive integers; set "
-            f"algorithm.rank to a multiple of {need}, or choose tiers.levels / tiers.per_client so that every "
-            f"rank*k/K is a whole number"
-        )
-    return {k: rank * k // K for k in values}
 
 
 def client_tiers(cfg: Config, model) -> tuple[list[int], int, list[int]]:

@@ -31,49 +31,7 @@ import math
 
 import numpy as np
 
-
-def feasibility_problem(num_experts: int, expert_choices: int, clients: int, min_experts: int, max_experts: int,
-                        homogeneous: bool = False) -> str | None:
-    """Why the assignment program has no solution for these numbers, or None when it has one.
-
-    With unit pair capacities the program is feasible exactly when k_c <= C and
-    C*min_experts <= N*k_c <= C*max_experts: the cyclic assignment (expert e takes clients e*k_c ...
-    e*k_c + k_c - 1 modulo C) gives every client floor or ceil of N*k_c/C experts.
-    """
-    N, k, C = num_experts, expert_choices, clients
-    F = N * k
-    if k > C:
-        return (f"each expert picks expert_choices={k} distinct clients but a round has only {C} clients; "
-                f"lower expert_choices to <= {C}")
-    if homogeneous:
-        if F % C:
-            return (f"algorithm.homogeneous needs num_experts*expert_choices ({N}*{k}={F}) to be a multiple of "
-                    f"the clients per round ({C}); nearest feasible expert_choices: {_multiple_choices(N, C, k)}")
-        per_client = F // C
-        if not min_experts <= per_client <= max_experts:
-            return (f"algorithm.homogeneous gives every client {F}/{C}={per_client} experts, outside "
-                    f"[min_experts={min_experts}, max_experts={max_experts}]")
-        return None
-    if F < C * min_experts:
-        fixes = [f"raise expert_choices to >= {math.ceil(C * min_experts / N)}",
-                 f"raise num_experts to >= {math.ceil(C * min_experts / k)}"]
-        return (f"num_experts*expert_choices ({N}*{k}={F}) is below clients*min_experts ({C}*{min_experts}="
-                f"{C * min_experts}), so some client would get fewer than min_experts experts; "
-                + ", or ".join(fixes))
-    if F > C * max_experts:
-        fixes = [f"raise max_experts to >= {math.ceil(F / C)}"]
-        if C * max_experts // N >= 1:
-            fixes.append(f"lower expert_choices to <= {C * max_experts // N}")
-        fixes.append(f"lower num_experts to <= {C * max_experts // k}")
-        return (f"num_experts*expert_choices ({N}*{k}={F}) exceeds clients*max_experts ({C}*{max_experts}="
-                f"{C * max_experts}), so the experts cannot all be placed; " + ", or ".join(fixes))
-    return None
-
-
-def _multiple_choices(N: int, C: int, k: int) -> str:
-    step = C // math.gcd(N, C)  # the smallest k' with C | N*k'
-    below, above = (k // step) * step, (k // step + 1) * step
-    return " or ".join(str(v) for v in (below, above) if 1 <= v <= C) or "none (more clients than N*k_c allows)"
+from fedmole.feasibility import feasibility_problem
 
 
 # -------------------------------------------------------------------------------------------- scores

@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 
 from fedmole.config import ServerOptConfig
-
-Tensors = dict[str, torch.Tensor]
+from fedmole.messages import Tensors
 
 SEP = "::"  # "m::{key}" / "v::{key}" in state_dict()
 

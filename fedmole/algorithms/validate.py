@@ -35,8 +35,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fedmole.comm import SENDABLE
+
 if TYPE_CHECKING:
-    from fedmole.algorithms.base import Reply
+    from fedmole.messages import Reply
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -174,8 +176,6 @@ class Limits:
 def wire_problem(reply) -> str | None:
     """Whether the reply's tensors are a mapping of names to dense tensors the server can measure and cast;
     the traffic accounting only looks at replies without a problem here (the others are rejected)."""
-    from fedmole.comm import SENDABLE
-
     tensors = getattr(reply, "tensors", None)
     if not isinstance(tensors, dict):
         return f"tensors must be a mapping of names to tensors, got {type(tensors).__name__}"

@@ -17,14 +17,29 @@ from __future__ import annotations
 import logging
 import traceback
 from dataclasses import dataclass
+from typing import Protocol
 
-from fedmole.algorithms.base import ClientProcedure, ClientState, Payload, Reply
 from fedmole.client import snapshots
 from fedmole.client.runtime import ClientRuntime
+from fedmole.config import Config
 from fedmole.faults import CRASH, DROP, STRAGGLE, ClientCrashed, ClientDropped
+from fedmole.messages import ClientState, Payload, Reply
+from fedmole.privacy import noise_generator, privatize
 
 DP_PHASE = 3  # tag of the update-DP noise stream under dp.noise=seeded
 log = logging.getLogger("fedmole")
+
+
+class Procedure(Protocol):
+    """What `execute` runs: a method's client half (`algorithms.base.ClientProcedure`), named by what it offers
+    so that the client layer does not import the algorithms above it."""
+
+    cfg: Config
+    runtime: ClientRuntime
+
+    def train(self, cid: int, payload: Payload, state: ClientState) -> Reply: ...
+
+    def evaluate(self, cid: int, payload: Payload, state: ClientState) -> Reply: ...
 
 
 @dataclass
@@ -34,7 +49,7 @@ class Outcome:
     commit: bool  # whether the client's state after the call should be kept
 
 
-def execute(procedure: ClientProcedure, phase: str, cid: int, payload: Payload, state: ClientState) -> Outcome:
+def execute(procedure: Procedure, phase: str, cid: int, payload: Payload, state: ClientState) -> Outcome:
     runtime, cfg = procedure.runtime, procedure.cfg
     rnd = int(payload.config.get("round", 0))
     fault = payload.config.get("fault") if phase == "train" else None
@@ -64,8 +79,6 @@ def execute(procedure: ClientProcedure, phase: str, cid: int, payload: Payload, 
         if deferred:
             snapshots.put(state, snaps)
     if phase == "train" and cfg.dp.enabled:
-        from fedmole.privacy import noise_generator, privatize
-
         gen = noise_generator(cfg, rnd, cid, DP_PHASE)  # OS entropy unless dp.noise=seeded
         reply.tensors, facts = privatize(payload.tensors, reply.tensors, cfg.dp, gen)
         reply.metrics.update({"dp_groups": facts["groups"], "dp_clipped": facts["clipped"]})

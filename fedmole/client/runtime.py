@@ -18,13 +18,14 @@ import torch
 from torch import nn
 
 from fedmole.adapters import AdapterSet
-from fedmole.algorithms.base import ClientState
 from fedmole.client.data import BatchStream, EncodedClient, encode_client
 from fedmole.client.evaluate import evaluate_splits
 from fedmole.client.snapshots import Snapshot, Snapshots
 from fedmole.client.train import local_train
 from fedmole.config import Config
 from fedmole.data.partition import ClientData
+from fedmole.faults import ClientCrashed
+from fedmole.messages import ClientState
 
 PHASES = {"train": 0, "evaluate": 1, "embed": 2}
 
@@ -91,8 +92,6 @@ class ClientRuntime:
 
     def _step_hook(self, step: int, loss: float) -> None:
         if self.crash_at is not None and step >= self.crash_at:
-            from fedmole.faults import ClientCrashed
-
             raise ClientCrashed(f"client crashed at local step {step} (injected)")
         if self.on_step is not None:
             self.on_step(step, loss)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedmole.algorithms.base import ClientState
+from fedmole.messages import ClientState
 
 PREFIX = "@eval/"
 META = "@eval"

@@ -28,7 +28,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fedmole.algorithms.base import ClientState
+from fedmole.messages import ClientState
 
 PREFIX, SUFFIX = "client-", ".safetensors"
 

@@ -49,11 +49,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedmole.algorithms.base import ClientState, Payload, Reply
 from fedmole.client.store import file_name, read_state, save_states, write_state
 from fedmole.comm import wire_dtype
 from fedmole.config import Config, parse_yaml, validate_config
 from fedmole.errors import RunFailed, UserError
+from fedmole.messages import ClientState, Payload, Reply
 
 log = logging.getLogger("fedmole")
 

@@ -19,9 +19,10 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from fedmole.algorithms.base import ClientProcedure, ClientState, Payload, Reply
+from fedmole.algorithms.base import ClientProcedure
 from fedmole.client.execute import execute
 from fedmole.client.store import MemoryStore, StateStore
+from fedmole.messages import ClientState, Payload, Reply
 
 log = logging.getLogger("fedmole")
 

@@ -37,10 +37,9 @@ from safetensors.torch import save_file
 
 from fedmole.adapters.state import SEP, parse_key
 from fedmole.algorithms.lora_ops import MERGED, lora_pairs
-from fedmole.config import AlgorithmConfig, LoRAKeys
+from fedmole.config import AlgorithmConfig
 from fedmole.errors import UserError
-
-Tensors = dict[str, torch.Tensor]
+from fedmole.messages import Tensors
 
 
 def _factor_dense(dW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +128,7 @@ def export_peft(state: Tensors, algorithm: AlgorithmConfig, out_dir: str | Path,
     MoE model's experts needs `base_factory`, which returns a fresh copy of the plain base model."""
     from peft import LoraConfig
 
-    if not isinstance(algorithm, LoRAKeys):
+    if not algorithm.peft_export:
         raise UserError(f"algorithm {algorithm.name} has no LoRA adapter to export in peft format")
     if not state:
         raise UserError(f"algorithm {algorithm.name} has no adapter state to export here (no global model?)")

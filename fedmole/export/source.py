@@ -15,7 +15,8 @@ Which tensors make "client c's model" is each method's `Strategy.export_state(ci
 | flame | the global experts at its k_i with its own rescaler | the global experts at k = K, s = 1 |
 
 Everything a user can get wrong (the directory, the round, the client id) is checked here, before any model
-is loaded.
+is loaded. Like the CLI, export/ is an application on top of `run` (docs/design.md, Layers): checkpoints are
+read with run's own loader, so an export holds exactly what the run saved.
 """
 
 from __future__ import annotations
@@ -25,13 +26,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from fedmole.algorithms.base import ClientState
 from fedmole.config import Config, load_config
 from fedmole.errors import UserError
-
-Tensors = dict[str, torch.Tensor]
+from fedmole.messages import ClientState, Tensors
 
 LORA_METHODS = ("fedit", "local", "ffa_lora", "hetlora", "flexlora", "flora", "fdlora")  # peft format
 NATIVE_METHODS = ("fedamole", "flame")  # fedmole's own format (safetensors + JSON)
