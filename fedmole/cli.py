@@ -88,7 +88,7 @@ def run(
     root_certificates: Path | None = typer.Option(None, "--root-certificates", help=ROOT_CERTS_HELP),
 ) -> None:
     """Run a federated fine-tuning experiment."""
-    from fedmole.config import load_config
+    from fedmole.config_io import load_config
 
     check_engine(engine)
     check_deploy_options(engine, superlink, root_certificates)
@@ -248,7 +248,7 @@ def data_partition(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Print the partition a config produces (per-client split sizes and group histogram), without training."""
-    from fedmole.config import load_config
+    from fedmole.config_io import load_config
     from fedmole.data.partition import manifest, partition_table
     from fedmole.run import load_federated_data
 
@@ -272,7 +272,7 @@ def flower_write_app(
                                           "(docs/flowertune.md)."),
 ) -> None:
     """Write a Flower app directory (pyproject.toml + components) for `flwr run DIR [FEDERATION]`."""
-    from fedmole.config import load_config
+    from fedmole.config_io import load_config
 
     cfg = load_config(config, set_)
     if out_dir.exists() and (out_dir / "pyproject.toml").exists():

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.accuracy.suite import (POWERED_PERSONAL_METHODS, POWERED_SCENARIOS, PRESETS, SCENARIOS,
                                        method_table, runs)
-from fedmole.config import load_config
+from fedmole.config_io import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "benchmarks" / "accuracy" / "base.yaml"

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedmole.config import ALGORITHMS, FinetuneEvalKeys, load_config
+from fedmole.config import ALGORITHMS, FinetuneEvalKeys
+from fedmole.config_io import load_config
 from fedmole.run import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]

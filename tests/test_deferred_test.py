@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmole.config import load_config
+from fedmole.config_io import load_config
 from fedmole.run import load_checkpoint, resume_experiment, run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import torch
 from fedmole.adapters.state import parse_key
 from fedmole.algorithms import fedamole, rsea
 from fedmole.algorithms.base import Reply
-from fedmole.config import load_config
+from fedmole.config_io import load_config
 from fedmole.data.tokenize import collate
 from fedmole.models.tiny import tiny_llama
 from fedmole.run import build_runtime, load_federated_data, resume_experiment, run_experiment

@@ -14,7 +14,7 @@ from fedmole.adapters.state import parse_key
 from fedmole.algorithms import fedamole, get_algorithm, rsea
 from fedmole.algorithms.base import ClientState, Payload, Reply
 from fedmole.client.train import round_lr
-from fedmole.config import load_config, validate_config
+from fedmole.config_io import load_config, validate_config
 from fedmole.models.tiny import tiny_llama, tiny_olmoe
 from fedmole.run import build_runtime, load_federated_data
 

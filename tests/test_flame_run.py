@@ -14,7 +14,7 @@ from fedmole.adapters import parse_key
 from fedmole.algorithms import flame
 from fedmole.algorithms.base import ClientState
 from fedmole.client.runtime import ClientRuntime
-from fedmole.config import load_config
+from fedmole.config_io import load_config
 from fedmole.models import load_tokenizer
 from fedmole.models.tiny import tiny_olmoe
 from fedmole.run import build_runtime, load_federated_data, resume_experiment, run_experiment

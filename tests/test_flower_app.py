@@ -18,7 +18,8 @@ from flwr.serverapp import Grid, ServerApp
 import fedmole
 from fedmole.algorithms.base import ClientState
 from fedmole.client.store import read_state
-from fedmole.config import ALGORITHMS, load_config
+from fedmole.config import ALGORITHMS
+from fedmole.config_io import load_config
 from fedmole.engines import flower
 from fedmole.errors import UserError
 from fedmole.run import latest_checkpoint, load_checkpoint, resume_experiment, run_experiment

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 import fedmole
-from fedmole.config import load_config, validate_config
+from fedmole.config_io import load_config, validate_config
 from fedmole.engines import flower, flowertune
 from fedmole.errors import UserError
 

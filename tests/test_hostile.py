@@ -32,7 +32,8 @@ from hypothesis import strategies as st
 from fedmole import cli
 from fedmole.adapters.state import state_digest
 from fedmole.algorithms.base import Reply
-from fedmole.config import ALGORITHMS, Config, load_config, validate_config
+from fedmole.config import ALGORITHMS, Config
+from fedmole.config_io import load_config, validate_config
 from fedmole.errors import UserError
 from fedmole.run import _attach_log_file, _setup, latest_checkpoint, log, run_experiment
 

@@ -16,7 +16,7 @@ from scipy.special import gammaincc
 from fedmole.algorithms import fedamole, get_algorithm
 from fedmole.algorithms.base import ClientState, Payload, Reply
 from fedmole.client.execute import execute
-from fedmole.config import load_config, validate_config
+from fedmole.config_io import load_config, validate_config
 from fedmole.models.tiny import tiny_llama
 from fedmole.privacy import embedding_epsilon
 from fedmole.run import build_runtime, load_federated_data, run_experiment

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fedmole
-from fedmole.config import load_config
+from fedmole.config_io import load_config
 from fedmole.errors import UserError
 from fedmole.reporting import plots, report
 from fedmole.reporting.report import RunData, comparison_rows, write_report

@@ -14,7 +14,7 @@ import torch
 from fedmole.adapters.state import state_digest
 from fedmole.algorithms.base import ClientState
 from fedmole.client.store import StateStore, read_state
-from fedmole.config import dump_config, load_config
+from fedmole.config_io import dump_config, load_config
 from fedmole.engines.inprocess import InProcessEngine
 from fedmole.reporting.metrics import MetricsLog, summarize
 from fedmole.run import _execute, _setup, clients_digest, load_checkpoint, resume_experiment, sample_eval_clients

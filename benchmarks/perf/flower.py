@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import record
-from fedmole.config import load_config
+from fedmole.config_io import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -52,7 +52,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedmole.algorithms.base import ClientState, Payload, Reply
 from fedmole.client.store import file_name, read_state, save_states, write_state
 from fedmole.comm import wire_dtype
-from fedmole.config import Config, parse_yaml, validate_config
+from fedmole.config import Config
+from fedmole.config_io import parse_yaml, validate_config
 from fedmole.errors import RunFailed, UserError
 
 log = logging.getLogger("fedmole")
@@ -117,7 +118,7 @@ def config_text(cfg: Config) -> str:
 def config_from_text(text: str) -> Config:
     """The config from the run config's `config`: YAML text, or the path of a YAML file on this machine."""
     if "\n" not in text.strip() and text.strip().endswith((".yaml", ".yml")):
-        from fedmole.config import load_config
+        from fedmole.config_io import load_config
 
         return load_config(text.strip())
     return validate_config(parse_yaml(text, "the run config key `config`") or {})

@@ -35,7 +35,8 @@ import yaml
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedmole.config import Config, validate_config
+from fedmole.config import Config
+from fedmole.config_io import validate_config
 from fedmole.engines import flower
 from fedmole.errors import UserError, did_you_mean
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from fedmole.algorithms.base import ClientState
-from fedmole.config import Config, load_config
+from fedmole.config import Config
+from fedmole.config_io import load_config
 from fedmole.errors import UserError
 
 Tensors = dict[str, torch.Tensor]
