@@ -60,7 +60,7 @@ ROOT_CERTS_HELP = ("flower-deploy: CA certificate (PEM) of the SuperLink's TLS c
 def check_deploy_options(engine: str, superlink: str | None, root_certificates: Path | None) -> None:
     """--superlink / --root-certificates: required and checked for flower-deploy, refused otherwise."""
     if engine == "flower-deploy":
-        from fedmole.engines.flower_deploy import check_superlink
+        from fedmole.engines.flower.deploy import check_superlink
 
         check_superlink(superlink, root_certificates)
     elif superlink is not None or root_certificates is not None:
@@ -70,7 +70,7 @@ def check_deploy_options(engine: str, superlink: str | None, root_certificates: 
 def run_deploy(cfg, run_dir: Path, superlink: str, root_certificates: Path | None, resume: bool = False) -> dict:
     """`--engine flower-deploy`: run the ServerApp against a running SuperLink; returns the summary. With
     `resume`, `cfg` is the run's own config (`fedmole.run.check_resumable`) and the run continues."""
-    from fedmole.engines.flower_deploy import run_flower_deploy
+    from fedmole.engines.flower.deploy import run_flower_deploy
 
     return run_flower_deploy(cfg, run_dir, superlink, root_certificates, resume=resume,
                              echo=lambda line: print(line, flush=True))
@@ -88,7 +88,7 @@ def run(
     root_certificates: Path | None = typer.Option(None, "--root-certificates", help=ROOT_CERTS_HELP),
 ) -> None:
     """Run a federated fine-tuning experiment."""
-    from fedmole.config import load_config
+    from fedmole.config_io import load_config
 
     check_engine(engine)
     check_deploy_options(engine, superlink, root_certificates)
@@ -107,7 +107,7 @@ def run(
         with claimed(run_dir, overwrite):  # held from the check of the directory to the end of the run
             announce(cfg, run_dir)
             if engine == "flower-sim":
-                from fedmole.engines.flower import run_flower_sim
+                from fedmole.engines.flower.simulation import run_flower_sim
 
                 summary = run_flower_sim(cfg, run_dir)
             else:
@@ -143,7 +143,7 @@ def resume(
     elif engine == "flower-sim":
         cfg = check_resumable(run_dir, config, set_)
         with hold(run_dir):
-            from fedmole.engines.flower import run_flower_sim
+            from fedmole.engines.flower.simulation import run_flower_sim
 
             summary = run_flower_sim(cfg, run_dir, progress, resume=True)
     else:
@@ -248,7 +248,7 @@ def data_partition(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Print the partition a config produces (per-client split sizes and group histogram), without training."""
-    from fedmole.config import load_config
+    from fedmole.config_io import load_config
     from fedmole.data.partition import manifest, partition_table
     from fedmole.run import load_federated_data
 
@@ -272,7 +272,7 @@ def flower_write_app(
                                           "(docs/flowertune.md)."),
 ) -> None:
     """Write a Flower app directory (pyproject.toml + components) for `flwr run DIR [FEDERATION]`."""
-    from fedmole.config import load_config
+    from fedmole.config_io import load_config
 
     cfg = load_config(config, set_)
     if out_dir.exists() and (out_dir / "pyproject.toml").exists():
@@ -281,7 +281,7 @@ def flower_write_app(
     if flowertune is not None:
         write_flowertune(cfg, flowertune, out_dir, run_out)
         return
-    from fedmole.engines.flower import write_app
+    from fedmole.engines.flower.app import write_app
 
     path = write_app(cfg, out_dir, run_out)
     n = cfg.federation.num_clients
@@ -293,7 +293,7 @@ def flower_write_app(
 
 
 def write_flowertune(cfg, challenge: str, out_dir: Path, run_out: str) -> None:
-    from fedmole.engines import flowertune
+    from fedmole.engines.flower import flowertune
 
     ch = flowertune.challenge_of(challenge)
     cfg, changed = flowertune.project_config(cfg, ch)
@@ -315,7 +315,7 @@ def flower_certs(
     days: int = typer.Option(365, "--days", help="Validity in days."),
 ) -> None:
     """Write a self-signed CA and a SuperLink TLS certificate signed by it (docs/deployment.md)."""
-    from fedmole.engines.flower_procs import make_certificates
+    from fedmole.engines.flower.procs import make_certificates
 
     if days < 1:
         raise UserError(f"--days {days}: a certificate must be valid for at least 1 day")
@@ -334,7 +334,7 @@ def flower_keys(
     name: list[str] = typer.Option(["supernode"], "--name", help="Key pair name, one per SuperNode (repeatable)."),
 ) -> None:
     """Write EC key pairs for SuperNode authentication (NAME private, NAME.pub for `flwr supernode register`)."""
-    from fedmole.engines.flower_procs import make_auth_keys
+    from fedmole.engines.flower.procs import make_auth_keys
 
     for n in name:
         if (out_dir / n).exists():

@@ -20,7 +20,7 @@ TEMPLATES = ("auto", "chat", "alpaca", "plain", "raw")
 def load_for_generation(path: str | Path, client: int | None = None, rnd: str | int | None = None,
                         device: str | None = None):
     """(model, tokenizer, config) from an export directory, or from a run directory and a client id."""
-    from fedmole.config import validate_config
+    from fedmole.config_io import validate_config
     from fedmole.export.load import load_model, read_manifest
 
     path = Path(path)

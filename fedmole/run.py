@@ -47,7 +47,8 @@ from safetensors.torch import load_file, save_file
 from fedmole.adapters.state import digest_items, state_digest
 from fedmole.algorithms.validate import Limits, bound_update, check_evaluation, check_reply, wire_problem
 from fedmole.comm import MB, CommLog, specs_of, transfer
-from fedmole.config import Config, dump_config
+from fedmole.config import Config
+from fedmole.config_io import dump_config
 from fedmole.errors import UserError
 from fedmole.faults import plan_fault
 from fedmole.messages import ClientState, Payload, Reply
@@ -746,7 +747,7 @@ def _resume_plan(run_dir: Path, config_path: Path | None, overrides: list[str] |
     it), after refusing a config that differs from the run's (requested with --config/--set, or config.yaml
     edited since the checkpoint was written). Only `output.*` and `comm.budget_mb` may change; a new budget
     is written to config.yaml."""
-    from fedmole.config import load_config, validate_config
+    from fedmole.config_io import load_config, validate_config
 
     cfg = load_config(run_dir / "config.yaml")
     requested = load_config(config_path or run_dir / "config.yaml", overrides or [])

@@ -61,7 +61,7 @@ def canonical_lines(path: Path) -> list[str]:
 def run_config(config: Path | None, overrides, run_dir: Path, exist_ok: bool = False) -> tuple[dict, Path]:
     """Load `config` with `overrides`, run it in-process into a new `run_dir` (no progress output):
     (summary, run_dir)."""
-    from fedmole.config import load_config
+    from fedmole.config_io import load_config
     from fedmole.run import run_experiment
 
     cfg = load_config(config, list(overrides))
@@ -102,7 +102,7 @@ def tiny_mixtral(vocab: int):
 def fedamole_server(tok, *overrides):
     """(config, FedAMoLE server) for configs/smoke_fedamole.yaml with `overrides`, on a tiny Llama."""
     from fedmole.algorithms import fedamole
-    from fedmole.config import load_config
+    from fedmole.config_io import load_config
     from fedmole.models.tiny import tiny_llama
 
     cfg = load_config(ROOT / "configs" / "smoke_fedamole.yaml", list(overrides))

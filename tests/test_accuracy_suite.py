@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.accuracy.suite import (POWERED_PERSONAL_METHODS, POWERED_SCENARIOS, PRESETS, SCENARIOS,
                                        method_table, runs)
-from fedmole.config import load_config
+from fedmole.config_io import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "benchmarks" / "accuracy" / "base.yaml"
@@ -102,8 +102,6 @@ def test_a_partial_suite_is_reported_as_partial_and_resumed_run_by_run(tmp_path)
     """A sitting that ran some runs leaves a partial report; the next sitting keeps the finished runs (their
     directories untouched), resumes an interrupted one from its checkpoint, runs the rest, and the results
     file keeps every sitting's wall time."""
-    import shutil
-
     args = [sys.executable, "-m", "benchmarks.accuracy", "--preset", "micro", "--scenarios", "task",
             "--runs-dir", str(tmp_path / "runs"), "--results", str(tmp_path), "--docs", str(tmp_path / "docs")]
     first = subprocess.run([*args, "--methods", "fedit_ft", "local"], cwd=ROOT, capture_output=True, text=True,

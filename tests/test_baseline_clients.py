@@ -8,7 +8,7 @@ from fedmole.algorithms import get_algorithm
 from fedmole.algorithms.fdlora import fusion_search
 from fedmole.algorithms.fedprox import proximal_hook
 from fedmole.algorithms.lora_ops import lora_pairs, merged_key
-from fedmole.config import validate_config
+from fedmole.config_io import validate_config
 from fedmole.engines.inprocess import InProcessEngine
 from fedmole.messages import ClientState, Payload
 from fedmole.models.tiny import tiny_llama

@@ -13,9 +13,9 @@ import torch
 
 from fedmole.algorithms import fdlora, get_algorithm
 from fedmole.algorithms.lora_ops import from_pairs, lora_pairs, merged_key, scaled_product
-from fedmole.config import validate_config
+from fedmole.config_io import validate_config
 from fedmole.engines.inprocess import InProcessEngine
-from fedmole.messages import ClientState, Payload, Reply
+from fedmole.messages import ClientState, Reply
 from fedmole.models.tiny import tiny_llama
 from fedmole.run import build_runtime, load_federated_data
 

@@ -10,7 +10,7 @@ from fedmole.algorithms import get_algorithm
 from fedmole.algorithms.hetlora import aggregate
 from fedmole.adapters.state import parse_key
 from fedmole.algorithms.lora_ops import from_pairs, lora_pairs, merged_key, resize_rank, scaled_product
-from fedmole.config import validate_config
+from fedmole.config_io import validate_config
 from fedmole.errors import UserError
 from fedmole.messages import Reply
 from fedmole.models.tiny import tiny_llama, tiny_olmoe

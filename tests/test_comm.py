@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save
 
 from fedmole.adapters.state import parse_key, state_digest
 from fedmole.comm import MB, message_size, specs_of
-from fedmole.config import load_config
+from fedmole.config_io import load_config
 from fedmole.errors import UserError
 from fedmole.run import resume_experiment
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fedmole.config import ALGORITHMS, Config, apply_overrides, load_config, validate_config
+from fedmole.config import ALGORITHMS, Config
+from fedmole.config_io import apply_overrides, load_config, validate_config
 from fedmole.errors import UserError
 
 
@@ -117,10 +118,10 @@ def test_config_is_the_only_default_source():
 
 
 def test_docs_config_reference_is_current():
-    """docs/config.md is generated from the schema; regenerate with `python -m fedmole.config > docs/config.md`."""
+    """docs/config.md is generated from the schema; regenerate with `python -m fedmole.config_docs > docs/config.md`."""
     from pathlib import Path
 
-    from fedmole.config import reference_markdown
+    from fedmole.config_docs import reference_markdown
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert doc.read_text().strip() == reference_markdown().strip()
@@ -128,7 +129,7 @@ def test_docs_config_reference_is_current():
 
 def test_resolved_config_file_round_trips_every_key(tmp_path):
     """config.yaml in a run directory must reload to the same config, method keys included."""
-    from fedmole.config import dump_config
+    from fedmole.config_io import dump_config
 
     cfg = load_config(None, ["algorithm.rank=4", "algorithm.alpha=8", "algorithm.personalize_by_finetune=true",
                              "train.lr=3e-4", "tiers.mix=low-heavy"])

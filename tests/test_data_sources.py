@@ -106,7 +106,7 @@ def test_explicitly_named_optional_column_must_exist():
 
 def test_a_resolved_config_still_loads_files_without_the_optional_default_columns(tmp_path):
     """config.yaml spells out every default (context, task, domain); resume and eval re-load it."""
-    from fedmole.config import dump_config, load_config, validate_config
+    from fedmole.config_io import dump_config, load_config, validate_config
 
     path = tmp_path / "plain.jsonl"
     path.write_text(json.dumps({"instruction": "q", "response": "a"}) + "\n")
@@ -219,7 +219,7 @@ def test_a_choices_column_no_record_has_is_a_user_error(tmp_path):
 
 
 def test_a_mixed_task_jsonl_runs_end_to_end_and_reports_accuracy_and_rouge_l_apart(tmp_path, capsys):
-    from fedmole.config import load_config
+    from fedmole.config_io import load_config
     from fedmole.run import load_federated_data, run_experiment
 
     path = tmp_path / "mixed.jsonl"

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from fedmole.algorithms import get_algorithm
 from fedmole.client.evaluate import evaluate_examples, evaluate_splits, rouge_l, score_choices, sequence_ce
 from fedmole.client.train import causal_lm_loss, response_logits, to_device
-from fedmole.config import DataConfig, EvalConfig, validate_config
+from fedmole.config import DataConfig, EvalConfig
+from fedmole.config_io import validate_config
 from fedmole.data.schema import Example
 from fedmole.data.tokenize import collate, encode_candidates, encode_train
 from fedmole.models.tiny import tiny_llama, tiny_olmoe

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 import fedmole
 from fedmole.algorithms import get_algorithm
 from fedmole.cli import app
-from fedmole.config import validate_config
+from fedmole.config_io import validate_config
 from fedmole.errors import UserError
 from fedmole.export import export_run
 from fedmole.export.source import resolve_round

@@ -10,7 +10,7 @@ import torch
 
 from fedmole.adapters.state import parse_key
 from fedmole.algorithms import fedamole, rsea
-from fedmole.config import load_config
+from fedmole.config_io import load_config
 from fedmole.data.tokenize import collate
 from fedmole.messages import Reply
 from fedmole.models.tiny import tiny_llama

@@ -13,7 +13,7 @@ import torch
 from fedmole.adapters.state import parse_key
 from fedmole.algorithms import fedamole, get_algorithm, rsea
 from fedmole.client.train import round_lr
-from fedmole.config import load_config, validate_config
+from fedmole.config_io import load_config, validate_config
 from fedmole.messages import ClientState, Payload, Reply
 from fedmole.models.tiny import tiny_llama, tiny_olmoe
 from fedmole.run import build_runtime, load_federated_data

@@ -17,7 +17,7 @@ from fedmole.algorithms.flame import (
     log_gamma,
     normalised_weights,
 )
-from fedmole.config import load_config
+from fedmole.config_io import load_config
 from fedmole.errors import UserError
 from fedmole.messages import Reply
 from fedmole.models.tiny import tiny_llama, tiny_olmoe

@@ -12,7 +12,7 @@ import torch
 
 from fedmole.algorithms import flame
 from fedmole.client.train import make_optimizer
-from fedmole.config import load_config
+from fedmole.config_io import load_config
 from fedmole.messages import ClientState, Payload
 from fedmole.run import build_runtime, load_federated_data
 from fedmole.tiers import assign_tiers

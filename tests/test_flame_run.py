@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from fedmole.adapters import parse_key
 from fedmole.algorithms import flame
 from fedmole.client.runtime import ClientRuntime
-from fedmole.config import load_config
+from fedmole.config_io import load_config
 from fedmole.messages import ClientState
 from fedmole.models import load_tokenizer
 from fedmole.models.tiny import tiny_olmoe

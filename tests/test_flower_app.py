@@ -17,10 +17,17 @@ from flwr.serverapp import Grid, ServerApp
 
 import fedmole
 from fedmole.client.store import read_state
-from fedmole.config import ALGORITHMS, load_config
-from fedmole.engines import flower
+from fedmole.config import ALGORITHMS
+from fedmole.config_io import load_config
+from fedmole.engines.flower import clientapp, simulation
+from fedmole.engines.flower.app import write_app
+from fedmole.engines.flower.clientapp import make_client_app
+from fedmole.engines.flower.engine import STOP, EngineStopped, FlowerEngine
+from fedmole.engines.flower.records import arrays, tensors_of
+from fedmole.engines.flower.runconfig import config_from_text, config_text
+from fedmole.engines.flower.simulation import sim_backend_config
 from fedmole.errors import UserError
-from fedmole.messages import ClientState
+from fedmole.messages import ClientState, Payload
 from fedmole.run import latest_checkpoint, load_checkpoint, resume_experiment, run_experiment
 
 from conftest import canonical_lines, metrics_records
@@ -65,7 +72,7 @@ class LocalGrid(Grid):
     before every message."""
 
     def __init__(self, n, config_text, tmp, node_config=None, silent=(), fresh=False, num_partitions=None):
-        self.app = flower.make_client_app({"config": config_text})
+        self.app = make_client_app({"config": config_text})
         self.nodes = {100 + 7 * c: c for c in range(n)}  # node ids unlike client ids
         self.node_config = node_config or {}
         self.silent, self.fresh, self.tmp = set(silent), fresh, str(tmp)
@@ -97,7 +104,7 @@ class LocalGrid(Grid):
                           node_config={"partition-id": cid, "num-partitions": self.num_partitions,
                                        "state-dir": self.tmp, **self.node_config.get(cid, {})})
             if self.fresh:
-                flower._RUNTIMES.clear()
+                clientapp._RUNTIMES.clear()
             self.messages += 1
             try:
                 reply = self.app(msg, ctx)
@@ -117,7 +124,7 @@ class LocalGrid(Grid):
 
 def _flower_run(cfg, run_dir, grid):
     run_dir.mkdir()
-    return run_experiment(cfg, run_dir, "none", make_engine=lambda c: flower.FlowerEngine(grid, c, "flower-local"))
+    return run_experiment(cfg, run_dir, "none", make_engine=lambda c: FlowerEngine(grid, c, "flower-local"))
 
 
 # ------------------------------------------------------------------------------------------ the app
@@ -125,13 +132,13 @@ def test_app_writer_writes_a_flower_app_whose_components_import_and_carry_the_co
     from flwr.cli.config_utils import load_and_validate
 
     cfg = load_config(SMOKE, ["federation.num_clients=3", "train.lr=0.25"])
-    path = flower.write_app(cfg, tmp_path / "app", run_out="runs/x")
+    path = write_app(cfg, tmp_path / "app", run_out="runs/x")
     doc = tomllib.loads(path.read_text())
     comps = doc["tool"]["flwr"]["app"]["components"]
     assert comps == {"serverapp": "fedmole_app.server_app:app", "clientapp": "fedmole_app.client_app:app"}
     run_config = doc["tool"]["flwr"]["app"]["config"]
     assert run_config["out"] == "runs/x"
-    assert flower.config_from_text(run_config["config"]).to_dict() == cfg.to_dict()
+    assert config_from_text(run_config["config"]).to_dict() == cfg.to_dict()
     fed = doc["tool"]["flwr"]["federations"]
     assert fed["default"] == "local-simulation"
     assert fed["local-simulation"]["options"]["num-supernodes"] == 3
@@ -179,7 +186,7 @@ def test_flame_over_flower_messages_with_a_fresh_process_per_message_equals_inpr
     ref_dir = tmp_path / "inprocess"
     ref_dir.mkdir()
     ref = run_experiment(cfg, ref_dir, "none")
-    grid = LocalGrid(3, flower.config_text(cfg), tmp_path / "nodes", fresh=True)
+    grid = LocalGrid(3, config_text(cfg), tmp_path / "nodes", fresh=True)
     got = _flower_run(cfg, tmp_path / "flower", grid)
     assert got["engine"] == "flower-local" and ref["engine"] == "inprocess"
     assert got["state_digest"] == ref["state_digest"]
@@ -208,8 +215,8 @@ def test_flame_over_flower_messages_with_a_fresh_process_per_message_equals_inpr
     # and through Flower, on nodes that start empty: the engine writes the checkpointed states to them
     shutil.rmtree(run_dir / "checkpoints" / "round_0002")
     (run_dir / "summary.json").unlink()
-    fresh_nodes = LocalGrid(3, flower.config_text(cfg), tmp_path / "new-nodes", fresh=True)
-    again = resume_experiment(run_dir, make_engine=lambda c: flower.FlowerEngine(fresh_nodes, c, "flower-local"))
+    fresh_nodes = LocalGrid(3, config_text(cfg), tmp_path / "new-nodes", fresh=True)
+    again = resume_experiment(run_dir, make_engine=lambda c: FlowerEngine(fresh_nodes, c, "flower-local"))
     assert again["engine"] == "flower-local" and again["state_digest"] == ref["state_digest"]
     assert canonical_lines(run_dir / "metrics.jsonl") == canonical_lines(ref_dir / "metrics.jsonl")
 
@@ -222,7 +229,7 @@ def test_every_algorithm_runs_through_flower_messages_exactly_as_in_process(tmp_
     ref_dir = tmp_path / "inprocess"
     ref_dir.mkdir()
     ref = run_experiment(cfg, ref_dir, "none")
-    grid = LocalGrid(cfg.federation.num_clients, flower.config_text(cfg), tmp_path / "nodes", fresh=True)
+    grid = LocalGrid(cfg.federation.num_clients, config_text(cfg), tmp_path / "nodes", fresh=True)
     got = _flower_run(cfg, tmp_path / "flower", grid)
     assert got["state_digest"] == ref["state_digest"]
     assert canonical_lines(tmp_path / "flower" / "metrics.jsonl") == canonical_lines(ref_dir / "metrics.jsonl")
@@ -233,7 +240,7 @@ def test_client_errors_and_missing_replies_become_recorded_failures(tmp_path, da
     """Client 1's node raises (its data file does not exist), client 2's node never replies within the round
     deadline; the run completes on client 0 and records both, with the failure kinds of the in-process engine."""
     cfg = _cfg(SMOKE, data_file, "federation.num_clients=3", "federation.rounds=1", "federation.round_deadline=1")
-    grid = LocalGrid(3, flower.config_text(cfg), tmp_path / "nodes", silent={2},
+    grid = LocalGrid(3, config_text(cfg), tmp_path / "nodes", silent={2},
                      node_config={1: {"data-path": str(tmp_path / "missing.jsonl")}})
     summary = _flower_run(cfg, tmp_path / "run", grid)
     recs = metrics_records(tmp_path / "run")
@@ -248,30 +255,30 @@ def test_client_errors_and_missing_replies_become_recorded_failures(tmp_path, da
 
 def test_a_node_with_the_wrong_num_partitions_is_refused_with_the_numbers(tmp_path):
     cfg = load_config(SMOKE, ["federation.num_clients=2"])
-    grid = LocalGrid(2, flower.config_text(cfg), tmp_path, num_partitions=5)
+    grid = LocalGrid(2, config_text(cfg), tmp_path, num_partitions=5)
     with pytest.raises(UserError, match=r"num-partitions=5 .* federation.num_clients=2"):
-        flower.FlowerEngine(grid, cfg)
+        FlowerEngine(grid, cfg)
 
 
 def test_a_stopped_engine_stops_waiting_for_replies(tmp_path):
     cfg = load_config(SMOKE, ["federation.num_clients=2", "federation.round_deadline=600"])
-    grid = LocalGrid(2, flower.config_text(cfg), tmp_path, silent={1})
-    engine = flower.FlowerEngine(grid, cfg)
+    grid = LocalGrid(2, config_text(cfg), tmp_path, silent={1})
+    engine = FlowerEngine(grid, cfg)
     engine.poll_interval = 0.01
     import threading
 
-    threading.Timer(0.3, flower.STOP.set).start()  # as run_flower_sim does after Ctrl-C
+    threading.Timer(0.3, STOP.set).start()  # as run_flower_sim does after Ctrl-C
     try:
-        with pytest.raises(flower.EngineStopped):
-            engine.train(1, {1: flower.Payload({}, {"round": 1})})  # client 1 never replies
+        with pytest.raises(EngineStopped):
+            engine.train(1, {1: Payload({}, {"round": 1})})  # client 1 never replies
     finally:
-        flower.STOP.clear()
+        STOP.clear()
 
 
 def test_client_states_round_trip_through_the_nodes(tmp_path):
     cfg = load_config(SMOKE, ["federation.num_clients=3"])
-    grid = LocalGrid(3, flower.config_text(cfg), tmp_path)
-    engine = flower.FlowerEngine(grid, cfg)
+    grid = LocalGrid(3, config_text(cfg), tmp_path)
+    engine = FlowerEngine(grid, cfg)
     assert engine.node_of == {0: 100, 1: 107, 2: 114}
     assert engine.client_states() == {}
     states = {0: ClientState({"a/b": torch.arange(6.0).reshape(2, 3)}, {"cursor": [1, 4]}),
@@ -290,22 +297,22 @@ def test_a_node_local_data_file_is_the_clients_whole_data(tmp_path, data_file):
     own = tmp_path / "mine.jsonl"
     own.write_text("".join(json.dumps({"instruction": f"Local question {i}?", "response": "yes"}) + "\n"
                            for i in range(40)))
-    client = flower.own_partition(cfg, 1, str(own))
+    client = clientapp.own_partition(cfg, 1, str(own))
     texts = [ex.instruction for split in (client.train, client.aux, client.val, client.test) for ex in split]
     assert client.client_id == 1 and len(texts) == 40 and all(t.startswith("Local question") for t in texts)
-    shared = flower.own_partition(cfg, 1, None)  # without data-path: this client's share of the shared data set
+    shared = clientapp.own_partition(cfg, 1, None)  # without data-path: this client's share of the shared data set
     assert all(ex.instruction.startswith("Define the word") for ex in shared.train)
     with pytest.raises(UserError, match="data-path=.*nope.jsonl is not a file"):
-        flower.own_partition(cfg, 1, str(tmp_path / "nope.jsonl"))
+        clientapp.own_partition(cfg, 1, str(tmp_path / "nope.jsonl"))
 
 
 def test_records_carry_every_tensor_dtype_bit_for_bit():
     t = {"m/0/A": torch.randn(2, 3), "m/0/B": torch.randn(3, 4)[:, :2], "half": torch.randn(5).bfloat16(),
          "idx": torch.arange(3), "mask": torch.tensor([True, False]), "f16": torch.randn(2).half()}
-    back = flower.tensors_of(flower.arrays(t))
+    back = tensors_of(arrays(t))
     assert list(back) == list(t)
     assert all(back[k].dtype == t[k].dtype and back[k].shape == t[k].shape and torch.equal(back[k], t[k]) for k in t)
-    assert flower.tensors_of(flower.arrays({})) == {}
+    assert tensors_of(arrays({})) == {}
 
 
 @pytest.mark.parametrize("transfer", ["fp16", "bf16"])
@@ -314,11 +321,11 @@ def test_compressed_transfer_puts_half_the_bytes_on_the_wire_and_restores_dtypes
 
     t = {"m/0/A": torch.randn(64, 8), "m/0/B": torch.randn(8, 64), "idx": torch.arange(3)}
     sent = round_through(t, transfer)  # what the round loop hands the engine: already rounded, still fp32
-    record = flower.arrays(sent, transfer)
+    record = arrays(sent, transfer)
     on_wire = {k: v for k, v in record.items()}
     float_bytes = sum(a.numpy().nbytes for k, a in on_wire.items() if not k.startswith("idx"))
     assert float_bytes == (64 * 8 * 2) * 2  # two 512-element tensors at 2 bytes each, not 4
-    back = flower.tensors_of(record)
+    back = tensors_of(record)
     assert list(back) == list(t)
     assert all(back[k].dtype == t[k].dtype and torch.equal(back[k], sent[k]) for k in t)
     assert not torch.equal(back["m/0/A"], t["m/0/A"])  # the values did go through the transfer dtype
@@ -327,19 +334,19 @@ def test_compressed_transfer_puts_half_the_bytes_on_the_wire_and_restores_dtypes
 def test_the_run_config_may_name_a_config_file_instead_of_holding_it(tmp_path):
     path = tmp_path / "fed.yaml"
     path.write_text("federation: {num_clients: 4}\ntrain: {lr: 0.5}\n")
-    from_file = flower.config_from_text(str(path))
+    from_file = config_from_text(str(path))
     assert from_file.federation.num_clients == 4 and from_file.train.lr == 0.5
-    assert flower.config_from_text(path.read_text()).to_dict() == from_file.to_dict()
+    assert config_from_text(path.read_text()).to_dict() == from_file.to_dict()
     with pytest.raises(UserError, match="does not exist"):
-        flower.config_from_text(str(tmp_path / "missing.yaml"))
+        config_from_text(str(tmp_path / "missing.yaml"))
 
 
 def test_simulation_resources_never_exceed_the_machine(monkeypatch):
     """Asking Ray for more CPUs than exist leaves an empty actor pool and a simulation that never ends."""
-    monkeypatch.setattr(flower.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(simulation.os, "cpu_count", lambda: 2)
     for actors, clients, expect in [(1, 4, 1), (8, 4, 2), (8, 1, 1), (2, 3, 2)]:
         cfg = load_config(SMOKE, [f"flower.sim_actors={actors}", f"federation.num_clients={clients}"])
-        backend = flower.sim_backend_config(cfg)
+        backend = sim_backend_config(cfg)
         assert backend["client_resources"]["num_cpus"] == 1
         assert backend["init_args"]["num_cpus"] == expect <= 2
 
@@ -347,13 +354,13 @@ def test_simulation_resources_never_exceed_the_machine(monkeypatch):
 def test_simulation_actors_spread_over_every_visible_gpu(monkeypatch):
     """Ray places actors by the resources they ask for: with 8 GPUs and 16 actors at the default share, each GPU
     holds two (0.5 each); an explicit share is taken as given; what cannot be placed is refused."""
-    monkeypatch.setattr(flower.os, "cpu_count", lambda: 16)
-    monkeypatch.setattr(flower.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(flower.torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(simulation.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(simulation.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(simulation.torch.cuda, "device_count", lambda: 8)
 
     def resources(*overrides):
         cfg = load_config(SMOKE, ["federation.num_clients=100", "train.device=cuda", *overrides])
-        b = flower.sim_backend_config(cfg)
+        b = sim_backend_config(cfg)
         return b["init_args"]["num_cpus"], b["init_args"]["num_gpus"], b["client_resources"]["num_gpus"]
 
     assert resources("flower.sim_actors=16") == (16, 8, 0.5)
@@ -363,7 +370,7 @@ def test_simulation_actors_spread_over_every_visible_gpu(monkeypatch):
     assert resources("flower.sim_actors=16", "flower.gpus_per_client=0.25") == (16, 8, 0.25)
     assert resources("flower.sim_actors=4", "flower.gpus_per_client=2") == (4, 8, 2)
     assert resources("flower.sim_actors=16", "train.device=auto", "flower.gpus_per_client=0") == (16, 0, 0.0)
-    b = flower.sim_backend_config(load_config(SMOKE, ["flower.sim_actors=16", "federation.num_clients=8",
+    b = sim_backend_config(load_config(SMOKE, ["flower.sim_actors=16", "federation.num_clients=8",
                                                       "train.device=auto"]))
     assert b["init_args"] == {"num_cpus": 8, "num_gpus": 8, "include_dashboard": False}  # 8 clients: 8 actors,
     assert b["client_resources"]["num_gpus"] == 1.0  # not 16 at half a GPU each
@@ -375,8 +382,8 @@ def test_simulation_actors_spread_over_every_visible_gpu(monkeypatch):
         load_config(SMOKE, ["flower.gpus_per_client=1.5"])
     with pytest.raises(UserError, match="clients that train on train.device=cpu"):
         load_config(SMOKE, ["flower.gpus_per_client=0.5", "train.device=cpu"])
-    monkeypatch.setattr(flower.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(flower.torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(simulation.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(simulation.torch.cuda, "device_count", lambda: 0)
     assert resources("flower.sim_actors=4")[1:] == (0, 0.0)  # no GPU: the CPU
     with pytest.raises(UserError, match="no CUDA GPU is visible"):
         resources("flower.gpus_per_client=0.5")
@@ -384,11 +391,11 @@ def test_simulation_actors_spread_over_every_visible_gpu(monkeypatch):
 
 def test_a_node_partitions_the_data_once_and_reuses_it_from_disk(tmp_path, data_file, monkeypatch):
     cfg = _cfg(SMOKE, data_file, "federation.num_clients=3")
-    first = flower.cached_partition(cfg, 2, None, tmp_path)
-    assert first == flower.own_partition(cfg, 2, None) and len(list(tmp_path.glob("partition-2-*.json"))) == 1
+    first = clientapp.cached_partition(cfg, 2, None, tmp_path)
+    assert first == clientapp.own_partition(cfg, 2, None) and len(list(tmp_path.glob("partition-2-*.json"))) == 1
     calls = []
-    monkeypatch.setattr(flower, "own_partition", lambda *a: calls.append(a) or first)
-    assert flower.cached_partition(cfg, 2, None, tmp_path) == first and calls == []  # read back, not recomputed
+    monkeypatch.setattr(clientapp, "own_partition", lambda *a: calls.append(a) or first)
+    assert clientapp.cached_partition(cfg, 2, None, tmp_path) == first and calls == []  # read back, not recomputed
     other = _cfg(SMOKE, data_file, "federation.num_clients=3", "partition.seed=9")
-    flower.cached_partition(other, 2, None, tmp_path)  # another partition config is another entry
+    clientapp.cached_partition(other, 2, None, tmp_path)  # another partition config is another entry
     assert len(calls) == 1

@@ -22,9 +22,9 @@ import psutil
 import pytest
 
 import fedmole
-from fedmole.config import load_config
-from fedmole.engines.flower_deploy import check_superlink, run_flower_deploy
-from fedmole.engines.flower_procs import FlowerProcesses, make_auth_keys, make_certificates, node_config_arg
+from fedmole.config_io import load_config
+from fedmole.engines.flower.deploy import check_superlink, run_flower_deploy
+from fedmole.engines.flower.procs import FlowerProcesses, make_auth_keys, make_certificates, node_config_arg
 from fedmole.errors import UserError
 
 from conftest import metrics_records

@@ -27,8 +27,8 @@ import psutil
 import pytest
 
 import fedmole
-from fedmole.config import load_config
-from fedmole.engines.flower_procs import FlowerProcesses, make_auth_keys, make_certificates, terminate_then_kill
+from fedmole.config_io import load_config
+from fedmole.engines.flower.procs import FlowerProcesses, make_auth_keys, make_certificates, terminate_then_kill
 
 ROOT = Path(fedmole.__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke_fedamole.yaml"

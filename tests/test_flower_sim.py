@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 import fedmole
-from fedmole.config import load_config
+from fedmole.config_io import load_config
 from fedmole.run import run_experiment
 
 from conftest import canonical_lines
@@ -107,8 +107,8 @@ def test_an_error_in_the_server_app_surfaces_and_leaves_no_process(tmp_path, dat
     (run_dir / "metrics.jsonl").write_text("")
     mark = uuid.uuid4().hex
     script = ("import sys; from pathlib import Path\n"
-              "from fedmole.config import load_config\n"
-              "from fedmole.engines.flower import run_flower_sim\n"
+              "from fedmole.config_io import load_config\n"
+              "from fedmole.engines.flower.simulation import run_flower_sim\n"
               "from fedmole.errors import UserError\n"
               f"cfg = load_config({str(ROOT / 'configs' / 'smoke.yaml')!r}, {[*FAST, f'data.path={data_file}']!r})\n"
               "try:\n"

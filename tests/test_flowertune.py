@@ -16,8 +16,8 @@ import psutil
 import pytest
 
 import fedmole
-from fedmole.config import load_config, validate_config
-from fedmole.engines import flower, flowertune
+from fedmole.config_io import load_config, validate_config
+from fedmole.engines.flower import flowertune, simulation
 from fedmole.errors import UserError
 
 from conftest import metrics_records
@@ -262,7 +262,7 @@ def test_a_generated_fedamole_project_runs_with_flwr_run_offline(tmp_path, hub_c
     """The user's steps: write the project, then `flwr run . local --federation-config num-supernodes=10`, which
     starts Flower's managed local SuperLink and runs the simulation (Ray). Offline: a local copy of the data set
     replaces the hub name, the tiny model replaces Mistral-7B."""
-    from fedmole.engines.flower_procs import free_port, terminate_then_kill
+    from fedmole.engines.flower.procs import free_port, terminate_then_kill
 
     project = tmp_path / "fedmole-code"
     sets = [a for o in TINY for a in ("--set", o)]
@@ -277,7 +277,7 @@ def test_a_generated_fedamole_project_runs_with_flwr_run_offline(tmp_path, hub_c
 
     mark, home = uuid.uuid4().hex, tmp_path / "flwr-home"
     home.mkdir()
-    env.update(flower.FLOWER_ENV)
+    env.update(simulation.FLOWER_ENV)
     env.update({"FLWR_HOME": str(home), "FEDMOLE_TEST_MARK": mark, "OMP_NUM_THREADS": "1",
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                 "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),

@@ -31,7 +31,8 @@ from hypothesis import strategies as st
 
 from fedmole import cli
 from fedmole.adapters.state import state_digest
-from fedmole.config import ALGORITHMS, Config, load_config, validate_config
+from fedmole.config import ALGORITHMS, Config
+from fedmole.config_io import load_config, validate_config
 from fedmole.errors import UserError
 from fedmole.messages import Reply
 from fedmole.run import _attach_log_file, _setup, latest_checkpoint, log
@@ -334,7 +335,7 @@ WIRE_ATTACKS = {
 def test_every_kind_of_malformed_flower_reply_becomes_a_rejection():
     from flwr.app import ConfigRecord, RecordDict
 
-    from fedmole.engines.flower import parse_reply
+    from fedmole.engines.flower.records import parse_reply
 
     for what, (conf, words) in WIRE_ATTACKS.items():
         reply, failure = parse_reply(RecordDict({"config": ConfigRecord(conf)}))
@@ -845,7 +846,7 @@ def test_a_torn_last_jsonl_line_is_cut_back_on_resume(tmp_path, finished, name):
 def test_stale_simulation_directories_are_removed_and_live_ones_kept(tmp_path):
     import fcntl
 
-    from fedmole.engines.watchdog import OWNER, remove_stale
+    from fedmole.engines.flower.watchdog import OWNER, remove_stale
 
     stale, live, young = (tmp_path / f"fedmole-sim-{n}" for n in ("stale", "live", "young"))
     for d in (stale, live, young):

@@ -13,7 +13,7 @@ from fedmole.adapters.moe_lora import MoELoRA
 from fedmole.adapters.smoe import MoEContext, SparseMoELoRA, find_moe_blocks
 from fedmole.algorithms.lora_common import build_lora_adapters
 from fedmole.algorithms.lora_ops import from_pairs, lora_pairs, merged_key
-from fedmole.config import validate_config
+from fedmole.config_io import validate_config
 from fedmole.models.tiny import tiny_olmoe
 
 from conftest import tiny_mixtral, tiny_qwen2_moe, tiny_qwen3_moe

@@ -149,7 +149,7 @@ def test_load_balancing_loss_hand_case():
 def test_zero_lb_weight_records_no_load_balancing_terms(tiny_tok):
     """With lb_weight 0 nobody collects the terms, so the layers must not record them (each holds a graph)."""
     from fedmole.algorithms import get_algorithm
-    from fedmole.config import load_config
+    from fedmole.config_io import load_config
 
     cfg = load_config(None, ["algorithm.name=fedamole", "algorithm.num_experts=4", "algorithm.lb_weight=0", "partition.splits.aux=0.1"])
     model = tiny_llama(len(tiny_tok))

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from fedmole.adapters import LoRALinear, inject
 from fedmole.adapters.merged import MergedLoRALinear
 from fedmole.algorithms.lora_ops import merged_key
-from fedmole.config import validate_config
+from fedmole.config_io import validate_config
 from fedmole.errors import UserError
 from fedmole.export import export_peft
 from fedmole.models.tiny import tiny_llama

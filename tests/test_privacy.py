@@ -14,7 +14,7 @@ from scipy.special import gammaincc
 
 from fedmole.algorithms import fedamole, get_algorithm
 from fedmole.client.execute import execute
-from fedmole.config import load_config, validate_config
+from fedmole.config_io import load_config, validate_config
 from fedmole.messages import ClientState, Payload, Reply
 from fedmole.models.tiny import tiny_llama
 from fedmole.privacy import embedding_epsilon

@@ -8,7 +8,7 @@ import pytest
 
 from fedmole.algorithms.lora_common import TIER_PREFIX
 from fedmole.algorithms.lora_ops import lora_pairs
-from fedmole.config import load_config
+from fedmole.config_io import load_config
 from fedmole.reeval import evaluate_run
 
 from conftest import metrics_records, run_config

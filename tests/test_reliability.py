@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -15,8 +14,8 @@ import torch
 
 from fedmole.algorithms.aggregate import robust_mean, weighted_mean
 from fedmole.algorithms.validate import Limits, ReplyRules, check_reply, spec_of
-from fedmole.config import load_config
-from fedmole.messages import Payload, Reply
+from fedmole.config_io import load_config
+from fedmole.messages import Reply
 from fedmole.privacy import epsilon, privatize
 from fedmole.run import _setup, latest_checkpoint, run_experiment
 
@@ -77,7 +76,7 @@ def test_sigkill_during_checkpoint_write_leaves_the_previous_checkpoint_valid(tm
             if "round_0002" in str(path):
                 os.kill(os.getpid(), signal.SIGKILL)
         run.save_file = dying_save_file
-        cfg = run_cfg = __import__("fedmole.config", fromlist=["x"]).load_config({str(SMOKE)!r}, {overrides!r})
+        cfg = run_cfg = __import__("fedmole.config_io", fromlist=["x"]).load_config({str(SMOKE)!r}, {overrides!r})
         d = Path({str(run_dir)!r}); d.mkdir()
         run.run_experiment(cfg, d, "none")
     """)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedmole.client.data import BatchStream
-from fedmole.config import load_config
+from fedmole.config_io import load_config
 from fedmole.run import sample_clients
 
 from conftest import metrics_records, run_config

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fedmole.algorithms.server_opt import ServerOptimizer
-from fedmole.config import ServerOptConfig, validate_config
+from fedmole.config import ServerOptConfig
+from fedmole.config_io import validate_config
 from fedmole.errors import UserError
 
 

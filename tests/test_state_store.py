@@ -13,7 +13,7 @@ import torch
 
 from fedmole.adapters.state import state_digest
 from fedmole.client.store import StateStore, read_state
-from fedmole.config import dump_config, load_config
+from fedmole.config_io import dump_config, load_config
 from fedmole.engines.inprocess import InProcessEngine
 from fedmole.messages import ClientState
 from fedmole.reporting.metrics import MetricsLog, summarize

@@ -12,7 +12,7 @@ BASE = Path(__file__).resolve().parent / "base.yaml"
 
 def run_one(run: dict, run_dir: str, extra: list[str] = ()) -> dict:
     """One run in this (worker) process: kept if finished, resumed if it has a checkpoint, else started anew."""
-    from fedmole.config import load_config
+    from fedmole.config_io import load_config
     from fedmole.run import latest_checkpoint, resume_experiment, run_experiment
 
     run_dir = Path(run_dir)

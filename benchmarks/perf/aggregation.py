@@ -34,7 +34,7 @@ def overrides(name: str, clients: int) -> list[str]:
 
 def template_reply(name: str):
     import fedmole.run as run
-    from fedmole.config import load_config
+    from fedmole.config_io import load_config
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"algorithm.name={name}", "data.max_examples=600",
                                                          "train.local_steps=1"])
@@ -69,7 +69,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from fedmole.algorithms import get_algorithm
-    from fedmole.config import load_config
+    from fedmole.config_io import load_config
 
     results = {}
     for name in args.methods:

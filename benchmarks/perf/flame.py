@@ -19,7 +19,8 @@ import torch
 
 from benchmarks.common import interleaved, median, record
 from fedmole.algorithms.flame import RoutedLayers, build_adapters, flops_per_token
-from fedmole.config import ModelConfig, load_config
+from fedmole.config import ModelConfig
+from fedmole.config_io import load_config
 from fedmole.models import load_model
 from fedmole.models.tiny import tiny_olmoe
 from fedmole.tiers import default_levels

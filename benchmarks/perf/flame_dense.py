@@ -32,7 +32,8 @@ import torch
 from benchmarks.common import interleaved, median, record
 from fedmole.adapters.smoe import LoRAExpertPool
 from fedmole.algorithms.flame import RoutedLayers, build_adapters, flops_per_token
-from fedmole.config import ModelConfig, load_config
+from fedmole.config import ModelConfig
+from fedmole.config_io import load_config
 from fedmole.models import load_model
 
 ALL_LINEAR = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"

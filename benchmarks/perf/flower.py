@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import record
-from fedmole.config import load_config
+from fedmole.config_io import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,7 +70,7 @@ def run_engine(engine: str, cfg, root: Path) -> dict:
     run_dir = prepare_run_dir(cfg, root / engine, None, False)
     t = time.perf_counter()
     if engine == "flower-sim":
-        from fedmole.engines.flower import run_flower_sim
+        from fedmole.engines.flower.simulation import run_flower_sim
 
         summary = run_flower_sim(cfg, run_dir, "none")
     else:
@@ -115,7 +115,7 @@ def model_load_seconds(cfg) -> float:
 
 def data_load_seconds(cfg) -> float:
     """Load and partition the config's data set once: what a ClientApp does for each client it first serves
-    (`fedmole.engines.flower.own_partition` loads the whole data set and keeps that client's part)."""
+    (`fedmole.engines.flower.clientapp.own_partition` loads the whole data set and keeps that client's part)."""
     from fedmole.run import load_federated_data
 
     t = time.perf_counter()
@@ -129,7 +129,7 @@ def import_seconds() -> float:
     import sys
 
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, transformers, flwr, fedmole.engines.flower, "
+    subprocess.run([sys.executable, "-c", "import torch, transformers, flwr, fedmole.engines.flower.clientapp, "
                     "fedmole.algorithms.fedamole"], check=True)
     return time.perf_counter() - t
 
@@ -140,7 +140,7 @@ def serialisation(cfg) -> dict:
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
     from fedmole.algorithms import get_algorithm
-    from fedmole.engines.flower import parse_reply, payload_content, reply_content, tensors_of
+    from fedmole.engines.flower.records import parse_reply, payload_content, reply_content, tensors_of
     from fedmole.messages import Reply
     from fedmole.run import build_runtime, sample_clients
 

@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import fedmole.run as run
-    from fedmole.config import load_config
+    from fedmole.config_io import load_config
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [
         f"federation.rounds={args.rounds}", "train.local_steps=2", "eval.every=10", "eval.max_examples=4",

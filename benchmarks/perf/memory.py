@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHILD = """
 import json, sys, tempfile
 from pathlib import Path
-from fedmole.config import load_config
+from fedmole.config_io import load_config
 from fedmole.run import run_experiment
 cfg = load_config(sys.argv[1], sys.argv[2:])
 with tempfile.TemporaryDirectory() as d:

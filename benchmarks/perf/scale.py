@@ -47,7 +47,7 @@ COMMON = ["federation.clients_per_round=10", "eval.clients=10", "partition.schem
 CHILD = """
 import json, sys, time
 from pathlib import Path
-from fedmole.config import load_config
+from fedmole.config_io import load_config
 from fedmole import run as R
 
 rounds, marks = [], {}

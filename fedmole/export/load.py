@@ -46,7 +46,7 @@ def load_model(path: str | Path, device: str | None = None, precision: str | Non
     """(model, tokenizer) of an export directory, in eval mode with no gradients. `device` (auto, cpu, cuda)
     and `precision` (fp32, bf16, fp16) default to the run's `train.device` and `train.precision`; merged
     models load in fp32."""
-    from fedmole.config import validate_config
+    from fedmole.config_io import validate_config
     from fedmole.models import resolve_device
     from fedmole.models import load_model as load_base_model
 

@@ -26,7 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmole.config import Config, load_config
+from fedmole.config import Config
+from fedmole.config_io import load_config
 from fedmole.errors import UserError
 from fedmole.messages import ClientState, Tensors
 

@@ -29,15 +29,22 @@ import json
 import re
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import yaml
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedmole.config import Config, validate_config
-from fedmole.engines import flower
+from fedmole.config import Config
+from fedmole.config_io import validate_config
+from fedmole.engines.flower import serverapp
+from fedmole.engines.flower.clientapp import make_client_app
+from fedmole.engines.flower.procs import toml_value
+from fedmole.engines.flower.runconfig import config_text
 from fedmole.errors import UserError, did_you_mean
+from fedmole.export import export_run
+from fedmole.export.source import checkpoint_rounds
 
 METHODS = ("fedit", "fedamole", "flame")
 MIB = 1024**2  # the template's CommunicationTracker counts MB as 1024**2 bytes
@@ -167,7 +174,7 @@ def project_config(cfg: Config, challenge: Challenge) -> tuple[Config, list[str]
     if cfg.algorithm.name not in METHODS:
         raise UserError(f"--flowertune runs {', '.join(METHODS)}; the config has algorithm.name="
                         f"{cfg.algorithm.name}")
-    data = yaml.safe_load(flower.config_text(cfg)) or {}
+    data = yaml.safe_load(config_text(cfg)) or {}
     for key, (field, default) in TEMPLATE_KEYS.items():
         if _get(data, field) is None and default is not None:
             _set(data, field, default)
@@ -207,7 +214,7 @@ def project_config(cfg: Config, challenge: Challenge) -> tuple[Config, list[str]
 def run_config_of(cfg: Config, challenge: Challenge, run_out: str = "") -> dict:
     """The project's [tool.flwr.app.config] (flat dotted keys) for a `project_config`; `resolve` inverts it."""
     resolved = cfg.to_dict()
-    data = yaml.safe_load(flower.config_text(cfg))  # the keys that were set, not every default
+    data = yaml.safe_load(config_text(cfg))  # the keys that were set, not every default
     out: dict = {}
     for key, (field, _) in TEMPLATE_KEYS.items():
         out[key] = challenge.fraction_train if key == "strategy.fraction-train" else _get(resolved, field)
@@ -232,18 +239,15 @@ def challenge_of(name: str) -> Challenge:
 
 # ------------------------------------------------------------------------------------------ the apps
 def client_settings(context: Context) -> dict:
-    return {"config": flower.config_text(resolve(dict(context.run_config)))}
+    return {"config": config_text(resolve(dict(context.run_config)))}
 
 
-client_app = flower.make_client_app(bind=client_settings)
+client_app = make_client_app(bind=client_settings)
 
 
 def model_dirs(run_dir: Path, cfg: Config) -> list[Path]:
     """Export the global model of every kept checkpoint whose round is a multiple of train.save-every-round
     (checkpoint.every) or the last: `peft_<round>` for FedIT, `fedmole_<round>` for FedAMoLE and FLAME."""
-    from fedmole.export import export_run
-    from fedmole.export.source import checkpoint_rounds
-
     rounds = checkpoint_rounds(run_dir)
     prefix = "peft" if cfg.algorithm.name == "fedit" else "fedmole"
     out = []
@@ -271,7 +275,7 @@ def server_main(grid: Grid, context: Context) -> dict:
     cfg = resolve(run_config)
     out = run_config.get("out") or str(Path("results") / time.strftime("%Y-%m-%d_%H-%M-%S"))
     run_dir = Path(out).resolve()
-    summary = flower.server_main(grid, context, {"config": flower.config_text(cfg), "out": str(run_dir)})
+    summary = serverapp.server_main(grid, context, {"config": config_text(cfg), "out": str(run_dir)})
     models = model_dirs(run_dir, cfg)
     train_mib = summary["comm"]["by_phase"]["train"] / MIB
     info = {"challenge": run_config.get("challenge"), "dataset": run_config[STATIC_KEY],
@@ -304,8 +308,6 @@ def _server(grid: Grid, context: Context) -> None:
 # ---------------------------------------------------------------------------------------- the writer
 def _toml(v) -> str:
     """A TOML value; multi-line text as a literal multi-line string (readable YAML), when it can be one."""
-    from fedmole.engines.flower_procs import toml_value
-
     if isinstance(v, str) and "\n" in v and "'''" not in v:
         return "'''\n" + v + "'''"
     return toml_value(v)
@@ -313,8 +315,6 @@ def _toml(v) -> str:
 
 def write_project(cfg: Config, challenge: Challenge, out_dir: str | Path, run_out: str = "") -> Path:
     """Write the FlowerTune project for `cfg` (a `project_config`); returns the pyproject.toml path."""
-    from importlib.metadata import version
-
     out = Path(out_dir)
     pkg = out / challenge.package
     pkg.mkdir(parents=True, exist_ok=True)
@@ -323,8 +323,8 @@ def write_project(cfg: Config, challenge: Challenge, out_dir: str | Path, run_ou
                                      f'challenge (written by `fedmole flower app --flowertune`)."""\n')
     for side in ("server", "client"):  # a plain assignment: Flower finds `app` by reading the file
         (pkg / f"{side}_app.py").write_text(f'"""The {side.capitalize()}App: fedmole\'s, see '
-                                            f'fedmole/engines/flowertune.py."""\n\nfrom fedmole.engines import '
-                                            f'flowertune\n\napp = flowertune.{side}_app\n')
+                                            f'fedmole/engines/flower/flowertune.py."""\n\nfrom fedmole.engines.flower '
+                                            f'import flowertune\n\napp = flowertune.{side}_app\n')
     assigned = {k: f"{k} = {_toml(run_config[k])}" for k in TEMPLATE_KEYS}
     width = max(map(len, assigned.values())) + 2
     template = [line.ljust(width) + f"# fedmole: {TEMPLATE_KEYS[k][0]}" for k, line in assigned.items()]
@@ -362,7 +362,7 @@ def project_readme(cfg: Config, challenge: Challenge) -> str:
     return f"""# fedmole {method} on the FlowerTune LLM {challenge.name} challenge
 
 Written by `fedmole flower app --flowertune {challenge.name}`. The ServerApp and ClientApp are fedmole's
-(`fedmole.engines.flowertune`): the server runs the {method} strategy and the round loop, each SuperNode is one
+(`fedmole.engines.flower.flowertune`): the server runs the {method} strategy and the round loop, each SuperNode is one
 fedmole client training on its IID share of [{challenge.dataset}](https://huggingface.co/datasets/{challenge.dataset}).
 
 ## Fixed by the leaderboard rules

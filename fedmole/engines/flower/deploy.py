@@ -2,7 +2,7 @@
 
 The SuperLink and the SuperNodes (one per client, `--node-config 'partition-id=i num-partitions=n'`) are
 already running, possibly on other machines (docs/deployment.md). This launcher writes the Flower app of the
-config (`fedmole.engines.flower.write_app`) into a temporary directory, points a private FLWR_HOME at the SuperLink
+config (`app.write_app`) into a temporary directory, points a private FLWR_HOME at the SuperLink
 (TLS when a CA certificate is given), submits the app with `flwr run APP fedmole --stream` and waits for the
 run to end. The ServerApp runs on the SuperLink's machine and writes the run directory there (`out` in the
 run config is this run directory's absolute path): on one machine, or with a shared file system, the summary is
@@ -17,8 +17,9 @@ import tempfile
 from pathlib import Path
 
 from fedmole.config import Config
+from fedmole.engines.flower.app import write_app
+from fedmole.engines.flower.procs import FlowerProcesses
 from fedmole.errors import RunFailed, UserError
-from fedmole.engines.flower_procs import FlowerProcesses
 
 ENGINE_NAME = "flower-deploy"
 
@@ -50,8 +51,6 @@ def run_flower_deploy(cfg: Config, run_dir: Path, superlink: str | None, root_ce
     `timeout` (seconds, None = no limit) bounds the whole `flwr run`; on timeout, error or Ctrl-C the `flwr`
     process is stopped (the run on the SuperLink is then stopped with `flwr stop`)."""
     address, ca = check_superlink(superlink, root_certificates)
-    from fedmole.engines.flower import write_app
-
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedmole-app-") as app_dir, FlowerProcesses() as fl:

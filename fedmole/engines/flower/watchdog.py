@@ -8,7 +8,7 @@
   the process dies;
 - at start, the `fedmole-sim-*` directories of earlier simulations whose `.owner` lock is free (their process
   died before it could clean up) are removed;
-- a watchdog process (`python -m fedmole.engines.watchdog PARENT_PID DIR`, in its own session so a signal to
+- a watchdog process (`python -m fedmole.engines.flower.watchdog PARENT_PID DIR`, in its own session so a signal to
   the terminal's process group does not take it along) records every descendant of the parent twice a
   second. When the parent dies, even by SIGKILL, it stops them (SIGTERM, a grace period, SIGKILL), with
   any process they started since, and removes the directory. After a normal end (or Ctrl-C) the parent
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import psutil
 
+from fedmole.engines.flower.procs import package_root, terminate_then_kill
 from fedmole.rundir import lock_is_free
 
 PREFIX = "fedmole-sim-"
@@ -59,7 +60,7 @@ class SimulationGuard:
         self._fd = os.open(self.path / OWNER, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         self.watchdog = subprocess.Popen(
-            [sys.executable, "-m", "fedmole.engines.watchdog", str(os.getpid()), str(self.path)],
+            [sys.executable, "-m", "fedmole.engines.flower.watchdog", str(os.getpid()), str(self.path)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, env={**os.environ, "PYTHONPATH": _pythonpath()})
 
@@ -79,7 +80,7 @@ class SimulationGuard:
 
 def _pythonpath() -> str:
     """The directory holding this fedmole package first, so the watchdog runs the same code."""
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(package_root())
     rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
     return os.pathsep.join([root, *rest])
 
@@ -93,8 +94,6 @@ def _descendants(proc: psutil.Process) -> list[psutil.Process]:
 
 def watch(parent: int, directory: Path, interval: float = INTERVAL) -> None:
     """Record the descendants of `parent` until it dies; then stop them and remove `directory`."""
-    from fedmole.engines.flower_procs import terminate_then_kill
-
     me = os.getpid()
     try:
         root = psutil.Process(parent)

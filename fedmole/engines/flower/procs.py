@@ -12,7 +12,9 @@ benchmark. Everything a `FlowerProcesses` starts runs with:
 `stop()` ends exactly the processes it started and the processes they spawned (Flower detaches its SuperExec,
 `flwr-serverapp` and `flwr-clientapp` processes into new sessions, so the tree is read by parent PID):
 SIGTERM, a grace period, then SIGKILL. It runs on error and
-on exit (context manager and `atexit`). Nothing is ever matched by name.
+on exit (context manager and `atexit`). Nothing is ever matched by name. `ProcessTracker` does the same for a
+process that runs Flower in-process (flower-sim, `simulation.py`): it records every process started below
+this one while it runs and stops the survivors by PID at the end.
 
 TLS: `make_certificates` writes a self-signed CA and a server certificate signed by it (SAN = the server's
 IPs / DNS names) with the `cryptography` package (a dependency of flwr). SuperNode authentication:
@@ -24,6 +26,7 @@ from __future__ import annotations
 import atexit
 import datetime as dt
 import ipaddress
+import json
 import os
 import shlex
 import signal
@@ -31,11 +34,16 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import fedmole
 from fedmole.errors import UserError
@@ -121,6 +129,55 @@ def terminate_then_kill(procs: list, grace: float = 5.0) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
+class ProcessTracker:
+    """Remembers every process started below this one while it runs (a background poll, so processes that
+    are re-parented later are still known), and stops the survivors by PID at the end."""
+
+    def __init__(self, interval: float = 0.5):
+        self._me = psutil.Process()
+        self._before = {p.pid for p in self._me.children(recursive=True)}
+        self.seen: dict[int, float] = {}  # pid -> create_time (guards against PID reuse)
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _scan(self) -> None:
+        for p in self._me.children(recursive=True):
+            if p.pid not in self._before and p.pid not in self.seen:
+                try:
+                    self.seen[p.pid] = p.create_time()
+                except psutil.Error:
+                    pass
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._scan()
+
+    def __enter__(self) -> "ProcessTracker":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._scan()
+        self.stop_all()
+
+    def alive(self) -> list:
+        out = []
+        for pid, created in self.seen.items():
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+            except psutil.Error:
+                pass
+        return out
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        terminate_then_kill(self.alive(), grace)
+
+
 # ------------------------------------------------------------------------------------------------ TLS
 
 @dataclass(frozen=True)
@@ -133,8 +190,6 @@ class Certificates:
 
 
 def _write_key(path: Path, key) -> None:
-    from cryptography.hazmat.primitives import serialization
-
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()))
     path.chmod(0o600)
@@ -145,11 +200,6 @@ def make_certificates(out_dir: str | Path, hosts: tuple[str, ...] | list[str] = 
     """Write `ca.crt`, `server.pem` and `server.key` into `out_dir`: a self-signed CA (EC P-256) and a server
     certificate signed by it, valid for every name in `hosts` (IP addresses become IP SANs, the rest DNS SANs).
     The SuperLink serves `server.pem`/`server.key`; SuperNodes and `flwr` verify it with `ca.crt`."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
     if not hosts:
         raise UserError("a server certificate needs at least one host name or IP address (e.g. 127.0.0.1)")
     sans = []
@@ -187,8 +237,6 @@ def make_certificates(out_dir: str | Path, hosts: tuple[str, ...] | list[str] = 
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
 
-    from cryptography.hazmat.primitives import serialization
-
     files = Certificates(out / "ca.crt", out / "server.pem", out / "server.key")
     files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -201,8 +249,6 @@ def make_auth_keys(out_dir: str | Path, name: str = "supernode") -> tuple[Path, 
     """Write an EC (P-384) key pair for SuperNode authentication in OpenSSH format: `name` (private, given to
     `flower-supernode --auth-supernode-private-key`) and `name.pub` (registered with `flwr supernode register`).
     Returns (private, public)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -374,8 +420,6 @@ class FlowerProcesses:
              ) -> subprocess.CompletedProcess:
         """Run a `flwr` CLI command against the SuperLink; its output goes to logs/flwr.log (and, line by line,
         to `echo(line)` when given). On timeout or Ctrl-C the command and its children are stopped."""
-        import threading
-
         cmd = [*netns_exec(self.cli_netns), flower_bin("flwr"), *args]
         popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                  env=self.env, cwd=self.workdir, start_new_session=True)
@@ -486,8 +530,6 @@ class FlowerProcesses:
 
 def toml_value(v) -> str:
     """A Python bool, number or string as a TOML value (strings as basic strings; JSON's escapes are TOML's)."""
-    import json
-
     if isinstance(v, bool):
         return str(v).lower()
     if isinstance(v, (int, float)):
