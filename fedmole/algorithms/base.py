@@ -15,6 +15,7 @@ config/metrics. Engines only move these objects.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -33,8 +34,9 @@ if TYPE_CHECKING:
 PERSONALIZED, GLOBAL = "personalized", "global"
 
 
-class Strategy:
-    """Server half of a method. Subclasses set the class attributes and implement the four methods."""
+class Strategy(ABC):
+    """Server half of a method. Subclasses set the class attributes and implement the abstract methods
+    (`configure_train`, `aggregate_train`); the rest have defaults a method overrides where it differs."""
 
     personalized: ClassVar[bool] = False  # clients report a personalised model (after local training)
     has_global: ClassVar[bool] = True  # there is a global model to evaluate
@@ -54,12 +56,13 @@ class Strategy:
         return {"round": rnd, "lr": round_lr(self.cfg.train, rnd, self.cfg.federation.rounds),
                 "steps": self.cfg.train.local_steps, "eval_personalized": evaluate and self.personalized}
 
+    @abstractmethod
     def configure_train(self, rnd: int, clients: list[int], evaluate: bool) -> dict[int, Payload]:
-        raise NotImplementedError
+        """Plan a training round: the payload of each of the round's clients."""
 
+    @abstractmethod
     def aggregate_train(self, rnd: int, replies: dict[int, Reply]) -> dict:
         """Merge replies into the global state; returns JSON-able facts about the round for the log."""
-        raise NotImplementedError
 
     def average(self, contributions: list[tuple[Tensors, float]]) -> Tensors:
         """Combine client tensors: the weighted mean, or the robust rule of `replies.robust`."""
@@ -117,15 +120,17 @@ class Strategy:
         self.global_state = dict(tensors)
 
 
-class ClientProcedure:
-    """Client half of a method."""
+class ClientProcedure(ABC):
+    """Client half of a method: `train` is its own; `evaluate` defaults to evaluating the payload as the
+    global model."""
 
     def __init__(self, cfg: Config, runtime: "ClientRuntime"):
         self.cfg = cfg
         self.runtime = runtime
 
+    @abstractmethod
     def train(self, cid: int, payload: Payload, state: ClientState) -> Reply:
-        raise NotImplementedError
+        """Train locally on the payload (updating `state`, the client's persistent state) and reply."""
 
     def evaluate(self, cid: int, payload: Payload, state: ClientState) -> Reply:
         """Default: load the payload tensors and evaluate them as the global model."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -72,11 +73,12 @@ def _few(names: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- checks
-class Check:
+class Check(ABC):
     """A declared constraint on one JSON value; `problem` says what is wrong with `value` (None: fine)."""
 
+    @abstractmethod
     def problem(self, value) -> str | None:
-        raise NotImplementedError
+        """What is wrong with `value`, or None when it is fine."""
 
 
 @dataclass(frozen=True)
