@@ -33,6 +33,7 @@ from torch import nn
 
 from fedmole.adapters import AdapterSet, LoRALinear, inject, parse_key
 from fedmole.adapters.smoe import (
+    RESCALER,
     LoRAExpertPool,
     RoutedExperts,
     SparseMoELoRA,
@@ -52,7 +53,6 @@ from fedmole.config import ATTENTION_PROJECTIONS, EXPERT_PROJECTIONS
 from fedmole.errors import UserError
 from fedmole.tiers import assign_tiers
 
-RESCALER = "rescaler"
 LOG_S_BOUND = 20.0  # |log s| a client may report: s within e^-20..e^20 (honest values are near log(K/k))
 
 
@@ -143,11 +143,11 @@ class RoutedLayers:
         return list({id(m.log_s): m.log_s for m in self.layers.values()}.values())
 
     def trainable(self) -> list[nn.Parameter]:
-        """LoRA factors and trained routers of every module, each parameter once; not the rescaler."""
+        """LoRA factors and trained routers of every module (its `trainable_parameters` but the rescaler, which
+        trains in a group of its own), each parameter once."""
         params: dict[int, nn.Parameter] = {}
         for _, module in self.adapters:
-            found = module.trainable() if isinstance(module, RoutedExperts) else [module.A, module.B]
-            params.update({id(p): p for p in found})
+            params.update({id(p): p for (expert, _), p in module.trainable_parameters().items() if expert != RESCALER})
         return list(params.values())
 
     # activity: a_i^{l,j} and S_i
