@@ -56,7 +56,16 @@ from fedmole.paths import atomic_write_text
 from fedmole.client import snapshots
 from fedmole.client.store import StateStore
 from fedmole.engines.base import Engine
-from fedmole.reporting.metrics import MetricsLog, OutcomesLog, best_val_round, select_model, summarize
+from fedmole.reporting.metrics import (
+    MetricsLog,
+    OutcomesLog,
+    best_val_round,
+    fact_record,
+    metric_record,
+    round_record,
+    select_model,
+    summarize,
+)
 from fedmole.reporting.progress import RunProgress
 from fedmole.rundir import claim, hold, repair_jsonl, sha256_file, write_marker
 
@@ -323,9 +332,6 @@ class Federation:
         """Wall time of the run so far, earlier sessions (before a resume) included."""
         return self.wall_before + time.time() - self.started
 
-    def _round_record(self, rnd: int, metric: str, value, client: int | None = None) -> dict:
-        return {"round": rnd, "client": client, "model": None, "split": "round", "metric": metric, "value": value}
-
     def _plan(self, rnd: int, plans: dict[int, Payload]) -> dict[int, Payload]:
         """Attach injected faults to the payloads (each client gets its own config copy)."""
         out = {}
@@ -361,7 +367,7 @@ class Federation:
         plans = {c: Payload({}, {"round": rnd, "test_snapshots": wanted}) for c in range(self.cfg.federation.num_clients)}
         replies, failures = self.engine.evaluate(rnd, self._send(rnd, "evaluate", plans))
         replies = self._receive(rnd, "evaluate", replies, rounds=wanted)
-        self.metrics.add([self._round_record(rnd, "test_failed", 1, cid) for cid in sorted(failures)])
+        self.metrics.add([round_record(rnd, "test_failed", 1, cid) for cid in sorted(failures)])
         self._log_evals(rnd, {c: r.evals for c, r in replies.items()})
 
     def _log_evals(self, rnd: int, per_client: dict[int, list[dict]]) -> None:
@@ -431,7 +437,7 @@ class Federation:
             if reason is None:
                 accepted[cid] = reply
                 continue
-            recs.append({**self._round_record(rnd, "eval_rejected", 1, cid), "reason": reason})
+            recs.append(round_record(rnd, "eval_rejected", 1, cid, reason))
             log.warning("round %s: evaluation reply of client %s rejected: %s", rnd, cid, reason)
         self.metrics.add(recs)
         return accepted
@@ -458,7 +464,7 @@ class Federation:
             return
         replies, failures = self.engine.evaluate(rnd, self._send(rnd, "evaluate", self._keep_snapshots(plans)))
         replies = self._receive(rnd, "evaluate", replies)
-        self.metrics.add([self._round_record(rnd, f"eval_{kind}", 1, cid) for cid, (kind, _) in sorted(failures.items())])
+        self.metrics.add([round_record(rnd, f"eval_{kind}", 1, cid) for cid, (kind, _) in sorted(failures.items())])
         self._log_evals(rnd, {c: r.evals for c, r in replies.items()})
 
     def run_round(self, rnd: int) -> bool:
@@ -480,22 +486,21 @@ class Federation:
             first = next(iter(failures.values()))[1]
             raise RuntimeError(f"round {rnd}: every client failed with an error (see run.log); first: {first}")
 
-        recs = [{**self._round_record(rnd, f"client_{kind}", 1, cid), **({"reason": why} if kind == "rejected" else {})}
+        recs = [round_record(rnd, f"client_{kind}", 1, cid, why if kind == "rejected" else None)
                 for cid, (kind, why) in sorted(failures.items())]
         for cid, reply in accepted.items():
-            recs += [{"round": rnd, "client": cid, "model": "local", "split": "train", "metric": m, "value": v}
-                     for m, v in reply.metrics.items()]
-        recs.append(self._round_record(rnd, "clients_replied", len(accepted)))
+            recs += [metric_record(rnd, cid, "local", "train", m, v) for m, v in reply.metrics.items()]
+        recs.append(round_record(rnd, "clients_replied", len(accepted)))
         if len(accepted) >= cfg.federation.min_replies:
             info = self.strategy.aggregate_train(rnd, accepted) or {}
-            recs += [self._round_record(rnd, m, v) for m, v in info.items()]
-            recs += [{"round": rnd, "model": None, "split": "round", **r} for r in self.strategy.round_records(rnd)]
+            recs += [round_record(rnd, m, v) for m, v in info.items()]
+            recs += [fact_record(rnd, r) for r in self.strategy.round_records(rnd)]
         else:
-            recs.append(self._round_record(rnd, "round_skipped", 1))
+            recs.append(round_record(rnd, "round_skipped", 1))
             log.warning("round %s skipped: %d accepted replies < federation.min_replies=%d; global state unchanged",
                         rnd, len(accepted), cfg.federation.min_replies)
         if cfg.dp.enabled:
-            recs.append(self._round_record(rnd, "dp_epsilon", self.epsilon(rnd, accepted)))
+            recs.append(round_record(rnd, "dp_epsilon", self.epsilon(rnd, accepted)))
         self.metrics.add(recs)
         self._log_evals(rnd, {c: r.evals for c, r in accepted.items() if r.evals})
         self.write_artifacts(rnd)
