@@ -135,7 +135,3 @@ class AdapterSet:
             for (expert, name), t in mod.init_tensors(gen, **kwargs).items():
                 out[key(path, expert, name)] = t
         return out
-
-    def train(self, mode: bool = True) -> None:
-        for mod in self.modules.values():
-            mod.train(mode)
