@@ -24,10 +24,6 @@ class ClientCrashed(Exception):
     """The client crashed during local training (injected)."""
 
 
-class ClientLate(Exception):
-    """The client's reply arrived after the round deadline."""
-
-
 def plan_fault(cfg: Config, rnd: int, cid: int) -> dict | None:
     """`{"kind": drop|crash|straggle, "at_step": s}` or None, from one seeded draw per (round, client)."""
     f = cfg.faults

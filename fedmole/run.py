@@ -36,8 +36,9 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -55,9 +56,22 @@ from fedmole.messages import ClientState, Payload, Reply
 from fedmole.paths import atomic_write_text
 from fedmole.client import snapshots
 from fedmole.client.store import StateStore
-from fedmole.reporting.metrics import MetricsLog, OutcomesLog, best_val_round, select_model, summarize
+from fedmole.engines.base import Engine
+from fedmole.reporting.metrics import (
+    MetricsLog,
+    OutcomesLog,
+    best_val_round,
+    fact_record,
+    metric_record,
+    round_record,
+    select_model,
+    summarize,
+)
 from fedmole.reporting.progress import RunProgress
 from fedmole.rundir import claim, hold, repair_jsonl, sha256_file, write_marker
+
+if TYPE_CHECKING:
+    from fedmole.client.runtime import ClientRuntime
 
 log = logging.getLogger("fedmole")
 CLIENTS = "clients"  # a checkpoint's directory of client states
@@ -151,7 +165,7 @@ def config_digest(cfg_dict: dict) -> str:
     return hashlib.sha256(json.dumps(resumable_config(cfg_dict), sort_keys=True).encode()).hexdigest()
 
 
-def save_checkpoint(run_dir: Path, rnd: int, strategy, engine, metrics: MetricsLog, keep_last: int | None,
+def save_checkpoint(run_dir: Path, rnd: int, strategy, engine: Engine, metrics: MetricsLog, keep_last: int | None,
                     wall_seconds: float = 0.0, outcomes_records: int = 0, cpu_seconds: float = 0.0,
                     seconds: dict | None = None) -> Path:
     """Write checkpoints/round_NNNN atomically (temp dir + rename) and prune old ones: server.safetensors,
@@ -280,12 +294,14 @@ FAILURE_KINDS = ("dropped", "crashed", "late", "failed", "rejected")
 
 
 class Federation:
-    def __init__(self, cfg: Config, run_dir: Path, strategy, engine, progress: RunProgress):
+    def __init__(self, cfg: Config, run_dir: Path, strategy, engine: Engine, progress: RunProgress,
+                 runtime: ClientRuntime | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
         self.strategy = strategy
         self.engine = engine
         self.progress = progress
+        self.runtime = runtime  # the clients' runtime when they run in this process (in-process engine)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.outcomes = OutcomesLog(run_dir / "outcomes.jsonl")
         self.deferred = cfg.eval.test == "selected"  # test only the round selected on val and the last one
@@ -308,8 +324,7 @@ class Federation:
         messages, checkpoints, artefacts)."""
         out = dict(self.seconds_before)
         out["setup"] = out.get("setup", 0.0) + self.setup_seconds
-        runtime = getattr(self.engine, "runtime", None)
-        for k, v in (runtime.seconds if runtime is not None else {}).items():
+        for k, v in (self.runtime.seconds if self.runtime is not None else {}).items():
             out[k] = out.get(k, 0.0) + v
         out["other"] = max(self.wall_seconds() - sum(v for k, v in out.items() if k != "other"), 0.0)
         return {k: round(v, 2) for k, v in out.items()}
@@ -317,9 +332,6 @@ class Federation:
     def wall_seconds(self) -> float:
         """Wall time of the run so far, earlier sessions (before a resume) included."""
         return self.wall_before + time.time() - self.started
-
-    def _round_record(self, rnd: int, metric: str, value, client: int | None = None) -> dict:
-        return {"round": rnd, "client": client, "model": None, "split": "round", "metric": metric, "value": value}
 
     def _plan(self, rnd: int, plans: dict[int, Payload]) -> dict[int, Payload]:
         """Attach injected faults to the payloads (each client gets its own config copy)."""
@@ -356,7 +368,7 @@ class Federation:
         plans = {c: Payload({}, {"round": rnd, "test_snapshots": wanted}) for c in range(self.cfg.federation.num_clients)}
         replies, failures = self.engine.evaluate(rnd, self._send(rnd, "evaluate", plans))
         replies = self._receive(rnd, "evaluate", replies, rounds=wanted)
-        self.metrics.add([self._round_record(rnd, "test_failed", 1, cid) for cid in sorted(failures)])
+        self.metrics.add([round_record(rnd, "test_failed", 1, cid) for cid in sorted(failures)])
         self._log_evals(rnd, {c: r.evals for c, r in replies.items()})
 
     def _log_evals(self, rnd: int, per_client: dict[int, list[dict]]) -> None:
@@ -426,7 +438,7 @@ class Federation:
             if reason is None:
                 accepted[cid] = reply
                 continue
-            recs.append({**self._round_record(rnd, "eval_rejected", 1, cid), "reason": reason})
+            recs.append(round_record(rnd, "eval_rejected", 1, cid, reason))
             log.warning("round %s: evaluation reply of client %s rejected: %s", rnd, cid, reason)
         self.metrics.add(recs)
         return accepted
@@ -453,7 +465,7 @@ class Federation:
             return
         replies, failures = self.engine.evaluate(rnd, self._send(rnd, "evaluate", self._keep_snapshots(plans)))
         replies = self._receive(rnd, "evaluate", replies)
-        self.metrics.add([self._round_record(rnd, f"eval_{kind}", 1, cid) for cid, (kind, _) in sorted(failures.items())])
+        self.metrics.add([round_record(rnd, f"eval_{kind}", 1, cid) for cid, (kind, _) in sorted(failures.items())])
         self._log_evals(rnd, {c: r.evals for c, r in replies.items()})
 
     def run_round(self, rnd: int) -> bool:
@@ -475,22 +487,21 @@ class Federation:
             first = next(iter(failures.values()))[1]
             raise RuntimeError(f"round {rnd}: every client failed with an error (see run.log); first: {first}")
 
-        recs = [{**self._round_record(rnd, f"client_{kind}", 1, cid), **({"reason": why} if kind == "rejected" else {})}
+        recs = [round_record(rnd, f"client_{kind}", 1, cid, why if kind == "rejected" else None)
                 for cid, (kind, why) in sorted(failures.items())]
         for cid, reply in accepted.items():
-            recs += [{"round": rnd, "client": cid, "model": "local", "split": "train", "metric": m, "value": v}
-                     for m, v in reply.metrics.items()]
-        recs.append(self._round_record(rnd, "clients_replied", len(accepted)))
+            recs += [metric_record(rnd, cid, "local", "train", m, v) for m, v in reply.metrics.items()]
+        recs.append(round_record(rnd, "clients_replied", len(accepted)))
         if len(accepted) >= cfg.federation.min_replies:
             info = self.strategy.aggregate_train(rnd, accepted) or {}
-            recs += [self._round_record(rnd, m, v) for m, v in info.items()]
-            recs += [{"round": rnd, "model": None, "split": "round", **r} for r in self.strategy.round_records(rnd)]
+            recs += [round_record(rnd, m, v) for m, v in info.items()]
+            recs += [fact_record(rnd, r) for r in self.strategy.round_records(rnd)]
         else:
-            recs.append(self._round_record(rnd, "round_skipped", 1))
+            recs.append(round_record(rnd, "round_skipped", 1))
             log.warning("round %s skipped: %d accepted replies < federation.min_replies=%d; global state unchanged",
                         rnd, len(accepted), cfg.federation.min_replies)
         if cfg.dp.enabled:
-            recs.append(self._round_record(rnd, "dp_epsilon", self.epsilon(rnd, accepted)))
+            recs.append(round_record(rnd, "dp_epsilon", self.epsilon(rnd, accepted)))
         self.metrics.add(recs)
         self._log_evals(rnd, {c: r.evals for c, r in accepted.items() if r.evals})
         self.write_artifacts(rnd)
@@ -618,7 +629,8 @@ def build_runtime(cfg: Config, clients, check=None):
     return runtime
 
 
-def _setup(cfg: Config, run_dir: Path, progress_mode: str | None, make_engine=None) -> Federation:
+def _setup(cfg: Config, run_dir: Path, progress_mode: str | None,
+           make_engine: Callable[[Config], Engine] | None = None) -> Federation:
     """Data, runtime, strategy, engine and progress display of a run (fresh or resumed).
 
     `make_engine(cfg)` builds a remote engine (Flower): the clients then train elsewhere, so this process
@@ -642,9 +654,8 @@ def _setup(cfg: Config, run_dir: Path, progress_mode: str | None, make_engine=No
     progress = RunProgress(progress_mode or cfg.output.progress, total)
     runtime.on_step = progress.step
     engine.on_client = lambda phase, cid, rnd: progress.client_phase(phase, cid)
-    if hasattr(engine, "on_steps"):  # clients train elsewhere: count their steps when they reply
-        engine.on_steps = progress.client_done
-    fed = Federation(cfg, run_dir, strategy, engine, progress)
+    engine.on_steps = progress.client_done  # clients that train elsewhere: their steps count when they reply
+    fed = Federation(cfg, run_dir, strategy, engine, progress, runtime if make_engine is None else None)
     fed.adapted = runtime.adapters.describe()
     return fed
 
@@ -673,7 +684,8 @@ def write_exports(fed: Federation) -> None:
         write_tensorboard(fed.run_dir)
 
 
-def run_experiment(cfg: Config, run_dir: Path, progress_mode: str | None = None, make_engine=None) -> dict:
+def run_experiment(cfg: Config, run_dir: Path, progress_mode: str | None = None,
+                   make_engine: Callable[[Config], Engine] | None = None) -> dict:
     """Run a whole federation and write the run directory; returns the summary. The clients run in this
     process unless `make_engine(cfg)` supplies another engine (see `_setup`). The run directory's lock is
     held throughout (a second run or resume of it exits with code 2)."""
@@ -767,7 +779,7 @@ def _resume_plan(run_dir: Path, config_path: Path | None, overrides: list[str] |
 
 
 def resume_experiment(run_dir: Path, config_path: Path | None = None, overrides: list[str] | None = None,
-                      progress_mode: str | None = None, make_engine=None) -> dict:
+                      progress_mode: str | None = None, make_engine: Callable[[Config], Engine] | None = None) -> dict:
     """Continue a run from its newest intact checkpoint; the result equals the uninterrupted run.
     `make_engine` as in `run_experiment` (the clients' states are loaded into whichever engine runs).
     Holds the run directory's lock throughout; torn last lines of the JSONL files are cut first."""

@@ -5,6 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from fedmole.adapters import LoRALinear, inject, key, parse_key, state_digest
+from fedmole.adapters.merged import MergedLoRALinear
 from fedmole.errors import UserError
 from fedmole.models.tiny import tiny_llama
 
@@ -67,6 +68,26 @@ def test_loading_another_rank_resizes_and_rescales(tiny_tok):
     mod = adapters.modules["model.layers.0.self_attn.q_proj"]
     assert mod.rank == 2 and mod.scaling == pytest.approx(8.0 / 2)
     assert adapters.state()[key("model.layers.0.self_attn.q_proj", "lora", "A")].shape == (2, 64)
+
+
+def test_a_merged_update_is_state_but_never_trains(tiny_tok):
+    model = tiny_llama(len(tiny_tok))
+    adapters = inject(model, ["q_proj"], lambda p, lin: MergedLoRALinear(lin, 4, 8.0))
+    path = "model.layers.0.self_attn.q_proj"
+    adapters.load({**adapters.init_state(0), **{key(p, "merged", "dW"): torch.full((64, 64), 0.01) for p in adapters.modules}})
+    mod = adapters.modules[path]
+    assert list(mod.get_tensors()) == [("lora", "A"), ("lora", "B"), ("merged", "dW")]
+    assert list(mod.trainable_parameters()) == [("lora", "A"), ("lora", "B")]
+    assert mod.trainable_parameters()[("lora", "A")] is mod.A
+    assert list(adapters.parameters()) == [key(p, "lora", n) for p in sorted(adapters.modules) for n in ("A", "B")]
+
+
+def test_a_layer_without_run_time_settings_reports_none_and_refuses_some(tiny_tok):
+    _, adapters = _adapted(tiny_tok)
+    assert adapters.settings() == {}
+    adapters.apply_settings({"model.layers.0.self_attn.q_proj": {}})
+    with pytest.raises(ValueError, match="LoRALinear has no run-time settings; got \\['k'\\]"):
+        adapters.apply_settings({"model.layers.0.self_attn.q_proj": {"k": 2}})
 
 
 def test_target_modules_that_match_nothing_list_the_linear_names(tiny_tok):

@@ -164,6 +164,25 @@ def test_same_tensors_compute_what_flame_computes_at_full_k():
         assert torch.equal(v, flame.init_tensors(torch.Generator().manual_seed(9))[k])
 
 
+def test_state_lists_expert_by_expert_each_projections_factors_then_its_merged_update():
+    """The key order of the state (what payloads and checkpoints list), of what trains, and of a fresh draw
+    (projection by projection, one (M, r, d_in) A each); FLAME's block lists the same factors in the same
+    orders, then its router and rescaler."""
+    _, _, block = _block("olmoe")
+    layer = MoELoRA(block, 2, 4.0, 0.0, merged=True)
+    dW = {(str(j), f"{m}_dW"): torch.zeros(layer.dims[m]) for j in range(8) for m in ("gate", "up", "down")}
+    layer.set_tensors({**layer.init_tensors(torch.Generator().manual_seed(0)), **dW})
+    keys = list(layer.get_tensors())
+    assert keys == [(str(j), f"{m}_{t}") for j in range(8) for m in ("gate", "up", "down") for t in ("A", "B", "dW")]
+    assert list(layer.trainable_parameters()) == [("experts", f"{m}_{f}") for m in ("gate", "up", "down") for f in "AB"]
+    flame = SparseMoELoRA(block, 2, 4.0, 0.0, MoEContext(), train_router=True)
+    factors = [k for k in keys if not k[1].endswith("_dW")]
+    assert list(flame.get_tensors()) == [*factors, ("router", "W"), ("rescaler", "log_s")]
+    drawn = [(str(j), f"{m}_{f}") for m in ("gate", "up", "down") for j in range(8) for f in "AB"]
+    assert list(flame.init_tensors(torch.Generator().manual_seed(0))) == [*drawn, ("router", "W"), ("rescaler", "log_s")]
+    assert list(layer.init_tensors(torch.Generator().manual_seed(0))) == drawn
+
+
 def _cfg(targets, name="fedit"):
     return validate_config({"model": {"name": "tiny-olmoe"}, "algorithm": {"name": name, "rank": 4,
                                                                            "target_modules": targets}})

@@ -31,6 +31,11 @@ def _random_lora(layer, seed=0, scale=0.3):
     return state
 
 
+def _lora_and_router(layer):
+    """What FLAME's LoRA optimiser group trains of a layer: its trainable parameters but the rescaler."""
+    return [p for (expert, _), p in layer.trainable_parameters().items() if expert != "rescaler"]
+
+
 def _reference_block(layer: SparseMoELoRA, x: torch.Tensor, k: int, s: float) -> torch.Tensor:
     """FLAME section 3.4 written token by token and expert by expert (slow, obviously right)."""
     W_g = layer.router.weight
@@ -188,13 +193,27 @@ def test_mass_ratio_probe_matches_router_probabilities():
     assert layer.mass_ratio > 1.0
 
 
+def test_what_trains_is_the_batched_factors_then_router_and_rescaler_in_a_fixed_order():
+    """The order an optimiser (and its state) sees them: every A, then every B, each in its ParameterDict's
+    order (projection names sorted), the router copy, the rescaler; a dense pool likewise."""
+    _, block = _olmoe_block()
+    layer = SparseMoELoRA(block, 4, 8.0, 0.0, MoEContext(), train_router=True)
+    params = layer.trainable_parameters()
+    assert list(params) == [("experts", f"{m}_{f}") for f in "AB" for m in ("down", "gate", "up")] + \
+        [("router", "W"), ("rescaler", "log_s")]
+    assert params[("experts", "up_B")] is layer.B["up"] and params[("rescaler", "log_s")] is layer.log_s
+    pool, _ = _pool()
+    assert list(pool.trainable_parameters()) == [("experts", "A"), ("experts", "B"), ("router", "W"),
+                                                 ("rescaler", "log_s")]
+
+
 def test_unactivated_experts_get_zero_gradient_and_router_stays_frozen():
     _, block = _olmoe_block(num_experts=8, top_k=4)
     ctx = MoEContext()
     layer = SparseMoELoRA(block, 4, 8.0, 0.0, ctx)
     _random_lora(layer)
     layer.set_active_experts(1)
-    for p in layer.trainable():
+    for p in _lora_and_router(layer):
         p.requires_grad_(True)
     layer.train()
     layer(torch.randn(1, 3, 64)).pow(2).sum().backward()
@@ -213,7 +232,7 @@ def test_trained_router_gets_gradient_and_balance_loss():
     layer = SparseMoELoRA(block, 4, 8.0, 0.0, ctx, train_router=True)
     state = _random_lora(layer)
     assert torch.equal(state[("router", "W")], block.gate.weight)  # starts at the pretrained router
-    for p in layer.trainable():
+    for p in _lora_and_router(layer):
         p.requires_grad_(True)
     layer.train()
     layer.set_active_experts(2)
@@ -298,7 +317,7 @@ def test_pool_matches_token_by_token_reference(k):
 
 def test_pool_counts_and_gradients_follow_routing():
     pool, ctx = _pool(k=1)
-    for p in pool.trainable():
+    for p in _lora_and_router(pool):
         p.requires_grad_(True)
     pool.train()
     pool(torch.randn(2, 12)).pow(2).sum().backward()

@@ -221,7 +221,7 @@ def bench_smoe(device: torch.device, quick: bool, repeats: int) -> dict:
     layer.set_tensors({key: (torch.randn(v.shape, generator=gen) * 0.02 if key[1].endswith("B") else v)
                        for key, v in layer.init_tensors(gen).items()})
     layer.to(device)
-    params = layer.trainable()
+    params = [p for (expert, _), p in layer.trainable_parameters().items() if expert != "rescaler"]
     for p in params:
         p.requires_grad_(True)
     x, w = torch.randn(1, tokens, d, device=device), torch.randn(1, tokens, d, device=device)

@@ -73,7 +73,7 @@ def bench_layer(repeats: int) -> dict:
 
 def bench_model(repeats: int, steps: int) -> dict:
     from fedmole.client.data import BatchStream
-    from fedmole.client.train import local_train
+    from fedmole.client.train import Batches, TrainHooks, local_train
     from fedmole.config import ModelConfig, TrainConfig
     from fedmole.models import load_model
 
@@ -100,8 +100,8 @@ def bench_model(repeats: int, steps: int) -> dict:
     streams = {"lora": BatchStream(64, 4, 0, 0), "amole": BatchStream(64, 4, 0, 0)}
 
     def run(model, adapters, name, extra_loss=None):
-        return lambda: local_train(model, list(adapters.parameters().values()), encoded, streams[name], steps, 1e-4,
-                                   cfg, 0, device, extra_loss=extra_loss)
+        return lambda: local_train(model, list(adapters.parameters().values()), Batches(encoded, streams[name], 0, device),
+                                   steps, 1e-4, cfg, TrainHooks(extra_loss))
 
     fns = {"lora_r8": run(lora_model, lora, "lora"), "amole": run(mole_model, mole, "amole", extra)}
     for fn in fns.values():

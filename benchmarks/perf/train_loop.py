@@ -16,7 +16,7 @@ import torch
 from benchmarks.common import interleaved, median, record
 from fedmole.adapters import LoRALinear, inject
 from fedmole.client.data import BatchStream
-from fedmole.client.train import local_train
+from fedmole.client.train import Batches, local_train
 from fedmole.config import ModelConfig, TrainConfig
 from fedmole.models import load_model
 
@@ -51,7 +51,7 @@ def main() -> None:
     device = torch.device("cpu")
 
     def fedmole_loop():
-        local_train(ours, params, encoded, stream, args.steps, 1e-4, train_cfg, 0, device)
+        local_train(ours, params, Batches(encoded, stream, 0, device), args.steps, 1e-4, train_cfg)
 
     batches = [torch.tensor([encoded[i]["input_ids"] for i in range(j, j + 4)]) for j in range(0, 64, 4)]
     labels = [torch.tensor([encoded[i]["labels"] for i in range(j, j + 4)]) for j in range(0, 64, 4)]

@@ -4,20 +4,22 @@
 (peft semantics: a pattern matches a module path equal to it or ending in `.pattern`; a pattern starting
 with `^` is a regular expression that must match the whole path) by `factory(path, linear)`.
 
-An adapter module exposes its trainable tensors by expert id through three methods:
-`get_tensors()`, `set_tensors(tensors)` and `init_tensors(generator)`, each keyed by `(expert, name)`.
-`AdapterSet` turns these into the flat `"{module}/{expert}/{name}"` vocabulary of `adapters.state`.
+Every injected module is an `Adapter` (adapters/base.py): state by expert id (`get_tensors()`,
+`set_tensors(tensors)`, `init_tensors(generator)`, each keyed by `(expert, name)`), its trainable parameters
+and its run-time settings. `AdapterSet` turns these into the flat `"{module}/{expert}/{name}"` vocabulary of
+`adapters.state`.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
+from fedmole.adapters.base import Adapter
 from fedmole.adapters.state import key, parse_key
 from fedmole.errors import UserError
 
@@ -38,7 +40,7 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def inject(model: nn.Module, target_modules: list[str], factory: Callable[[str, nn.Linear], nn.Module]) -> "AdapterSet":
+def inject(model: nn.Module, target_modules: list[str], factory: Callable[[str, nn.Linear], Adapter]) -> "AdapterSet":
     targets = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and matches(name, target_modules)]
     if not targets:
         linears = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
@@ -57,24 +59,21 @@ def inject(model: nn.Module, target_modules: list[str], factory: Callable[[str, 
 class AdapterSet:
     """The adapters injected into one model, addressed by flat expert keys."""
 
-    def __init__(self, model: nn.Module, modules: dict[str, nn.Module]):
+    def __init__(self, model: nn.Module, modules: dict[str, Adapter]):
         self.model = model
         self.modules = dict(sorted(modules.items()))
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[str, Adapter]]:
         return iter(self.modules.items())
 
     def parameters(self) -> dict[str, nn.Parameter]:
-        """Every trainable tensor the adapters currently hold, by flat key.
-
-        A module whose storage differs from its per-expert tensors (several experts batched in one tensor)
-        lists its real parameters with an optional `trainable_parameters()`, keyed like `get_tensors()`."""
+        """Every parameter the adapters train (`Adapter.trainable_parameters`), by flat key, module by module
+        in path order: the order an optimiser receives them. Experts batched in one tensor appear once,
+        under their collective expert id (`experts`, `held`)."""
         out = {}
         for path, mod in self.modules.items():
-            tensors = mod.trainable_parameters() if hasattr(mod, "trainable_parameters") else mod.get_tensors()
-            for (expert, name), t in tensors.items():
-                if isinstance(t, nn.Parameter):
-                    out[key(path, expert, name)] = t
+            for (expert, name), p in mod.trainable_parameters().items():
+                out[key(path, expert, name)] = p
         return out
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -122,7 +121,7 @@ class AdapterSet:
     def settings(self) -> dict[str, dict]:
         """Run-time settings that change what the adapters compute but are not tensors (FLAME's active
         experts k), by module path: with `state()`, everything needed to rebuild the current model."""
-        return {path: mod.settings() for path, mod in self.modules.items() if hasattr(mod, "settings")}
+        return {path: values for path, mod in self.modules.items() if (values := mod.settings())}
 
     def apply_settings(self, settings: dict[str, dict]) -> None:
         for path, values in settings.items():
@@ -136,7 +135,3 @@ class AdapterSet:
             for (expert, name), t in mod.init_tensors(gen, **kwargs).items():
                 out[key(path, expert, name)] = t
         return out
-
-    def train(self, mode: bool = True) -> None:
-        for mod in self.modules.values():
-            mod.train(mode)

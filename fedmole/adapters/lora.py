@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from fedmole.adapters.base import LoRAAdapter
+
 
 def kaiming_uniform_(t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """nn.Linear's default init, kaiming-uniform with a=sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
@@ -23,10 +25,8 @@ def kaiming_uniform_(t: torch.Tensor, generator: torch.Generator | None = None) 
         return t.uniform_(-bound, bound, generator=generator)
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(nn.Module, LoRAAdapter):
     """A frozen `nn.Linear` plus one LoRA expert (expert id `lora`, tensors `A` and `B`)."""
-
-    expert_ids = ("lora",)
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -63,6 +63,9 @@ class LoRALinear(nn.Module):
     def get_tensors(self) -> dict[tuple[str, str], torch.Tensor]:
         return {("lora", "A"): self.A, ("lora", "B"): self.B}
 
+    def trainable_parameters(self) -> dict[tuple[str, str], nn.Parameter]:
+        return {("lora", "A"): self.A, ("lora", "B"): self.B}
+
     def set_tensors(self, tensors: dict[tuple[str, str], torch.Tensor]) -> None:
         A, B = tensors[("lora", "A")], tensors[("lora", "B")]
         if A.shape[0] != B.shape[1]:
@@ -78,7 +81,3 @@ class LoRALinear(nn.Module):
     def factor_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The live (A, B) of the adapted matrix (one here; a MoE block has one per projection)."""
         return [(self.A, self.B)]
-
-    def delta_weight(self) -> torch.Tensor:
-        """(alpha/r) B A, the dense update this adapter adds to W0."""
-        return self.scaling * (self.B @ self.A)

@@ -20,9 +20,8 @@ from fedmole.adapters.lora import LoRALinear
 
 
 class MergedLoRALinear(LoRALinear):
-    """A frozen `nn.Linear` + a merged dense update `dW` (expert `merged`) + one LoRA (expert `lora`)."""
-
-    expert_ids = ("merged", "lora")
+    """A frozen `nn.Linear` + a merged dense update `dW` (expert `merged`) + one LoRA (expert `lora`); dW is
+    part of the state but never trains (`trainable_parameters` are the LoRA's)."""
 
     def __init__(self, base, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__(base, rank, alpha, dropout)
@@ -51,7 +50,3 @@ class MergedLoRALinear(LoRALinear):
         else:
             with torch.no_grad():
                 self.B.zero_()
-
-    def delta_weight(self) -> torch.Tensor:
-        delta = super().delta_weight()
-        return delta if self.dW is None else delta + self.dW

@@ -29,15 +29,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedmole.adapters.lora import kaiming_uniform_
-from fedmole.adapters.smoe import PROJECTIONS, MoEContext, SparseMoELoRA
+from fedmole.adapters.base import LoRAAdapter
+from fedmole.adapters.smoe import ALL_EXPERTS, FACTORS, PROJECTIONS, MoEContext, SparseMoELoRA
 
-FACTORS = ("A", "B")
 MERGED = "dW"
-ALL_EXPERTS = "experts"  # expert id of the batched parameters in `trainable_parameters()`
 
 
-class MoELoRA(SparseMoELoRA):
+class MoELoRA(SparseMoELoRA, LoRAAdapter):
     """A pretrained sparse-MoE block with a LoRA of rank r on each (expert, projection), routed at the model's
     own top-K; no rescaler, nothing counted."""
 
@@ -58,17 +56,15 @@ class MoELoRA(SparseMoELoRA):
 
     # ------------------------------------------------------------------------------- state by expert id
     def get_tensors(self) -> dict[tuple[str, str], torch.Tensor]:
-        out: dict[tuple[str, str], torch.Tensor] = {}
-        for j in range(self.M):
-            for m in self.projections:
-                out[(str(j), f"{m}_A")] = self.A[m][j]
-                out[(str(j), f"{m}_B")] = self.B[m][j]
-                if self.dW is not None:
-                    out[(str(j), f"{m}_{MERGED}")] = self.dW[m][j]
-        return out
+        """The experts' factors, each followed by its merged dW when one is loaded; no router, no rescaler."""
+        return self._expert_tensors()
+
+    def _expert_extras(self, j: int, proj: str) -> dict[tuple[str, str], torch.Tensor]:
+        return {} if self.dW is None else {(str(j), f"{proj}_{MERGED}"): self.dW[proj][j]}
 
     def trainable_parameters(self) -> dict[tuple[str, str], nn.Parameter]:
-        """The real parameters: every expert's factors of one projection live in one (M, ...) tensor."""
+        """The real parameters: every expert's factors of one projection live in one (M, ...) tensor, listed
+        projection by projection (A, B of each)."""
         return {(ALL_EXPERTS, f"{m}_{f}"): getattr(self, f)[m] for m in self.projections for f in FACTORS}
 
     def factor_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -78,15 +74,7 @@ class MoELoRA(SparseMoELoRA):
     def init_tensors(self, generator: torch.Generator, rank: int | None = None) -> dict[tuple[str, str], torch.Tensor]:
         """A ~ kaiming-uniform and B = 0 for every expert, drawn as `SparseMoELoRA` draws them (one (M, r, d_in)
         tensor per projection), so FLAME and a LoRA method with the same seed start from the same factors."""
-        r = rank or self.rank
-        out: dict[tuple[str, str], torch.Tensor] = {}
-        for m in self.projections:
-            d_out, d_in = self.dims[m]
-            A = kaiming_uniform_(torch.empty(self.M, r, d_in), generator)
-            for j in range(self.M):
-                out[(str(j), f"{m}_A")] = A[j].clone()
-                out[(str(j), f"{m}_B")] = torch.zeros(d_out, r)
-        return out
+        return self._init_expert_factors(generator, rank or self.rank)
 
     def set_tensors(self, tensors: dict[tuple[str, str], torch.Tensor]) -> None:
         factors: dict[tuple[str, int, str], torch.Tensor] = {}  # (proj, expert, A|B) -> tensor

@@ -32,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedmole.adapters.base import Adapter
 from fedmole.adapters.lora import kaiming_uniform_
 
 SHARED, ROUTER = "shared", "router"
 
 
-class AMoLELinear(nn.Module):
+class AMoLELinear(nn.Module, Adapter):
     def __init__(self, base: nn.Linear, num_experts: int, rank: int, alpha: float, dropout: float = 0.0,
                  top_k: int = 2, shared_expert: bool = True, load_balance: bool = True):
         super().__init__()

@@ -45,9 +45,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedmole.adapters.base import Adapter
 from fedmole.adapters.lora import kaiming_uniform_
 
 PROJECTIONS = ("gate", "up", "down")
+FACTORS = ("A", "B")
+ALL_EXPERTS = "experts"  # expert id of parameters batched over every expert (`trainable_parameters()`)
+ROUTER, RESCALER = "router", "rescaler"
 
 
 # ------------------------------------------------------------------------------------------ context
@@ -91,7 +95,7 @@ def attach_context(model: nn.Module) -> MoEContext:
 
 
 # ------------------------------------------------------------------------------------------ routing
-class RoutedExperts(nn.Module):
+class RoutedExperts(nn.Module, Adapter):
     """Top-k routing over M experts with k settable per client, activation counting, the optional
     load-balancing loss, the rescaler, and the probability-mass probe (FLAME section 5)."""
 
@@ -302,23 +306,45 @@ class SparseMoELoRA(RoutedExperts):
         return y.view(shape)
 
     # ------------------------------------------------------------------------------- state by expert id
-    def get_tensors(self) -> dict[tuple[str, str], torch.Tensor]:
+    def _expert_tensors(self) -> dict[tuple[str, str], torch.Tensor]:
+        """Every expert's LoRA factors, live: `(j, {proj}_A)`, `(j, {proj}_B)` for j in 0..M-1 (outer) and
+        each projection (inner), then whatever `_expert_extras(j, proj)` adds (`MoELoRA`'s merged dW)."""
         out: dict[tuple[str, str], torch.Tensor] = {}
         for j in range(self.M):
             for m in self.projections:
                 out[(str(j), f"{m}_A")] = self.A[m][j]
                 out[(str(j), f"{m}_B")] = self.B[m][j]
+                out.update(self._expert_extras(j, m))
+        return out
+
+    def _expert_extras(self, j: int, proj: str) -> dict[tuple[str, str], torch.Tensor]:
+        return {}
+
+    def _init_expert_factors(self, generator: torch.Generator, rank: int) -> dict[tuple[str, str], torch.Tensor]:
+        """Fresh factors at `rank` for every expert, keyed as `_expert_tensors`: per projection (outer) one
+        kaiming-uniform (M, rank, d_in) draw for A, and B = 0."""
+        out: dict[tuple[str, str], torch.Tensor] = {}
+        for m in self.projections:
+            d_out, d_in = self.dims[m]
+            A = kaiming_uniform_(torch.empty(self.M, rank, d_in), generator)
+            for j in range(self.M):
+                out[(str(j), f"{m}_A")] = A[j].clone()
+                out[(str(j), f"{m}_B")] = torch.zeros(d_out, rank)
+        return out
+
+    def get_tensors(self) -> dict[tuple[str, str], torch.Tensor]:
+        out = self._expert_tensors()
         if self.router_trainable:
-            out[("router", "W")] = self.W_r
-        out[("rescaler", "log_s")] = self.log_s
+            out[(ROUTER, "W")] = self.W_r
+        out[(RESCALER, "log_s")] = self.log_s
         return out
 
     def set_tensors(self, tensors: dict[tuple[str, str], torch.Tensor]) -> None:
         with torch.no_grad():
             for (expert, name), value in tensors.items():
-                if expert == "rescaler":
+                if expert == RESCALER:
                     self.log_s.copy_(value)
-                elif expert == "router":
+                elif expert == ROUTER:
                     if not self.router_trainable:
                         raise KeyError("this block's router is frozen (train_router is off); no router/W to load")
                     self.W_r.copy_(value)
@@ -328,22 +354,21 @@ class SparseMoELoRA(RoutedExperts):
 
     def init_tensors(self, generator: torch.Generator) -> dict[tuple[str, str], torch.Tensor]:
         """A ~ kaiming-uniform, B = 0 for every expert, log_s = 0 (s = 1), router = the pretrained W_g."""
-        out: dict[tuple[str, str], torch.Tensor] = {}
-        for m in self.projections:
-            d_out, d_in = self.dims[m]
-            A = kaiming_uniform_(torch.empty(self.M, self.rank, d_in), generator)
-            for j in range(self.M):
-                out[(str(j), f"{m}_A")] = A[j].clone()
-                out[(str(j), f"{m}_B")] = torch.zeros(d_out, self.rank)
+        out = self._init_expert_factors(generator, self.rank)
         if self.router_trainable:
-            out[("router", "W")] = self.router.weight.detach().to("cpu", torch.float32, copy=True)
-        out[("rescaler", "log_s")] = torch.zeros(1)
+            out[(ROUTER, "W")] = self.router.weight.detach().to("cpu", torch.float32, copy=True)
+        out[(RESCALER, "log_s")] = torch.zeros(1)
         return out
 
-    def trainable(self) -> list[nn.Parameter]:
-        """The LoRA factors (and the router copy when trained); the rescaler is handled separately."""
-        params = [*self.A.values(), *self.B.values()]
-        return params + ([self.W_r] if self.router_trainable else [])
+    def trainable_parameters(self) -> dict[tuple[str, str], nn.Parameter]:
+        """The LoRA factors batched over experts, every projection's A then every projection's B (each in its
+        ParameterDict's order, which sorts the projection names), the router copy when trained, and the
+        rescaler (which FLAME trains in a group of its own, or not at all)."""
+        out = {(ALL_EXPERTS, f"{m}_{f}"): p for f in FACTORS for m, p in getattr(self, f).items()}
+        if self.router_trainable:
+            out[(ROUTER, "W")] = self.W_r
+        out[(RESCALER, "log_s")] = self.log_s
+        return out
 
 
 # -------------------------------------------------------------------------------- dense LoRA experts
@@ -396,16 +421,16 @@ class LoRAExpertPool(RoutedExperts):
         for j in range(self.M):
             out[(str(j), "A")] = self.A[j]
             out[(str(j), "B")] = self.B[j]
-        out[("router", "W")] = self.W_r
-        out[("rescaler", "log_s")] = self.log_s
+        out[(ROUTER, "W")] = self.W_r
+        out[(RESCALER, "log_s")] = self.log_s
         return out
 
     def set_tensors(self, tensors: dict[tuple[str, str], torch.Tensor]) -> None:
         with torch.no_grad():
             for (expert, name), value in tensors.items():
-                if expert == "rescaler":
+                if expert == RESCALER:
                     self.log_s.copy_(value)
-                elif expert == "router":
+                elif expert == ROUTER:
                     self.W_r.copy_(value)
                 else:
                     getattr(self, name)[int(expert)].copy_(value)
@@ -418,12 +443,14 @@ class LoRAExpertPool(RoutedExperts):
         for j in range(self.M):
             out[(str(j), "A")] = A[j].clone()
             out[(str(j), "B")] = torch.zeros(d_out, self.rank)
-        out[("router", "W")] = kaiming_uniform_(torch.empty(self.M, d_in), generator)
-        out[("rescaler", "log_s")] = torch.zeros(1)
+        out[(ROUTER, "W")] = kaiming_uniform_(torch.empty(self.M, d_in), generator)
+        out[(RESCALER, "log_s")] = torch.zeros(1)
         return out
 
-    def trainable(self) -> list[nn.Parameter]:
-        return [self.A, self.B, self.W_r]
+    def trainable_parameters(self) -> dict[tuple[str, str], nn.Parameter]:
+        """The experts' factors batched (A, B), the router, and the rescaler (trained apart by FLAME)."""
+        return {(ALL_EXPERTS, "A"): self.A, (ALL_EXPERTS, "B"): self.B, (ROUTER, "W"): self.W_r,
+                (RESCALER, "log_s"): self.log_s}
 
 
 def share_rescaler(layers: list[RoutedExperts]) -> nn.Parameter:

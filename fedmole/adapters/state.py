@@ -53,9 +53,5 @@ def digest_items(items: Iterable[tuple[str, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
-def clone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in state.items()}
-
-
 def state_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())

@@ -33,6 +33,7 @@ from torch import nn
 
 from fedmole.adapters import AdapterSet, LoRALinear, inject, parse_key
 from fedmole.adapters.smoe import (
+    RESCALER,
     LoRAExpertPool,
     RoutedExperts,
     SparseMoELoRA,
@@ -41,6 +42,7 @@ from fedmole.adapters.smoe import (
     share_rescaler,
     unsupported_moe_blocks,
 )
+from fedmole.adapters.state import key as state_key
 from fedmole.adapters.state import state_bytes
 from fedmole.algorithms.aggregate import weighted_mean
 from fedmole.algorithms.base import GLOBAL, ClientProcedure, Strategy
@@ -48,12 +50,12 @@ from fedmole.algorithms.fedprox import proximal_hook
 from fedmole.algorithms.lora_common import OPT_PREFIX
 from fedmole.algorithms.server_opt import ServerOptimizer
 from fedmole.algorithms.validate import Equal, Integer, ListOf, MapOf, ReplyRules
+from fedmole.client.train import client_batches
 from fedmole.config import ATTENTION_PROJECTIONS, EXPERT_PROJECTIONS
 from fedmole.errors import UserError
 from fedmole.messages import ClientState, Payload, Reply
 from fedmole.tiers import assign_tiers
 
-RESCALER = "rescaler"
 LOG_S_BOUND = 20.0  # |log s| a client may report: s within e^-20..e^20 (honest values are near log(K/k))
 
 
@@ -105,6 +107,11 @@ def build_adapters(model: nn.Module, cfg) -> AdapterSet:
     return AdapterSet(model, modules)
 
 
+def rescaler_key(path: str) -> str:
+    """The state key of the rescaler log s of the routed layer at `path`."""
+    return state_key(path, RESCALER, "log_s")
+
+
 def is_rescaler(key: str) -> bool:
     return parse_key(key).expert == RESCALER
 
@@ -129,26 +136,26 @@ class RoutedLayers:
 
     # rescaler: stored as log_s under `{path}/rescaler/log_s`
     def rescaler_keys(self) -> list[str]:
-        return [f"{p}/{RESCALER}/log_s" for p in self.layers]
+        return [rescaler_key(p) for p in self.layers]
 
     def set_log_s(self, values: dict[str, float]) -> None:
         """Set log s per layer from {rescaler key: value}; missing keys mean s = 1."""
         with torch.no_grad():
             for path, layer in self.layers.items():
-                layer.log_s.fill_(float(values.get(f"{path}/{RESCALER}/log_s", 0.0)))
+                layer.log_s.fill_(float(values.get(rescaler_key(path), 0.0)))
 
     def log_s(self) -> dict[str, float]:
-        return {f"{p}/{RESCALER}/log_s": float(layer.log_s) for p, layer in self.layers.items()}
+        return {rescaler_key(p): float(layer.log_s) for p, layer in self.layers.items()}
 
     def rescaler_parameters(self) -> list[nn.Parameter]:
         return list({id(m.log_s): m.log_s for m in self.layers.values()}.values())
 
     def trainable(self) -> list[nn.Parameter]:
-        """LoRA factors and trained routers of every module, each parameter once; not the rescaler."""
+        """LoRA factors and trained routers of every module (its `trainable_parameters` but the rescaler, which
+        trains in a group of its own), each parameter once."""
         params: dict[int, nn.Parameter] = {}
         for _, module in self.adapters:
-            found = module.trainable() if isinstance(module, RoutedExperts) else [module.A, module.B]
-            params.update({id(p): p for p in found})
+            params.update({id(p): p for (expert, _), p in module.trainable_parameters().items() if expert != RESCALER})
         return list(params.values())
 
     # activity: a_i^{l,j} and S_i
@@ -453,15 +460,11 @@ class Client(ClientProcedure):
         self.layers = RoutedLayers(runtime.adapters)
 
     def _first_batch(self, cid: int, state: ClientState) -> dict:
-        """The batch local training will start with (the stream is not advanced)."""
-        from fedmole.client.data import BatchStream
-        from fedmole.client.train import to_device
-        from fedmole.data.tokenize import collate
-
-        rt, data = self.runtime, self.runtime.data(cid)
-        stream = BatchStream(len(data.train), self.cfg.train.batch_size, self.cfg.federation.seed, cid,
-                             state.meta.get("cursor"))
-        batch = to_device(collate([data.train[i] for i in stream.next()], rt.tokenizer.pad_token_id), rt.device)
+        """The batch local training will start with, without its labels (the client's stream is not advanced:
+        `state` keeps its cursor)."""
+        rt = self.runtime
+        batch = client_batches(rt.data(cid), self.cfg, state.meta.get("cursor"), rt.tokenizer.pad_token_id,
+                               rt.device).next()
         batch.pop("labels")
         return batch
 
@@ -482,7 +485,7 @@ class Client(ClientProcedure):
         if a.rescaler_granularity == "client":
             mean = sum(ratios.values()) / len(ratios)
             ratios = dict.fromkeys(ratios, mean)
-        return {f"{p}/{RESCALER}/log_s": math.log(r) for p, r in ratios.items()}
+        return {rescaler_key(p): math.log(r) for p, r in ratios.items()}
 
     def train(self, cid: int, payload: Payload, state: ClientState) -> Reply:
         rt, a, L = self.runtime, self.cfg.algorithm, self.layers

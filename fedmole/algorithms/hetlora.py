@@ -29,6 +29,7 @@ import math
 
 import torch
 
+from fedmole.adapters.base import LoRAAdapter
 from fedmole.algorithms.aggregate import weighted_mean
 from fedmole.algorithms.base import ClientProcedure
 from fedmole.algorithms.fedit import build_adapters
@@ -74,7 +75,7 @@ def zero_tail(state: dict, keep: int) -> dict:
     return out
 
 
-def tail_norm(modules, keep: int) -> torch.Tensor:
+def tail_norm(modules: list[LoRAAdapter], keep: int) -> torch.Tensor:
     """Σ over adapted matrices of ‖A[keep:]‖_F ‖B[:, keep:]‖_F (differentiable); each expert's projection of a
     MoE block is a matrix of its own."""
     total = 0

@@ -21,7 +21,7 @@ from fedmole.adapters import AdapterSet
 from fedmole.client.data import BatchStream, EncodedClient, encode_client
 from fedmole.client.evaluate import evaluate_splits
 from fedmole.client.snapshots import Snapshot, Snapshots
-from fedmole.client.train import local_train
+from fedmole.client.train import Batches, TrainHooks, local_train
 from fedmole.config import Config
 from fedmole.data.partition import ClientData
 from fedmole.faults import ClientCrashed
@@ -83,8 +83,8 @@ class ClientRuntime:
         )
         start = time.perf_counter()
         stats = local_train(
-            self.model, params, data.train, stream, steps, lr, self.cfg.train, self.tokenizer.pad_token_id,
-            self.device, extra_loss=extra_loss, before_step=before_step, on_step=self._step_hook,
+            self.model, params, Batches(data.train, stream, self.tokenizer.pad_token_id, self.device), steps, lr,
+            self.cfg.train, TrainHooks(extra_loss, before_step, self._step_hook),
         )
         self.seconds["train"] += time.perf_counter() - start
         state.meta["cursor"] = stream.cursor

@@ -1,9 +1,10 @@
 """The local training loop, visible in one function (no Trainer).
 
 A fresh optimiser every round (the federated LoRA convention), a constant learning rate within the round,
-optional gradient clipping, and two hooks for algorithms: `extra_loss()` adds a method-specific term after
-each forward pass (e.g. AMoLE's load-balancing loss) and `before_step()` edits gradients before the
-optimiser step (e.g. FedProx's proximal term).
+optional gradient clipping, and hooks (`TrainHooks`) for algorithms and the runtime: `extra_loss()` adds a
+method-specific term after each forward pass (e.g. AMoLE's load-balancing loss), `before_step()` edits
+gradients before the optimiser step (e.g. FedProx's proximal term) and `on_step(step, loss)` follows progress.
+The batches come from the client's persistent stream (`Batches`, `client_batches`).
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmole.client.data import BatchStream
-from fedmole.config import TrainConfig
+from fedmole.client.data import BatchStream, EncodedClient
+from fedmole.config import Config, TrainConfig
 from fedmole.data.tokenize import collate
 
 
@@ -55,6 +57,39 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return batch
 
 
+@dataclass
+class Batches:
+    """A client's training batches: the examples of `encoded` its `stream` draws next, collated (left-padded
+    with `pad_id`) and on `device`. The stream's cursor says where the next round resumes."""
+
+    encoded: list[dict]
+    stream: BatchStream
+    pad_id: int
+    device: torch.device
+
+    def next(self) -> dict[str, torch.Tensor]:
+        return to_device(collate([self.encoded[i] for i in self.stream.next()], self.pad_id), self.device)
+
+
+def client_batches(data: EncodedClient, cfg: Config, cursor: dict | None, pad_id: int,
+                   device: torch.device) -> Batches:
+    """The training batches of client `data.client_id` from `cursor` on (None: the start of its stream),
+    drawn as local training draws them (`train.batch_size`, shuffles seeded by `federation.seed`)."""
+    stream = BatchStream(len(data.train), cfg.train.batch_size, cfg.federation.seed, data.client_id, cursor)
+    return Batches(data.train, stream, pad_id, device)
+
+
+@dataclass
+class TrainHooks:
+    """What an algorithm or the runtime adds to the loop: `extra_loss()` after each forward pass (a term
+    added to the loss, or None), `before_step()` after the backward pass (edits gradients), `on_step(step,
+    loss)` after each optimiser step (progress, injected crashes)."""
+
+    extra_loss: Callable[[], torch.Tensor | None] | None = None
+    before_step: Callable[[], None] | None = None
+    on_step: Callable[[int, float], None] | None = None
+
+
 def takes_logits_to_keep(model: nn.Module) -> bool:
     """Whether the model's forward can compute logits for the last positions only (transformers' causal LMs)."""
     return "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -89,21 +124,10 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
-def local_train(
-    model: nn.Module,
-    params: Params,
-    encoded: list[dict],
-    stream: BatchStream,
-    steps: int,
-    lr: float,
-    cfg: TrainConfig,
-    pad_id: int,
-    device: torch.device,
-    extra_loss: Callable[[], torch.Tensor | None] | None = None,
-    before_step: Callable[[], None] | None = None,
-    on_step: Callable[[int, float], None] | None = None,
-) -> dict[str, float]:
-    """Run `steps` optimiser steps on batches drawn from `stream`; returns mean loss and token counts."""
+def local_train(model: nn.Module, params: Params, batches: Batches, steps: int, lr: float, cfg: TrainConfig,
+                hooks: TrainHooks | None = None) -> dict[str, float]:
+    """Run `steps` optimiser steps on the next `steps` batches; returns mean loss and token counts."""
+    hooks = hooks or TrainHooks()
     opt = make_optimizer(params, cfg, lr)
     params = flat_params(params)
     for p in params:
@@ -111,24 +135,24 @@ def local_train(
     model.train()
     total_loss, total_tokens = 0.0, 0
     for step in range(steps):
-        batch = to_device(collate([encoded[i] for i in stream.next()], pad_id), device)
+        batch = batches.next()
         loss = causal_lm_loss(model, batch)  # mean CE over response tokens (prompt labels are -100)
         task_loss = loss.item()
-        if extra_loss is not None:
-            extra = extra_loss()
+        if hooks.extra_loss is not None:
+            extra = hooks.extra_loss()
             if extra is not None:
                 loss = loss + extra
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if before_step is not None:
-            before_step()
+        if hooks.before_step is not None:
+            hooks.before_step()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         total_loss += task_loss
         total_tokens += int((batch["labels"] != -100).sum())
-        if on_step is not None:
-            on_step(step + 1, task_loss)
+        if hooks.on_step is not None:
+            hooks.on_step(step + 1, task_loss)
     model.eval()
     for p in params:
         p.requires_grad_(False)

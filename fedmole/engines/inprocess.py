@@ -22,12 +22,13 @@ from pathlib import Path
 from fedmole.algorithms.base import ClientProcedure
 from fedmole.client.execute import execute
 from fedmole.client.store import MemoryStore, StateStore
-from fedmole.messages import ClientState, Payload, Reply
+from fedmole.engines.base import Engine, Failures, Replies
+from fedmole.messages import ClientState, Payload
 
 log = logging.getLogger("fedmole")
 
 
-class InProcessEngine:
+class InProcessEngine(Engine):
     name = "inprocess"
 
     def __init__(self, procedure: ClientProcedure, store: StateStore | None = None):
@@ -36,10 +37,12 @@ class InProcessEngine:
         self.deadline = procedure.cfg.federation.round_deadline
         self.states: StateStore | MemoryStore = MemoryStore() if store is None else store
         self.on_client: Callable[[str, int, int], None] | None = None  # (phase, client, round) -> None
+        # never called: the clients train in this process, their runtime reports every step (runtime.on_step)
+        self.on_steps: Callable[[int, int], None] | None = None
 
-    def _run(self, phase: str, rnd: int, plans: dict[int, Payload]):
-        replies: dict[int, Reply] = {}
-        failures: dict[int, tuple[str, str]] = {}
+    def _run(self, phase: str, rnd: int, plans: dict[int, Payload]) -> tuple[Replies, Failures]:
+        replies: Replies = {}
+        failures: Failures = {}
         for cid, payload in plans.items():
             if self.on_client is not None:
                 self.on_client(phase, cid, rnd)
@@ -60,10 +63,10 @@ class InProcessEngine:
                 log.warning("round %s: client %s %s (%s): %s", rnd, cid, out.failure[0], phase, out.failure[1])
         return replies, failures
 
-    def train(self, rnd: int, plans: dict[int, Payload]):
+    def train(self, rnd: int, plans: dict[int, Payload]) -> tuple[Replies, Failures]:
         return self._run("train", rnd, plans)
 
-    def evaluate(self, rnd: int, plans: dict[int, Payload]):
+    def evaluate(self, rnd: int, plans: dict[int, Payload]) -> tuple[Replies, Failures]:
         return self._run("evaluate", rnd, plans)
 
     def client_states(self) -> Mapping[int, ClientState]:
@@ -80,7 +83,8 @@ class InProcessEngine:
         self.states.link_into(root)
 
     def close(self) -> None:
-        """Remove the store's directory (the last checkpoint holds the states)."""
+        """Drop the clients' states: remove the store's directory (the last checkpoint holds them), or empty the
+        in-memory store."""
         self.states.remove()
 
 

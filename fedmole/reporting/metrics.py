@@ -1,9 +1,10 @@
 """Metrics records, model selection on validation, and the run summary.
 
-`metrics.jsonl` holds one JSON object per measurement:
+`metrics.jsonl` holds one JSON object per measurement (`MetricRecord`, built by `metric_record`):
 `{"round", "client" (int or null for a mean over clients), "model" (personalized | global | local),
 "split" (train | val | test | round), "metric", "value"}`. `model: local` marks measurements taken during
-local training (the training loss); `split: round` marks facts about a round (failures, assignments...).
+local training (the training loss); `split: round` marks facts about a round (failures, assignments...,
+`round_record`, `fact_record`).
 
 Selection: for each evaluated model kind, the reported round is the one with the best mean validation
 score (or lowest validation loss, per `eval.select_on`); test is reported for that round and for the last.
@@ -13,12 +14,45 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NotRequired, TypedDict
 
-SCORE_METRICS = ("score", "accuracy", "rouge_l")
+
+class MetricRecord(TypedDict):
+    """One line of metrics.jsonl."""
+
+    round: int
+    client: int | None  # None: a mean over clients, or a fact about the whole round
+    model: str | None
+    split: str
+    metric: str
+    value: float
+    reason: NotRequired[str]  # why a reply was rejected (`client_rejected`, `eval_rejected`)
+
+
+def metric_record(rnd: int, client: int | None, model: str | None, split: str, metric: str,
+                  value: float) -> MetricRecord:
+    """A metrics.jsonl record, its keys in the file's order."""
+    return {"round": rnd, "client": client, "model": model, "split": split, "metric": metric, "value": value}
+
+
+def round_record(rnd: int, metric: str, value: float, client: int | None = None,
+                 reason: str | None = None) -> MetricRecord:
+    """A fact about round `rnd` (`split: round`, no model): of one client, or of the round when `client` is
+    None; `reason` says why a reply was rejected."""
+    rec = metric_record(rnd, client, None, "round", metric, value)
+    if reason is not None:
+        rec["reason"] = reason
+    return rec
+
+
+def fact_record(rnd: int, fact: dict) -> MetricRecord:
+    """A strategy's fact about round `rnd` (`Strategy.round_records`: `{"client", "metric", "value"}`) as a
+    record. Its keys keep the order these records have always had in metrics.jsonl (round, model, split,
+    then the fact's): readers do not depend on it, logs that compare byte for byte do."""
+    return {"round": rnd, "model": None, "split": "round", **fact}
 
 
 class MetricsLog:
@@ -51,10 +85,7 @@ class MetricsLog:
             value = int(r["value"])
             self.dp_groups = value if self.dp_groups is None else max(self.dp_groups, value)
 
-    def log(self, rnd: int, client: int | None, model: str | None, split: str, metric: str, value: float) -> None:
-        self.add([{"round": rnd, "client": client, "model": model, "split": split, "metric": metric, "value": value}])
-
-    def add(self, records: list[dict]) -> None:
+    def add(self, records: list[MetricRecord]) -> None:
         if not records:
             return
         with self.path.open("a") as fh:
@@ -130,7 +161,7 @@ def iter_jsonl(path: Path) -> Iterator[dict]:
                 yield json.loads(line)
 
 
-def eval_records(rnd: int, per_client: dict[int, list[dict]]) -> list[dict]:
+def eval_records(rnd: int, per_client: dict[int, list[dict]]) -> list[MetricRecord]:
     """Records of per-client eval results plus, per (model, split, metric), their unweighted mean over clients."""
     recs, groups = [], defaultdict(list)
     for cid, evals in sorted(per_client.items()):
@@ -138,12 +169,10 @@ def eval_records(rnd: int, per_client: dict[int, list[dict]]) -> list[dict]:
             for metric, value in e["metrics"].items():
                 if metric == "n":
                     continue
-                recs.append({"round": rnd, "client": cid, "model": e["model"], "split": e["split"],
-                             "metric": metric, "value": value})
+                recs.append(metric_record(rnd, cid, e["model"], e["split"], metric, value))
                 groups[(e["model"], e["split"], metric)].append(value)
     for (model, split, metric), values in sorted(groups.items()):
-        recs.append({"round": rnd, "client": None, "model": model, "split": split, "metric": metric,
-                     "value": sum(values) / len(values)})
+        recs.append(metric_record(rnd, None, model, split, metric, sum(values) / len(values)))
     return recs
 
 

@@ -25,6 +25,7 @@ from flwr.serverapp import Grid
 
 from fedmole.client.store import save_states
 from fedmole.config import Config
+from fedmole.engines.base import Engine
 from fedmole.engines.flower.records import (EVALUATE, GET_STATE, HELLO, QUERY, SET_STATE, TRAIN, arrays,
                                             parse_reply, payload_content, tensors_of)
 from fedmole.errors import UserError
@@ -43,7 +44,7 @@ class EngineStopped(RuntimeError):
     """The Flower run was stopped while the server waited for replies."""
 
 
-class FlowerEngine:
+class FlowerEngine(Engine):
     """The engine interface of `InProcessEngine` on top of a Flower `Grid`."""
 
     def __init__(self, grid: Grid, cfg: Config, name: str = "flower-sim", connect_timeout: float | None = None):
