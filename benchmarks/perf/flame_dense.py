@@ -18,8 +18,9 @@ One training step = forward + backward + AdamW over the pools' LoRA factors and 
 fixed random batch whose last `--labelled` positions carry labels (the loss projects only those onto the
 vocabulary, as fedmole's training does for response tokens). Dropout 0. Settings, dispatches and tiers run
 round-robin so drift hits all alike; the median over `--repeats` is reported. For the sparse dispatch the
-script also records the padding factor M * C / (N * k) (C: the busiest expert's token count; 1 = perfectly
-balanced routing) of the initial routers. Writes the result under "flame_dense" in
+script also records the routing imbalance M * C / (N * k) of the initial routers (C: the busiest expert's
+token count; 1 = perfectly balanced); the sparse dispatch runs each expert on exactly its own tokens, so
+imbalance costs it no padding, and at k = M it computes as the masked one. Writes the result under "flame_dense" in
 benchmarks/results/perf.json.
 """
 
@@ -90,23 +91,24 @@ class Contender:
         return run
 
     @torch.no_grad()
-    def padding(self, k: int) -> float:
-        """Mean over pools of M * C / (N * k) for the batch at k (the sparse buffer's size over the real pairs)."""
+    def imbalance(self, k: int) -> float:
+        """Mean over pools of M * C / (N * k) for the batch at k (the busiest expert's share over a fair share)."""
         factors = []
-        original = LoRAExpertPool._sparse
+        original = LoRAExpertPool.route
 
-        def spy(pool, flat, g, idx):
+        def spy(pool, logits):
+            g, idx = original(pool, logits)
             counts = torch.bincount(idx.reshape(-1), minlength=pool.M)
             factors.append(float(pool.M * counts.max()) / idx.numel())
-            return original(pool, flat, g, idx)
+            return g, idx
 
-        LoRAExpertPool._sparse = spy
+        LoRAExpertPool.route = spy
         try:
             self.layers.set_k(k)
             self.model.eval()
             self.model(**self.batch)
         finally:
-            LoRAExpertPool._sparse = original
+            LoRAExpertPool.route = original
         return sum(factors) / len(factors)
 
 
@@ -149,7 +151,7 @@ def main(argv=None) -> dict:
                         "ratio_k1_over_kK": s[1] / s[K]}
         entry["sparse_k1_over_dense_kK"] = step_s[(name, "sparse", 1)] / step_s[(name, "dense", K)]
         entry["analytic_train_flops_ratio_to_K"] = {str(k): flops[k] / flops[K] for k in tiers}
-        entry["sparse_padding_factor"] = {str(k): sparse.padding(k) for k in tiers}
+        entry["routing_imbalance"] = {str(k): sparse.imbalance(k) for k in tiers}
         result["settings"][name] = entry
     result["target"] = "sparse ratio_k1_over_kK <= 0.6 where the experts carry enough of the step (all_linear)"
     out = record("flame_dense", result)
@@ -162,7 +164,7 @@ def main(argv=None) -> dict:
             print(f"    k={k:<2} dense {entry['dense']['step_seconds'][str(k)]:7.3f} s "
                   f"({entry['dense']['step_ratio_to_K'][str(k)]:.3f})   sparse "
                   f"{entry['sparse']['step_seconds'][str(k)]:7.3f} s ({entry['sparse']['step_ratio_to_K'][str(k)]:.3f})"
-                  f"   padding {entry['sparse_padding_factor'][str(k)]:.2f}   analytic FLOPs ratio "
+                  f"   imbalance {entry['routing_imbalance'][str(k)]:.2f}   analytic FLOPs ratio "
                   f"{entry['analytic_train_flops_ratio_to_K'][str(k)]:.3f}")
         print(f"    ratio k=1 / k=K: dense {entry['dense']['ratio_k1_over_kK']:.3f}, sparse "
               f"{entry['sparse']['ratio_k1_over_kK']:.3f}; sparse k=1 / dense k=K {entry['sparse_k1_over_dense_kK']:.3f}")

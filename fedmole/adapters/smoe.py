@@ -24,8 +24,9 @@ Two layers share one routing core (`RoutedExperts`):
   Two ways to compute it (`dispatch`): `dense` (default) computes A_j x for all M experts in one matmul and
   zeroes the unchosen ones' weights, with one dropout mask on x shared by the experts of a token; `sparse`
   sorts the (token, expert) pairs by expert and runs each expert on exactly its own tokens (a loop over the M
-  experts, no padding), with one dropout mask per (token, expert) pair, so the cost falls with k. Without
-  dropout both give the same numbers up to float rounding.
+  experts, no padding), with one dropout mask per (token, expert) pair, so the cost falls with k; at k = M
+  (every expert chosen) it computes as `dense`. Without dropout both give the same numbers up to float
+  rounding.
 
 Trainable tensors by expert id (see `adapters.state`):
   `{block}/{j}/{proj}_A`, `{block}/{j}/{proj}_B`  expert j's LoRA on proj in {gate, up, down} (SMoE block)
@@ -397,7 +398,9 @@ class LoRAExpertPool(RoutedExperts):
         y = self.base(x)
         flat = x.reshape(-1, x.shape[-1]).to(self.A.dtype)  # (N, d_in)
         g, idx = self.route(flat @ self.W_r.t())  # (N, k)
-        delta = self._sparse(flat, g, idx) if self.dispatch == "sparse" else self._masked(flat, g, idx)
+        # with every expert chosen (k = M) there is nothing to skip: the one-matmul masked form is the cheaper one
+        sparse = self.dispatch == "sparse" and idx.shape[1] < self.M
+        delta = self._sparse(flat, g, idx) if sparse else self._masked(flat, g, idx)
         return y + delta.view(*x.shape[:-1], -1).to(y.dtype)
 
     def _masked(self, flat: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
