@@ -450,7 +450,7 @@ def test_sparse_dispatch_draws_one_dropout_mask_per_token_and_expert():
 
 
 def test_sparse_pool_dispatch_has_a_reproducible_backward_on_several_threads():
-    """The unpadded per-expert dispatch of a LoRA-expert pool (gathers, index_add of each expert's rows) gives
+    """The grouped sparse dispatch of a LoRA-expert pool (top-4 of 8: each token's row gathered 4 times) gives
     bit-identical outputs and gradients run after run on a multi-threaded CPU, as exact resume needs."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -19,8 +19,8 @@ fixed random batch whose last `--labelled` positions carry labels (the loss proj
 vocabulary, as fedmole's training does for response tokens). Dropout 0. Settings, dispatches and tiers run
 round-robin so drift hits all alike; the median over `--repeats` is reported. For the sparse dispatch the
 script also records the routing imbalance M * C / (N * k) of the initial routers (C: the busiest expert's
-token count; 1 = perfectly balanced); the sparse dispatch runs each expert on exactly its own tokens, so
-imbalance costs it no padding, and at k = M it computes as the masked one. Writes the result under "flame_dense" in
+token count; 1 = perfectly balanced), which is also the padding of the sparse buffer (M * C rows for N * k
+pairs); at k = M the sparse dispatch computes as the masked one. Writes the result under "flame_dense" in
 benchmarks/results/perf.json.
 """
 

@@ -23,10 +23,9 @@ Two layers share one routing core (`RoutedExperts`):
   Here s rescales the expert mixture only: the frozen W x is not a routed output and does not shrink.
   Two ways to compute it (`dispatch`): `dense` (default) computes A_j x for all M experts in one matmul and
   zeroes the unchosen ones' weights, with one dropout mask on x shared by the experts of a token; `sparse`
-  sorts the (token, expert) pairs by expert and runs each expert on exactly its own tokens (a loop over the M
-  experts, no padding), with one dropout mask per (token, expert) pair, so the cost falls with k; at k = M
-  (every expert chosen) it computes as `dense`. Without dropout both give the same numbers up to float
-  rounding.
+  groups the (token, expert) pairs by expert as the SMoE block does and runs only the chosen experts, with one
+  dropout mask per (token, expert) pair, so the cost falls with k; at k = M (every expert chosen) it computes
+  as `dense`. Without dropout both give the same numbers up to float rounding.
 
 Trainable tensors by expert id (see `adapters.state`):
   `{block}/{j}/{proj}_A`, `{block}/{j}/{proj}_B`  expert j's LoRA on proj in {gate, up, down} (SMoE block)
@@ -412,23 +411,13 @@ class LoRAExpertPool(RoutedExperts):
         return (h.reshape(h.shape[0], -1) @ B) * (self.scaling * self.s)  # (N, d_out)
 
     def _sparse(self, flat: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """(N, d_out): only the chosen experts run. The (token, expert) pairs are sorted by expert; expert j
-        gathers exactly its N_j tokens (no padding to the busiest expert), computes B_j A_j x on them with one
-        dropout mask per (token, expert) pair, and adds g_j times the result into its tokens' rows. A loop over
-        the M experts (a few per layer), never over tokens; the work is sum_j N_j = N k rows."""
-        n, k = idx.shape
-        pairs = idx.reshape(-1)  # (N k,) the expert of each pair, token-major
-        order = torch.argsort(pairs, stable=True)  # pairs grouped by expert, tokens ascending within a group
-        token, weight = order // k, _take(g.reshape(-1), order)  # (N k,) each pair's token and gate weight
-        out = flat.new_zeros(n, self.B.shape[1])
-        ends = torch.bincount(pairs, minlength=self.M).cumsum(0).tolist()
-        for j, (lo, hi) in enumerate(zip([0, *ends[:-1]], ends)):
-            if lo == hi:
-                continue
-            t = token[lo:hi]  # expert j's tokens, each once: the index_add below never adds twice into a row
-            h = self.dropout(_take(flat, t)) @ self.A[j].t()  # (N_j, r)
-            out = out.index_add(0, t, (h @ self.B[j].t()) * weight[lo:hi, None])  # (N, d_out)
-        return out * (self.scaling * self.s)  # sum_j g_j B_j A_j x
+        """(N, d_out): only the chosen experts run, on their tokens grouped into a zero-padded (M, C, d_in)
+        buffer (C = the busiest expert's count); one dropout mask per (token, expert) pair."""
+        groups = Groups.of(idx, self.M)
+        rows = self.dropout(groups.scatter(flat, self.M))  # (M, C, d_in)
+        h = torch.bmm(rows, self.A.transpose(1, 2))  # (M, C, r): A_j x for the tokens routed to j
+        out = torch.bmm(h, self.B.transpose(1, 2))  # (M, C, d_out)
+        return groups.gather(out, g) * (self.scaling * self.s)  # (N, d_out) = sum_j g_j B_j A_j x
 
     def get_tensors(self) -> dict[tuple[str, str], torch.Tensor]:
         out: dict[tuple[str, str], torch.Tensor] = {}
