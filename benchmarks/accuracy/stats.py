@@ -47,6 +47,8 @@ CLAIMS = [
      "paper": ">", "says": "FedAMoLE beats the best baseline"},
     {"id": "fedamole_vs_fedamole_r", "a": "fedamole", "b": "fedamole_r", "paper": ">",
      "says": "RSEA's assignment beats a static random architecture (FedAMoLE-R)"},
+    {"id": "fedamole_vs_fedamole_rd", "a": "fedamole", "b": "fedamole_rd", "paper": ">",
+     "says": "RSEA's affinity-driven re-assignment beats a random re-assignment every round (FedAMoLE-RD)"},
     {"id": "fedamole_r_vs_fedit_ft", "a": "fedamole_r", "b": "fedit_ft", "paper": ">",
      "says": "a mixture of LoRA experts, even randomly assigned, beats one fine-tuned LoRA"},
     {"id": "fedamole_vs_fedit_ft", "a": "fedamole", "b": "fedit_ft", "paper": ">",

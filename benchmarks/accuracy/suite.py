@@ -171,13 +171,17 @@ POWERED = {
 # The short-horizon ablation of issue 15: does RSEA's re-assignment start to carry information (clients keeping
 # the experts they trained, FedAMoLE pulling ahead of its static random architecture) when the routers and
 # expert keys train for longer? The powered preset's label0.1 scenario at 3x the rounds (12 x 12 steps), FedAMoLE
-# and FedAMoLE-R only, the same 3 seeds and the same data.
+# and FedAMoLE-R, the same 3 seeds and the same data; and FedAMoLE-RD (a fresh random architecture every round,
+# `random_dispatch`), which separates RSEA's affinities from the re-dealing itself (added after the first two
+# ran: RSEA kept experts at the random rate, yet beat the static architecture at round 12).
+HORIZON_RUNS = {**{m: POWERED_PERSONAL_RUNS[m] for m in ("fedamole", "fedamole_r")},
+                "fedamole_rd": ["algorithm.name=fedamole", "algorithm.random_dispatch=true"]}
 HORIZON = {
     **POWERED,
     "overrides": [o if not o.startswith("federation.rounds=") else "federation.rounds=12" for o in POWERED["overrides"]],
     "scenarios": {"label0.1": POWERED_SCENARIOS["label0.1"]},
-    "runs": {"personal": {m: POWERED_PERSONAL_RUNS[m] for m in ("fedamole", "fedamole_r")}},
-    "methods": {"personal": {m: POWERED_PERSONAL_METHODS[m] for m in ("fedamole", "fedamole_r")}},
+    "runs": {"personal": HORIZON_RUNS},
+    "methods": {"personal": {m: (m, "personalized") for m in HORIZON_RUNS}},
 }
 PRESETS["powered"] = POWERED
 PRESETS["horizon"] = HORIZON
