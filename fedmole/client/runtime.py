@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from fedmole.adapters import AdapterSet
-from fedmole.client.data import BatchStream, EncodedClient, encode_client
+from fedmole.client.data import EncodedClient, encode_client
 from fedmole.client.evaluate import evaluate_splits
 from fedmole.client.snapshots import Snapshot, Snapshots
-from fedmole.client.train import Batches, TrainHooks, local_train
+from fedmole.client.train import TrainHooks, client_batches, local_train
 from fedmole.config import Config
 from fedmole.data.partition import ClientData
 from fedmole.faults import ClientCrashed
@@ -77,17 +77,13 @@ class ClientRuntime:
     ) -> dict[str, float]:
         """`steps` local steps on the client's stream, which resumes from `state.meta['cursor']`.
         `params` is a list of parameters or of param groups with an optional `lr_scale` each."""
-        data = self.data(cid)
-        stream = BatchStream(
-            len(data.train), self.cfg.train.batch_size, self.cfg.federation.seed, cid, state.meta.get("cursor")
-        )
+        batches = client_batches(self.data(cid), self.cfg, state.meta.get("cursor"), self.tokenizer.pad_token_id,
+                                 self.device)
         start = time.perf_counter()
-        stats = local_train(
-            self.model, params, Batches(data.train, stream, self.tokenizer.pad_token_id, self.device), steps, lr,
-            self.cfg.train, TrainHooks(extra_loss, before_step, self._step_hook),
-        )
+        stats = local_train(self.model, params, batches, steps, lr, self.cfg.train,
+                            TrainHooks(extra_loss, before_step, self._step_hook))
         self.seconds["train"] += time.perf_counter() - start
-        state.meta["cursor"] = stream.cursor
+        state.meta["cursor"] = batches.stream.cursor
         return stats
 
     def _step_hook(self, step: int, loss: float) -> None:
