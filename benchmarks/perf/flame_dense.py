@@ -16,11 +16,12 @@ unchosen weighted 0) and `dispatch: sparse` (only the chosen experts run):
 
 One training step = forward + backward + AdamW over the pools' LoRA factors and routers and the rescaler, on a
 fixed random batch whose last `--labelled` positions carry labels (the loss projects only those onto the
-vocabulary, as fedmole's training does for response tokens). Dropout 0. Settings, dispatches and tiers run
-round-robin so drift hits all alike; the median over `--repeats` is reported. For the sparse dispatch the
-script also records the routing imbalance M * C / (N * k) of the initial routers (C: the busiest expert's
-token count; 1 = perfectly balanced), which is also the padding of the sparse buffer (M * C rows for N * k
-pairs); at k = M the sparse dispatch computes as the masked one. Writes the result under "flame_dense" in
+vocabulary, as fedmole's training does for response tokens), plus the load-balancing term, as FLAME's loop
+adds it. Dropout 0. Settings, dispatches and tiers run round-robin so drift hits all alike; the median over
+`--repeats` is reported. The script also records the routing imbalance M * C / (N * k) of the initial
+routers (C: the busiest expert's token count; 1 = perfectly balanced): the padding the sparse dispatch would
+need without its grouped kernel (it pads only where that kernel does not apply); at k = M the sparse
+dispatch computes as the masked one. Writes the result under "flame_dense" in
 benchmarks/results/perf.json.
 """
 
@@ -61,6 +62,9 @@ class Contender:
         self.adapters = build_adapters(model, cfg)
         self.adapters.load({k: v.to(args.device) for k, v in self.adapters.init_state(0).items()})
         self.model, self.layers = model, RoutedLayers(self.adapters)
+        # the load-balancing term, taken after every forward pass as FLAME's training loop takes it (left in the
+        # context, each pass's term would keep that pass's whole graph alive: memory grew by ~0.5 GB per step)
+        self.aux_loss = self.layers.aux_loss(cfg.algorithm.router_aux_loss_coef)
         groups = [{"params": self.layers.trainable(), "lr": 1e-4},
                   {"params": self.layers.rescaler_parameters(), "lr": 1e-3}]
         for group in groups:
@@ -83,6 +87,7 @@ class Contender:
             logits = out.logits[:, :-1].float()
             target = self.labels[:, -logits.shape[1]:]
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+            loss = loss + self.aux_loss()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
