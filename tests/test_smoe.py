@@ -397,10 +397,11 @@ def _grads(pool, fn, x, seed):
     return out.detach(), [p.grad.clone() for p in params]
 
 
-def _dropout_pool(dispatch, dropout=0.3, k=2):
+def _dropout_pool(dispatch, dropout=0.3, k=2, dims=(12, 10, 2)):
     torch.manual_seed(0)
-    base = torch.nn.Linear(12, 10)
-    pool = LoRAExpertPool(base, num_experts=6, top_k=3, rank=2, alpha=4.0, dropout=dropout, ctx=MoEContext(),
+    d_in, d_out, rank = dims
+    base = torch.nn.Linear(d_in, d_out)
+    pool = LoRAExpertPool(base, num_experts=6, top_k=3, rank=rank, alpha=4.0, dropout=dropout, ctx=MoEContext(),
                           dispatch=dispatch)
     _random_lora(pool, 0)
     pool.set_active_experts(k)
@@ -420,15 +421,34 @@ def test_default_dense_dispatch_is_the_old_masked_formula_bit_for_bit():
 
 
 @pytest.mark.parametrize("k", [3, 2, 1])
-def test_sparse_dispatch_equals_the_masked_computation_without_dropout(k):
-    dense, sparse = _dropout_pool("dense", 0.0, k), _dropout_pool("sparse", 0.0, k)
-    x = torch.randn(2, 9, 12)
+@pytest.mark.parametrize("dims,grouped", [((16, 8, 4), True), ((12, 10, 2), False)], ids=["grouped", "padded"])
+def test_sparse_dispatch_equals_the_masked_computation_without_dropout(k, dims, grouped):
+    """Both sparse forms (grouped matmuls where the kernel takes the shapes, the padded buffer where it does
+    not: rank 2 in fp32 is 8-byte rows) give the masked computation's output and gradients."""
+    dense, sparse = _dropout_pool("dense", 0.0, k, dims), _dropout_pool("sparse", 0.0, k, dims)
+    assert sparse.grouped_mm_fits() is grouped
+    x = torch.randn(2, 9, dims[0])
     out_d, grads_d = _grads(dense, dense, x, seed=0)
     out_s, grads_s = _grads(sparse, sparse, x, seed=0)
     assert torch.allclose(out_s, out_d, atol=1e-6)
     for name, a, b in zip(("A", "B", "W_r", "log_s"), grads_s, grads_d):
         assert torch.allclose(a, b, atol=1e-5), name
     assert torch.equal(sparse.counts, dense.counts) and sparse.counts.sum() == 18 * k
+
+
+def test_grouped_sparse_dispatch_takes_a_stride_0_output_gradient():
+    """grouped_mm's CPU backward refuses an output gradient with stride 0 (what `out.sum().backward()` sends);
+    the pool's grouped outputs feed only index_select, so a pool output's stride-0 gradient still trains it."""
+    dense, sparse = _dropout_pool("dense", 0.0, 2, (16, 8, 4)), _dropout_pool("sparse", 0.0, 2, (16, 8, 4))
+    assert sparse.grouped_mm_fits()
+    x = torch.randn(2, 9, 16)
+    grads = []
+    for pool in (dense, sparse):
+        pool.A.requires_grad_(True)
+        pool(x).sum().backward()
+        grads.append(pool.A.grad)
+    assert grads[1].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
 
 
 def test_sparse_dispatch_draws_one_dropout_mask_per_token_and_expert():

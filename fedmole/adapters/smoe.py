@@ -411,8 +411,36 @@ class LoRAExpertPool(RoutedExperts):
         return (h.reshape(h.shape[0], -1) @ B) * (self.scaling * self.s)  # (N, d_out)
 
     def _sparse(self, flat: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """(N, d_out): only the chosen experts run, on their tokens grouped into a zero-padded (M, C, d_in)
-        buffer (C = the busiest expert's count); one dropout mask per (token, expert) pair."""
+        """(N, d_out): only the chosen experts run, one dropout mask per (token, expert) pair."""
+        return self._grouped(flat, g, idx) if self.grouped_mm_fits() else self._padded(flat, g, idx)
+
+    def grouped_mm_fits(self) -> bool:
+        """Whether the grouped form runs: on CPU (where it is tested; CUDA's grouped kernel documents bf16
+        inputs only, and fedmole's factors are fp32), with every row stride (d_in, rank, d_out elements) a
+        multiple of 16 bytes, as the kernel requires: in fp32, each a multiple of 4."""
+        size = self.A.element_size()
+        return self.A.device.type == "cpu" and all(dim * size % 16 == 0
+                                                   for dim in (self.A.shape[2], self.rank, self.B.shape[1]))
+
+    def _grouped(self, flat: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The N*k (token, expert) pairs sorted by expert into one unpadded (N*k, d_in) block; two grouped
+        matmuls (`F.grouped_mm`, jagged by `offs`) apply each expert's A_j, then B_j, to its own run of rows:
+        no padding, no loop over tokens or experts, and every buffer's size depends on N and k only."""
+        n, k = idx.shape
+        experts = idx.reshape(-1)  # (S,) token-major
+        order = torch.argsort(experts, stable=True)  # pair positions in expert order
+        offs = torch.bincount(experts, minlength=self.M).cumsum(0).to(torch.int32)  # end of each expert's run
+        rows = self.dropout(_take(flat, order // k))  # (S, d_in)
+        h = F.grouped_mm(rows, self.A.transpose(1, 2), offs=offs)  # (S, r): A_j x for the tokens routed to j
+        out = F.grouped_mm(h, self.B.transpose(1, 2), offs=offs)  # (S, d_out)
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.numel(), device=order.device)  # expert order -> token-major order
+        pairs = _take(out, back) * g.reshape(-1, 1).to(out.dtype)  # (S, d_out), token-major
+        return pairs.view(n, k, -1).sum(1) * (self.scaling * self.s)  # (N, d_out) = sum_j g_j B_j A_j x
+
+    def _padded(self, flat: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """For shapes the grouped kernel refuses: the pairs grouped into a zero-padded (M, C, d_in) buffer (C =
+        the busiest expert's count) and two `bmm`s, which pad as much as the router is unbalanced."""
         groups = Groups.of(idx, self.M)
         rows = self.dropout(groups.scatter(flat, self.M))  # (M, C, d_in)
         h = torch.bmm(rows, self.A.transpose(1, 2))  # (M, C, r): A_j x for the tokens routed to j
