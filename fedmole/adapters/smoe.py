@@ -425,18 +425,21 @@ class LoRAExpertPool(RoutedExperts):
     def _grouped(self, flat: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The N*k (token, expert) pairs sorted by expert into one unpadded (N*k, d_in) block; two grouped
         matmuls (`F.grouped_mm`, jagged by `offs`) apply each expert's A_j, then B_j, to its own run of rows:
-        no padding, no loop over tokens or experts, and every buffer's size depends on N and k only."""
+        no padding, no loop over tokens or experts, and every buffer's size depends on N and k only. The gate
+        weight and the scales multiply the rank-r intermediate, not the d_out-wide output (fewer passes over
+        the largest tensors, forward and backward)."""
         n, k = idx.shape
         experts = idx.reshape(-1)  # (S,) token-major
         order = torch.argsort(experts, stable=True)  # pair positions in expert order
         offs = torch.bincount(experts, minlength=self.M).cumsum(0).to(torch.int32)  # end of each expert's run
         rows = self.dropout(_take(flat, order // k))  # (S, d_in)
         h = F.grouped_mm(rows, self.A.transpose(1, 2), offs=offs)  # (S, r): A_j x for the tokens routed to j
+        h = h * (_take(g.reshape(-1, 1), order).to(h.dtype) * (self.scaling * self.s))  # s (a/r) g_j A_j x
         out = F.grouped_mm(h, self.B.transpose(1, 2), offs=offs)  # (S, d_out)
         back = torch.empty_like(order)
         back[order] = torch.arange(order.numel(), device=order.device)  # expert order -> token-major order
-        pairs = _take(out, back) * g.reshape(-1, 1).to(out.dtype)  # (S, d_out), token-major
-        return pairs.view(n, k, -1).sum(1) * (self.scaling * self.s)  # (N, d_out) = sum_j g_j B_j A_j x
+        pairs = _take(out, back)  # (S, d_out), token-major
+        return pairs if k == 1 else pairs.view(n, k, -1).sum(1)  # (N, d_out) = s sum_j g_j (a/r) B_j A_j x
 
     def _padded(self, flat: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """For shapes the grouped kernel refuses: the pairs grouped into a zero-padded (M, C, d_in) buffer (C =
