@@ -438,7 +438,8 @@ def test_sparse_dispatch_equals_the_masked_computation_without_dropout(k, dims, 
 
 def test_grouped_sparse_dispatch_takes_a_stride_0_output_gradient():
     """grouped_mm's CPU backward refuses an output gradient with stride 0 (what `out.sum().backward()` sends);
-    the pool's grouped outputs feed only index_select, so a pool output's stride-0 gradient still trains it."""
+    in the pool the second grouped output feeds only index_select (whose gradient is contiguous) and the first
+    gets its gradient from the second's backward, so a stride-0 gradient on the pool's output still trains it."""
     dense, sparse = _dropout_pool("dense", 0.0, 2, (16, 8, 4)), _dropout_pool("sparse", 0.0, 2, (16, 8, 4))
     assert sparse.grouped_mm_fits()
     x = torch.randn(2, 9, 16)
