@@ -23,9 +23,9 @@ Two layers share one routing core (`RoutedExperts`):
   Here s rescales the expert mixture only: the frozen W x is not a routed output and does not shrink.
   Two ways to compute it (`dispatch`): `dense` (default) computes A_j x for all M experts in one matmul and
   zeroes the unchosen ones' weights, with one dropout mask on x shared by the experts of a token; `sparse`
-  groups the (token, expert) pairs by expert as the SMoE block does and runs only the chosen experts, with one
-  dropout mask per (token, expert) pair, so the cost falls with k; at k = M (every expert chosen) it computes
-  as `dense`. Without dropout both give the same numbers up to float rounding.
+  sorts the (token, expert) pairs by expert and runs only the chosen experts (grouped matmuls without padding
+  on CPU, the SMoE block's padded buffer elsewhere), with one dropout mask per (token, expert) pair, so the
+  cost falls with k; at k = M (every expert chosen) it computes as `dense`. Without dropout both give the same numbers up to float rounding.
 
 Trainable tensors by expert id (see `adapters.state`):
   `{block}/{j}/{proj}_A`, `{block}/{j}/{proj}_B`  expert j's LoRA on proj in {gate, up, down} (SMoE block)
