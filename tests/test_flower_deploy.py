@@ -175,13 +175,22 @@ def test_deploy_with_tls_and_supernode_authentication(tmp_path):
     assert set(summary["personalized"]["per_client"]) == {"0", "1"}
 
 
+def _started_at(p: psutil.Process) -> float:
+    """When `p` started, on the wall clock. psutil's `create_time()` adds the start tick to the kernel's boot time
+    rounded down to whole seconds, so it reads up to 1 s early: a process started just after a file was written
+    looked older than the file. The boot time from /proc/uptime keeps its hundredths."""
+    boot = time.time() - float(Path("/proc/uptime").read_text().split()[0])
+    return p.create_time() - psutil.boot_time() + boot
+
+
 def _new_clientapp(fl: FlowerProcesses, node, since: float, timeout: float) -> bool:
-    """Wait until a ClientApp process started after `since` runs under `node` (the node works on a message)."""
+    """Wait until a ClientApp process started after `since` (wall clock) runs under `node` (the node works on a
+    message)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in fl.tree(node):
             try:
-                if "clientapp" in p.name() and p.create_time() > since:
+                if "clientapp" in p.name() and _started_at(p) > since:
                     return True
             except psutil.Error:
                 pass
