@@ -31,15 +31,20 @@ def flat_params(params: Params) -> list[nn.Parameter]:
     return [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
 
 
+_IMPL = {"auto": {}, "loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+
 def make_optimizer(params: Params, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    """`params` may be param groups; a group's optional `lr_scale` multiplies the round's lr for it."""
+    """`params` may be param groups; a group's optional `lr_scale` multiplies the round's lr for it.
+    `cfg.optimizer_impl` picks torch's implementation of the update (auto: torch's default)."""
     if params and isinstance(params[0], dict):
         params = [{"params": g["params"], "lr": lr * g.get("lr_scale", 1.0)} for g in params]
+    impl = _IMPL[cfg.optimizer_impl]
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=lr, eps=cfg.eps, weight_decay=cfg.weight_decay, **impl)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, eps=cfg.eps, weight_decay=cfg.weight_decay, **impl)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **impl)
 
 
 def round_lr(cfg: TrainConfig, rnd: int, rounds: int) -> float:
