@@ -3,6 +3,8 @@ dispatch.
 
     python -m benchmarks.perf.flame_dense                    # SmolLM2-135M, both settings below (CPU)
     python -m benchmarks.perf.flame_dense --model tiny-llama --batch 2 --seq 32 --repeats 1   # a quick check
+    python -m benchmarks.perf.flame_dense --settings all_linear --dispatches sparse --tiers 1 --repeats 15 \
+        --optimizer-impl fused --name flame_dense_paired_fused          # the k = 1 / k = K ratio, precisely
 
 Two settings, each measured with `dispatch: dense` (the masked computation: every expert's A_j x, the
 unchosen weighted 0) and `dispatch: sparse` (only the chosen experts run):
@@ -20,8 +22,10 @@ is a loop over the parameters, `fused` one kernel), on a
 fixed random batch whose last `--labelled` positions carry labels (the loss projects only those onto the
 vocabulary, as fedmole's training does for response tokens), plus the load-balancing term, as FLAME's loop
 adds it. Dropout 0. Settings, dispatches and tiers run round-robin so drift hits all alike; the median over
-`--repeats` is reported. The script also records the routing imbalance M * C / (N * k) of the initial
-routers (C: the busiest expert's token count; 1 = perfectly balanced): the padding the sparse dispatch would
+`--repeats` is reported, and for each dispatch the k = 1 / k = K ratio within each repeat (the two steps run
+next to each other) with a bootstrap 95 % interval of its median. The script also records the routing imbalance
+M * C / (N * k) of the routers after the timed steps (C: the busiest expert's token count; 1 = perfectly
+balanced): the padding the sparse dispatch would
 need without its grouped kernel (it pads only where that kernel does not apply); at k = M the sparse
 dispatch computes as the masked one. Writes the result under `--name` (default "flame_dense") in
 benchmarks/results/perf.json.
@@ -49,6 +53,17 @@ def settings(rank: int) -> dict[str, dict]:
         "suite": {"targets": "[q_proj,v_proj]", "experts": 8, "top_k": 4, "rank": 8, "tiers": [4, 2, 1]},
         "all_linear": {"targets": ALL_LINEAR, "experts": 8, "top_k": 8, "rank": rank, "tiers": [8, 4, 2, 1]},
     }
+
+
+def median_ci95(xs: list[float], resamples: int = 4000) -> list[float]:
+    """Percentile bootstrap 95 % interval of the median of `xs` (seeded: the same numbers give the same
+    interval); with fewer than 3 values, [min, max]."""
+    if len(xs) < 3:
+        return [min(xs), max(xs)]
+    gen = torch.Generator().manual_seed(0)
+    t = torch.tensor(xs, dtype=torch.float64)
+    meds = t[torch.randint(len(xs), (resamples, len(xs)), generator=gen)].median(dim=1).values
+    return [float(meds.quantile(0.025)), float(meds.quantile(0.975))]
 
 
 class Contender:
@@ -134,33 +149,47 @@ def main(argv=None) -> dict:
     ap.add_argument("--optimizer-impl", default="auto", choices=["auto", "loop", "foreach", "fused"],
                     help="train.optimizer_impl of the clients' AdamW (auto: torch's default)")
     ap.add_argument("--name", default="flame_dense", help="the key of the result in perf.json")
+    ap.add_argument("--dispatches", default="dense,sparse", help="comma-separated: dense, sparse")
+    ap.add_argument("--tiers", default=None, help="comma-separated k to measure (default: each setting's tiers; "
+                    "1 and K are always measured)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     specs = {name: spec for name, spec in settings(args.rank).items() if name in args.settings.split(",")}
-    contenders = {(name, d): Contender(args, spec, d) for name, spec in specs.items() for d in ("dense", "sparse")}
+    if args.tiers:
+        for spec in specs.values():
+            wanted = {1, spec["top_k"], *map(int, args.tiers.split(","))}
+            spec["tiers"] = [k for k in spec["tiers"] if k in wanted]
+    dispatches = [d for d in ("dense", "sparse") if d in args.dispatches.split(",")]
+    contenders = {(name, d): Contender(args, spec, d) for name, spec in specs.items() for d in dispatches}
     fns = {(name, d, k): c.step_at(k) for (name, d), c in contenders.items() for k in specs[name]["tiers"]}
     for fn in fns.values():  # warm-up
         fn()
-    step_s = {key: median(t) for key, t in interleaved(fns, args.repeats).items()}
+    times = interleaved(fns, args.repeats)
+    step_s = {key: median(t) for key, t in times.items()}
 
     result = {"model": args.model, "device": args.device, "threads": torch.get_num_threads(),
               "batch": f"{args.batch} x {args.seq} tokens, loss on the last {args.labelled}",
               "repeats": args.repeats, "optimizer_impl": args.optimizer_impl, "settings": {}}
     for name, spec in specs.items():
         K, tiers = spec["top_k"], spec["tiers"]
-        sparse = contenders[(name, "sparse")]
+        sparse = contenders[(name, dispatches[-1])]  # the flops, pools and routing are the same in both
         flops = {k: flops_per_token(sparse.model, sparse.layers, k)["train"] for k in tiers}
         entry = {"pools": f"{spec['experts']} LoRA experts of rank {spec['rank']} (alpha {2 * spec['rank']}) on "
                           f"{spec['targets']}, top-{K} at full compute, {len(sparse.layers.layers)} pools",
                  "trainable_parameters": sum(p.numel() for p in sparse.layers.trainable())}
-        for d in ("dense", "sparse"):
+        for d in dispatches:
             s = {k: step_s[(name, d, k)] for k in tiers}
+            # k = 1 over k = K within each repeat (measured next to each other): the spread of the ratio
+            paired = [a / b for a, b in zip(times[(name, d, 1)], times[(name, d, K)])]
             entry[d] = {"step_seconds": {str(k): s[k] for k in tiers},
                         "step_ratio_to_K": {str(k): s[k] / s[K] for k in tiers},
-                        "ratio_k1_over_kK": s[1] / s[K]}
-        entry["sparse_k1_over_dense_kK"] = step_s[(name, "sparse", 1)] / step_s[(name, "dense", K)]
+                        "ratio_k1_over_kK": s[1] / s[K],
+                        "ratio_k1_over_kK_per_repeat": paired,
+                        "ratio_k1_over_kK_median_ci95": median_ci95(paired)}
+        if len(dispatches) == 2:
+            entry["sparse_k1_over_dense_kK"] = step_s[(name, "sparse", 1)] / step_s[(name, "dense", K)]
         entry["analytic_train_flops_ratio_to_K"] = {str(k): flops[k] / flops[K] for k in tiers}
         entry["routing_imbalance"] = {str(k): sparse.imbalance(k) for k in tiers}
         result["settings"][name] = entry
@@ -172,13 +201,16 @@ def main(argv=None) -> dict:
     for name, entry in result["settings"].items():
         print(f"  {name}: {entry['pools']}")
         for k in specs[name]["tiers"]:
-            print(f"    k={k:<2} dense {entry['dense']['step_seconds'][str(k)]:7.3f} s "
-                  f"({entry['dense']['step_ratio_to_K'][str(k)]:.3f})   sparse "
-                  f"{entry['sparse']['step_seconds'][str(k)]:7.3f} s ({entry['sparse']['step_ratio_to_K'][str(k)]:.3f})"
-                  f"   imbalance {entry['routing_imbalance'][str(k)]:.2f}   analytic FLOPs ratio "
-                  f"{entry['analytic_train_flops_ratio_to_K'][str(k)]:.3f}")
-        print(f"    ratio k=1 / k=K: dense {entry['dense']['ratio_k1_over_kK']:.3f}, sparse "
-              f"{entry['sparse']['ratio_k1_over_kK']:.3f}; sparse k=1 / dense k=K {entry['sparse_k1_over_dense_kK']:.3f}")
+            cells = [f"{d} {entry[d]['step_seconds'][str(k)]:7.3f} s ({entry[d]['step_ratio_to_K'][str(k)]:.3f})"
+                     for d in dispatches]
+            print(f"    k={k:<2} " + "   ".join(cells) + f"   imbalance {entry['routing_imbalance'][str(k)]:.2f}"
+                  f"   analytic FLOPs ratio {entry['analytic_train_flops_ratio_to_K'][str(k)]:.3f}")
+        for d in dispatches:
+            lo, hi = entry[d]["ratio_k1_over_kK_median_ci95"]
+            print(f"    ratio k=1 / k=K, {d}: {entry[d]['ratio_k1_over_kK']:.3f} (paired per repeat: median 95 % "
+                  f"interval [{lo:.3f}, {hi:.3f}])")
+        if "sparse_k1_over_dense_kK" in entry:
+            print(f"    sparse k=1 / dense k=K {entry['sparse_k1_over_dense_kK']:.3f}")
     print(f"wrote {out}")
     return result
 
