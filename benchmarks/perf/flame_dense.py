@@ -25,9 +25,8 @@ adds it. Dropout 0. Settings, dispatches and tiers run round-robin so drift hits
 `--repeats` is reported, and for each dispatch the k = 1 / k = K ratio within each repeat (the two steps run
 next to each other) with a bootstrap 95 % interval of its median. The script also records the routing imbalance
 M * C / (N * k) of the routers after the timed steps (C: the busiest expert's token count; 1 = perfectly
-balanced): the padding the sparse dispatch would
-need without its grouped kernel (it pads only where that kernel does not apply); at k = M the sparse
-dispatch computes as the masked one. Writes the result under `--name` (default "flame_dense") in
+balanced): the padding the sparse dispatch would need without its grouped kernel (it pads only where that
+kernel does not apply); at k = M the sparse dispatch computes as the masked one. Writes the result under `--name` (default "flame_dense") in
 benchmarks/results/perf.json.
 """
 
@@ -174,11 +173,11 @@ def main(argv=None) -> dict:
               "repeats": args.repeats, "optimizer_impl": args.optimizer_impl, "settings": {}}
     for name, spec in specs.items():
         K, tiers = spec["top_k"], spec["tiers"]
-        sparse = contenders[(name, dispatches[-1])]  # the flops, pools and routing are the same in both
-        flops = {k: flops_per_token(sparse.model, sparse.layers, k)["train"] for k in tiers}
+        probe = contenders[(name, dispatches[-1])]  # the flops, pools and routing are the same in both
+        flops = {k: flops_per_token(probe.model, probe.layers, k)["train"] for k in tiers}
         entry = {"pools": f"{spec['experts']} LoRA experts of rank {spec['rank']} (alpha {2 * spec['rank']}) on "
-                          f"{spec['targets']}, top-{K} at full compute, {len(sparse.layers.layers)} pools",
-                 "trainable_parameters": sum(p.numel() for p in sparse.layers.trainable())}
+                          f"{spec['targets']}, top-{K} at full compute, {len(probe.layers.layers)} pools",
+                 "trainable_parameters": sum(p.numel() for p in probe.layers.trainable())}
         for d in dispatches:
             s = {k: step_s[(name, d, k)] for k in tiers}
             # k = 1 over k = K within each repeat (measured next to each other): the spread of the ratio
@@ -191,7 +190,7 @@ def main(argv=None) -> dict:
         if len(dispatches) == 2:
             entry["sparse_k1_over_dense_kK"] = step_s[(name, "sparse", 1)] / step_s[(name, "dense", K)]
         entry["analytic_train_flops_ratio_to_K"] = {str(k): flops[k] / flops[K] for k in tiers}
-        entry["routing_imbalance"] = {str(k): sparse.imbalance(k) for k in tiers}
+        entry["routing_imbalance"] = {str(k): probe.imbalance(k) for k in tiers}
         result["settings"][name] = entry
     result["target"] = "sparse ratio_k1_over_kK <= 0.6 where the experts carry enough of the step (all_linear)"
     out = record(args.name, result)

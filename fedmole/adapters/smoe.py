@@ -25,7 +25,8 @@ Two layers share one routing core (`RoutedExperts`):
   zeroes the unchosen ones' weights, with one dropout mask on x shared by the experts of a token; `sparse`
   sorts the (token, expert) pairs by expert and runs only the chosen experts (grouped matmuls without padding
   on CPU, the SMoE block's padded buffer elsewhere), with one dropout mask per (token, expert) pair, so the
-  cost falls with k; at k = M (every expert chosen) it computes as `dense`. Without dropout both give the same numbers up to float rounding.
+  cost falls with k; at k = M (every expert chosen) it computes as `dense`. Without dropout both give the
+  same numbers up to float rounding.
 
 Trainable tensors by expert id (see `adapters.state`):
   `{block}/{j}/{proj}_A`, `{block}/{j}/{proj}_B`  expert j's LoRA on proj in {gate, up, down} (SMoE block)
