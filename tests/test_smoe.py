@@ -11,6 +11,7 @@ from fedmole.adapters.smoe import (
     LoRAExpertPool,
     MoEContext,
     SparseMoELoRA,
+    _Regroup,
     attach_context,
     find_moe_blocks,
     share_rescaler,
@@ -370,6 +371,31 @@ def test_grouped_dispatch_has_a_reproducible_backward_on_several_threads():
         torch.testing.assert_close(out, 1.5 * w.sum(1, keepdim=True) * x, rtol=1e-6, atol=1e-6)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_regroup_gradient_is_the_gradient_of_the_gather(k):
+    """The grouped dispatch gathers (token, choice) pairs into expert order with `_Regroup`, whose backward is
+    the inverse gather plus a sum over each token's k copies instead of index_select's zero-fill and
+    index-add: the same gradient (bit for bit up to k = 2, where a sum of two terms cannot round apart; within
+    float rounding beyond), on a permutation whose inverse is not itself."""
+    gen = torch.Generator().manual_seed(0)
+    n, d = 50, 6
+    idx = torch.stack([torch.randperm(5, generator=gen)[:k] for _ in range(n)])  # (n, k) expert choices
+    order = torch.argsort(idx.reshape(-1), stable=True)
+    back = torch.empty_like(order)
+    back[order] = torch.arange(order.numel())
+    assert not torch.equal(order, back)
+    x = torch.randn(n, d, generator=gen, requires_grad=True)
+    g = torch.randn(n * k, d, generator=gen)
+    ours = _Regroup.apply(x, order // k, back, k)
+    (grad_ours,) = torch.autograd.grad(ours, x, g)
+    reference = x.index_select(0, order // k)
+    (grad_ref,) = torch.autograd.grad(reference, x, g)
+    assert torch.equal(ours, reference)
+    if k <= 2:
+        assert torch.equal(grad_ours, grad_ref)
+    torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------- pool dispatch (dense / sparse)

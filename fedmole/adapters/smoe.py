@@ -209,6 +209,27 @@ def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.index_select(0, index) if t.device.type == "cpu" else t[index]
 
 
+class _Regroup(torch.autograd.Function):
+    """`x.index_select(0, index)` where `index` visits every row of x exactly `k` times (a permutation of the
+    (row, copy) pairs), with the backward as a gather by the inverse permutation `inverse` (pair q of the
+    row-major order came out at position `inverse[q]`) and a sum over each row's k copies. The default
+    backward of a gather allocates a zeroed x-sized buffer and index-adds into it, two passes over the largest
+    tensors of a pool per call; this is one gather, deterministic on any number of threads, and for k = 1
+    exactly the same numbers."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        pairs = grad.index_select(0, inverse)  # row-major (row, copy) order
+        return (pairs if ctx.k == 1 else pairs.view(-1, ctx.k, pairs.shape[-1]).sum(1)), None, None, None
+
+
 @dataclass
 class Groups:
     """The (token, expert) pairs of a batch grouped by expert: pair p = (token t, its i-th choice) sits in
@@ -433,13 +454,15 @@ class LoRAExpertPool(RoutedExperts):
         experts = idx.reshape(-1)  # (S,) token-major
         order = torch.argsort(experts, stable=True)  # pair positions in expert order
         offs = torch.bincount(experts, minlength=self.M).cumsum(0).to(torch.int32)  # end of each expert's run
-        rows = self.dropout(_take(flat, order // k))  # (S, d_in)
-        h = F.grouped_mm(rows, self.A.transpose(1, 2), offs=offs)  # (S, r): A_j x for the tokens routed to j
-        h = h * (_take(g.reshape(-1, 1), order).to(h.dtype) * (self.scaling * self.s))  # s (a/r) g_j A_j x
-        out = F.grouped_mm(h, self.B.transpose(1, 2), offs=offs)  # (S, d_out)
         back = torch.empty_like(order)
         back[order] = torch.arange(order.numel(), device=order.device)  # expert order -> token-major order
-        pairs = _take(out, back)  # (S, d_out), token-major
+        # every gather below is a permutation of (token, choice) pairs: its gradient is the inverse gather
+        rows = self.dropout(_Regroup.apply(flat, order // k if k > 1 else order, back, k))  # (S, d_in)
+        h = F.grouped_mm(rows, self.A.transpose(1, 2), offs=offs)  # (S, r): A_j x for the tokens routed to j
+        gate = _Regroup.apply(g.reshape(-1, 1), order, back, 1)  # (S, 1)
+        h = h * (gate.to(h.dtype) * (self.scaling * self.s))  # s (a/r) g_j A_j x
+        out = F.grouped_mm(h, self.B.transpose(1, 2), offs=offs)  # (S, d_out)
+        pairs = _Regroup.apply(out, back, order, 1)  # (S, d_out), token-major
         return pairs if k == 1 else pairs.view(n, k, -1).sum(1)  # (N, d_out) = s sum_j g_j (a/r) B_j A_j x
 
     def _padded(self, flat: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
