@@ -11,7 +11,7 @@ import sys
 import time
 
 BENCHMARKS = ["train_loop", "evaluation", "model_load", "amole", "rsea_highs", "flame", "aggregation", "memory",
-              "long_run", "flower", "protocol", "scale", "flame_dense", "optimizer"]
+              "long_run", "flower", "protocol", "scale", "flame_dense", "pool_dispatch", "optimizer"]
 
 
 def main() -> int:
