@@ -309,6 +309,10 @@ def test_a_full_suite_reports_tables_claims_and_convergence(tmp_path):
     for key in ("selected_round", "last_round", "test", "test_last", "per_client", "test_examples_per_client",
                 "train_loss", "wall_seconds", "cpu_seconds"):
         assert key in run
+    # the compute totals count each run once: FedIT's run gives both FedIT and FedIT-FT
+    run_dirs = {(r["scenario"], r["run"], r["seed"]) for r in res["runs"]}
+    assert len(run_dirs) == len(res["runs"]) - 3
+    assert (res["compute_seconds"], res["cpu_seconds"]) == (12.5 * len(run_dirs), 20.0 * len(run_dirs))
     fedamole = res["table"]["task"]["fedamole"]
     assert fedamole["n"] == 3 and fedamole["selected"]["mean"] == pytest.approx(90.0, abs=1.0)
     assert fedamole["last"] == {"mean": 0.0, "ci95": [0.0, 0.0], "n": 3}

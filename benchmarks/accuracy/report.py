@@ -64,14 +64,21 @@ def collect(root: Path, methods: dict[str, dict[str, dict]], seeds: list[int], *
         "bootstrap": {"n_boot": n_boot, "seed": boot_seed, "level": 0.95},
         "convergence": {scen: {m: convergence({s: r["record"]["train_loss"] for s, r in by_seed.items()})
                                for m, by_seed in by_method.items()} for scen, by_method in loaded.items()},
-        "compute_seconds": round(sum(r["wall_seconds"] or 0.0 for r in rows), 1),
-        "cpu_seconds": (round(sum(r["cpu_seconds"] for r in rows if r["cpu_seconds"] is not None), 1)
-                        if any(r["cpu_seconds"] is not None for r in rows) else None),
+        **_compute(rows),
     }
     if not with_outcomes:
         results["claims_note"] = "no run kept per-example outcomes (outcomes.jsonl): no paired claims"
     results["gains"] = _gains(results["table"], claims)
     return results
+
+
+def _compute(rows: list[dict]) -> dict:
+    """Wall and CPU seconds over the suite's runs, each run directory once: one run can give two methods'
+    models (FedIT's global model and its fine-tuned one, FedIT-FT), and it ran once."""
+    runs = {(r["scenario"], r["run"], r["seed"]): r for r in rows}.values()
+    cpu = [r["cpu_seconds"] for r in runs if r["cpu_seconds"] is not None]
+    return {"compute_seconds": round(sum(r["wall_seconds"] or 0.0 for r in runs), 1),
+            "cpu_seconds": round(sum(cpu), 1) if cpu else None}
 
 
 def _table_entry(by_seed: dict[int, dict]) -> dict:
