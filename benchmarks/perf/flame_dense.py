@@ -26,8 +26,8 @@ adds it. Dropout 0. Settings, dispatches and tiers run round-robin so drift hits
 next to each other) with a bootstrap 95 % interval of its median. The script also records the routing imbalance
 M * C / (N * k) of the routers after the timed steps (C: the busiest expert's token count; 1 = perfectly
 balanced): the padding the sparse dispatch would need without its grouped kernel (it pads only where that
-kernel does not apply); at k = M the sparse dispatch computes as the masked one. Writes the result under `--name` (default "flame_dense") in
-benchmarks/results/perf.json.
+kernel does not apply); at k = M the sparse dispatch computes as the masked one. Writes the result under
+`--name` (default "flame_dense") in benchmarks/results/perf.json.
 """
 
 from __future__ import annotations

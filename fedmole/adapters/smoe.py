@@ -457,7 +457,7 @@ class LoRAExpertPool(RoutedExperts):
         back = torch.empty_like(order)
         back[order] = torch.arange(order.numel(), device=order.device)  # expert order -> token-major order
         # every gather below is a permutation of (token, choice) pairs: its gradient is the inverse gather
-        rows = self.dropout(_Regroup.apply(flat, order // k if k > 1 else order, back, k))  # (S, d_in)
+        rows = self.dropout(_Regroup.apply(flat, order // k, back, k))  # (S, d_in)
         h = F.grouped_mm(rows, self.A.transpose(1, 2), offs=offs)  # (S, r): A_j x for the tokens routed to j
         gate = _Regroup.apply(g.reshape(-1, 1), order, back, 1)  # (S, 1)
         h = h * (gate.to(h.dtype) * (self.scaling * self.s))  # s (a/r) g_j A_j x
