@@ -450,14 +450,16 @@ def test_default_dense_dispatch_is_the_old_masked_formula_bit_for_bit():
 @pytest.mark.parametrize("dims,grouped", [((16, 8, 4), True), ((12, 10, 2), False)], ids=["grouped", "padded"])
 def test_sparse_dispatch_equals_the_masked_computation_without_dropout(k, dims, grouped):
     """Both sparse forms (grouped matmuls where the kernel takes the shapes, the padded buffer where it does
-    not: rank 2 in fp32 is 8-byte rows) give the masked computation's output and gradients."""
+    not: rank 2 in fp32 is 8-byte rows) give the masked computation's output and gradients, the input's
+    included."""
     dense, sparse = _dropout_pool("dense", 0.0, k, dims), _dropout_pool("sparse", 0.0, k, dims)
     assert sparse.grouped_mm_fits() is grouped
-    x = torch.randn(2, 9, dims[0])
+    x = torch.randn(2, 9, dims[0], requires_grad=True)
     out_d, grads_d = _grads(dense, dense, x, seed=0)
+    x_grad_d, x.grad = x.grad, None
     out_s, grads_s = _grads(sparse, sparse, x, seed=0)
     assert torch.allclose(out_s, out_d, atol=1e-6)
-    for name, a, b in zip(("A", "B", "W_r", "log_s"), grads_s, grads_d):
+    for name, a, b in zip(("A", "B", "W_r", "log_s", "x"), grads_s + [x.grad], grads_d + [x_grad_d]):
         assert torch.allclose(a, b, atol=1e-5), name
     assert torch.equal(sparse.counts, dense.counts) and sparse.counts.sum() == 18 * k
 
