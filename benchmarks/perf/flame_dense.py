@@ -4,7 +4,9 @@ dispatch.
     python -m benchmarks.perf.flame_dense                    # SmolLM2-135M, both settings below (CPU)
     python -m benchmarks.perf.flame_dense --model tiny-llama --batch 2 --seq 32 --repeats 1   # a quick check
     python -m benchmarks.perf.flame_dense --settings all_linear --dispatches sparse --tiers 1 --repeats 15 \
-        --optimizer-impl fused --name flame_dense_paired_fused          # the k = 1 / k = K ratio, precisely
+        --name flame_dense_paired_fused          # the k = 1 / k = K ratio of the shipped setting, precisely
+    python -m benchmarks.perf.flame_dense --settings all_linear --dispatches sparse --tiers 1 --repeats 15 \
+        --optimizer-impl auto --name flame_dense_paired_auto            # the same with torch's default AdamW
 
 Two settings, each measured with `dispatch: dense` (the masked computation: every expert's A_j x, the
 unchosen weighted 0) and `dispatch: sparse` (only the chosen experts run):
@@ -12,13 +14,15 @@ unchosen weighted 0) and `dispatch: sparse` (only the chosen experts run):
 - `suite`: the accuracy suite's tier scenario, 8 LoRA experts of rank 8 on q_proj and v_proj, top-4 at full
   compute, tiers k = 4, 2, 1. The experts are a small share of the step here (the frozen model dominates), so
   the ratio k=1 / k=K cannot fall far whatever the dispatch;
-- `all_linear`: 8 LoRA experts of rank `--rank` (default 64) on every linear layer of every block (q, k, v, o,
-  gate, up, down), top-8 at full compute, tiers k = 8, 4, 2, 1: the experts carry a large share of the
-  step, the setting where the issue's target (k=1 at most 0.6 of k=K) is reachable.
+- `all_linear`: the shipped `configs/flame_dense_sparse.yaml` (read from it): 8 LoRA experts of rank 64 (or
+  `--rank`) on every linear layer of every block (q, k, v, o, gate, up, down), top-8 at full compute, tiers
+  k = 8, 4, 2, 1, the fused AdamW: the experts carry a large share of the step, the setting where the
+  issue's target (k=1 at most 0.6 of k=K) is reachable.
 
 One training step = forward + backward + AdamW over the pools' LoRA factors and routers and the rescaler (made
-by the clients' own `make_optimizer`, with `--optimizer-impl` as `train.optimizer_impl`: on CPU torch's default
-is a loop over the parameters, `fused` one kernel), on a
+by the clients' own `make_optimizer` with the setting's `train.optimizer_impl`, `fused` (one kernel) for
+`all_linear` as its config says, torch's default for `suite` (on CPU a loop over the parameters), or
+`--optimizer-impl` for both), on a
 fixed random batch whose last `--labelled` positions carry labels (the loss projects only those onto the
 vocabulary, as fedmole's training does for response tokens), plus the load-balancing term, as FLAME's loop
 adds it. Dropout 0. Settings, dispatches and tiers run round-robin so drift hits all alike; the median over
@@ -36,7 +40,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import interleaved, median, record
+from benchmarks.common import RESULTS, interleaved, median, record
 from fedmole.adapters.smoe import LoRAExpertPool
 from fedmole.algorithms.flame import RoutedLayers, build_adapters, flops_per_token
 from fedmole.client.train import make_optimizer
@@ -44,13 +48,18 @@ from fedmole.config import ModelConfig, TrainConfig
 from fedmole.config_io import load_config
 from fedmole.models import load_model
 
-ALL_LINEAR = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+SHIPPED = RESULTS.parents[1] / "configs" / "flame_dense_sparse.yaml"  # the compute-saving set-up `all_linear` measures
 
 
-def settings(rank: int) -> dict[str, dict]:
+def settings(rank: int | None = None) -> dict[str, dict]:
+    shipped = load_config(SHIPPED)
+    a = shipped.algorithm
     return {
-        "suite": {"targets": "[q_proj,v_proj]", "experts": 8, "top_k": 4, "rank": 8, "tiers": [4, 2, 1]},
-        "all_linear": {"targets": ALL_LINEAR, "experts": 8, "top_k": 8, "rank": rank, "tiers": [8, 4, 2, 1]},
+        "suite": {"targets": "[q_proj,v_proj]", "experts": 8, "top_k": 4, "rank": 8, "tiers": [4, 2, 1],
+                  "optimizer_impl": "auto"},
+        "all_linear": {"targets": f"[{','.join(a.target_modules)}]", "experts": a.num_experts, "top_k": a.top_k,
+                       "rank": rank or a.rank, "tiers": list(shipped.tiers.levels),
+                       "optimizer_impl": shipped.train.optimizer_impl},
     }
 
 
@@ -86,7 +95,8 @@ class Contender:
         for group in groups:
             for p in group["params"]:
                 p.requires_grad_(True)
-        train = TrainConfig(optimizer="adamw", weight_decay=0.01, optimizer_impl=args.optimizer_impl)
+        train = TrainConfig(optimizer="adamw", weight_decay=0.01,
+                            optimizer_impl=args.optimizer_impl or spec["optimizer_impl"])
         self.opt = make_optimizer(groups, train, lr=1e-4)
         gen = torch.Generator().manual_seed(1)
         ids = torch.randint(3, model.config.vocab_size, (args.batch, args.seq), generator=gen).to(args.device)
@@ -138,15 +148,16 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="a fedmole model name (smollm2-135m, tiny-llama, ...)")
     ap.add_argument("--settings", default="suite,all_linear", help="comma-separated: suite, all_linear")
-    ap.add_argument("--rank", type=int, default=64, help="LoRA rank of the all_linear setting")
+    ap.add_argument("--rank", type=int, default=None, help="LoRA rank of the all_linear setting (default: its config's)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--labelled", type=int, default=16, help="labelled (loss) positions at the end of each row")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--optimizer-impl", default="auto", choices=["auto", "loop", "foreach", "fused"],
-                    help="train.optimizer_impl of the clients' AdamW (auto: torch's default)")
+    ap.add_argument("--optimizer-impl", default=None, choices=["auto", "loop", "foreach", "fused"],
+                    help="train.optimizer_impl of the clients' AdamW in every setting (default: each setting's own, "
+                         "fused for all_linear, auto = torch's default for suite)")
     ap.add_argument("--name", default="flame_dense", help="the key of the result in perf.json")
     ap.add_argument("--dispatches", default="dense,sparse", help="comma-separated: dense, sparse")
     ap.add_argument("--tiers", default=None, help="comma-separated k to measure (default: each setting's tiers; "
@@ -170,13 +181,14 @@ def main(argv=None) -> dict:
 
     result = {"model": args.model, "device": args.device, "threads": torch.get_num_threads(),
               "batch": f"{args.batch} x {args.seq} tokens, loss on the last {args.labelled}",
-              "repeats": args.repeats, "optimizer_impl": args.optimizer_impl, "settings": {}}
+              "repeats": args.repeats, "settings": {}}
     for name, spec in specs.items():
         K, tiers = spec["top_k"], spec["tiers"]
         probe = contenders[(name, dispatches[-1])]  # the flops, pools and routing are the same in both
         flops = {k: flops_per_token(probe.model, probe.layers, k)["train"] for k in tiers}
         entry = {"pools": f"{spec['experts']} LoRA experts of rank {spec['rank']} (alpha {2 * spec['rank']}) on "
                           f"{spec['targets']}, top-{K} at full compute, {len(probe.layers.layers)} pools",
+                 "optimizer_impl": args.optimizer_impl or spec["optimizer_impl"],
                  "trainable_parameters": sum(p.numel() for p in probe.layers.trainable())}
         for d in dispatches:
             s = {k: step_s[(name, d, k)] for k in tiers}
@@ -196,9 +208,9 @@ def main(argv=None) -> dict:
     out = record(args.name, result)
 
     print(f"FLAME dense variant, training step per tier ({args.model}, {result['batch']}, {args.device}, "
-          f"{result['threads']} threads, optimizer_impl {args.optimizer_impl}):")
+          f"{result['threads']} threads):")
     for name, entry in result["settings"].items():
-        print(f"  {name}: {entry['pools']}")
+        print(f"  {name}: {entry['pools']}, optimizer_impl {entry['optimizer_impl']}")
         for k in specs[name]["tiers"]:
             cells = [f"{d} {entry[d]['step_seconds'][str(k)]:7.3f} s ({entry[d]['step_ratio_to_K'][str(k)]:.3f})"
                      for d in dispatches]
