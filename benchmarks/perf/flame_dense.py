@@ -3,9 +3,9 @@ dispatch.
 
     python -m benchmarks.perf.flame_dense                    # SmolLM2-135M, both settings below (CPU)
     python -m benchmarks.perf.flame_dense --model tiny-llama --batch 2 --seq 32 --repeats 1   # a quick check
-    python -m benchmarks.perf.flame_dense --settings all_linear --dispatches sparse --tiers 1 --repeats 15 \
+    python -m benchmarks.perf.flame_dense --settings all_linear --dispatches sparse --tiers 1 --repeats 45 \
         --name flame_dense_paired_fused          # the k = 1 / k = K ratio of the shipped setting, precisely
-    python -m benchmarks.perf.flame_dense --settings all_linear --dispatches sparse --tiers 1 --repeats 15 \
+    python -m benchmarks.perf.flame_dense --settings all_linear --dispatches sparse --tiers 1 --repeats 45 \
         --optimizer-impl auto --name flame_dense_paired_auto            # the same with torch's default AdamW
 
 Two settings, each measured with `dispatch: dense` (the masked computation: every expert's A_j x, the
@@ -148,7 +148,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="a fedmole model name (smollm2-135m, tiny-llama, ...)")
     ap.add_argument("--settings", default="suite,all_linear", help="comma-separated: suite, all_linear")
-    ap.add_argument("--rank", type=int, default=None, help="LoRA rank of the all_linear setting (default: its config's)")
+    ap.add_argument("--rank", type=int, default=None,
+                    help="LoRA rank of the all_linear setting (default: its config's, 64)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--labelled", type=int, default=16, help="labelled (loss) positions at the end of each row")
