@@ -97,8 +97,7 @@ class Contender:
         for group in groups:
             for p in group["params"]:
                 p.requires_grad_(True)
-        train = TrainConfig(optimizer="adamw", weight_decay=0.01,
-                            optimizer_impl=args.optimizer_impl or spec["optimizer_impl"])
+        train = TrainConfig(optimizer="adamw", weight_decay=0.01, optimizer_impl=spec["optimizer_impl"])
         self.opt = make_optimizer(groups, train, lr=1e-4)
         gen = torch.Generator().manual_seed(1)
         ids = torch.randint(3, model.config.vocab_size, (args.batch, args.seq), generator=gen).to(args.device)
@@ -170,6 +169,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
 
     specs = {name: spec for name, spec in settings(args.rank).items() if name in args.settings.split(",")}
+    for spec in specs.values():
+        spec["optimizer_impl"] = args.optimizer_impl or spec["optimizer_impl"]
     if args.tiers:
         for spec in specs.values():
             wanted = {1, spec["top_k"], *map(int, args.tiers.split(","))}
@@ -191,7 +192,7 @@ def main(argv=None) -> dict:
         flops = {k: flops_per_token(probe.model, probe.layers, k)["train"] for k in tiers}
         entry = {"pools": f"{spec['experts']} LoRA experts of rank {spec['rank']} (alpha {2 * spec['rank']}) on "
                           f"{spec['targets']}, top-{K} at full compute, {len(probe.layers.layers)} pools",
-                 "optimizer_impl": args.optimizer_impl or spec["optimizer_impl"],
+                 "optimizer_impl": spec["optimizer_impl"],
                  "trainable_parameters": sum(p.numel() for p in probe.layers.trainable())}
         for d in dispatches:
             s = {k: step_s[(name, d, k)] for k in tiers}
